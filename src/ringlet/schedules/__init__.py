@@ -1,0 +1,1 @@
+"""Collective algorithms as schedules: plain data the engine executes and the tests replay."""

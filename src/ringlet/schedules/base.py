@@ -1,0 +1,159 @@
+"""The schedule vocabulary: what moves between ranks, as plain data.
+
+A collective algorithm is a pure function returning a :class:`Schedule`: a list of rounds, each a
+set of local copies, then sends and receives, of element ranges of three flat buffers: ``"in"``
+(the caller's input, read-only), ``"out"`` (the result) and ``"tmp"`` (scratch). The engine sizes
+``out`` and ``tmp`` to what the schedule touches (at least the op's result size for ``out``), runs
+the schedule over a transport, and the unit tests replay all ranks' schedules on NumPy arrays
+without processes.
+
+Rules every schedule keeps (checked by :func:`validate`):
+- within a round a rank sends at most one message to a peer and receives at most one from it;
+- every Send of rank a to b in round k meets a Recv of b from a in b's k-th round with that peer,
+  of the same length;
+- ``Recv(reduce=True)`` combines the incoming elements into ``buf[start:stop]`` with the reduce op;
+- a round's copies happen first, then its sends and receives (a copy never reads what the same
+  round receives).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+Buf = Literal["in", "out", "tmp"]
+
+
+@dataclass(frozen=True)
+class Send:
+    """Send elements ``buf[start:stop]`` to rank ``peer``."""
+
+    peer: int
+    start: int
+    stop: int
+    buf: Buf = "out"
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Recv:
+    """Receive from rank ``peer`` into ``buf[start:stop]``; with ``reduce`` combine instead of overwrite."""
+
+    peer: int
+    start: int
+    stop: int
+    reduce: bool = False
+    buf: Buf = "out"
+
+    @property
+    def count(self) -> int:
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Copy:
+    """Local copy ``dst_buf[dst:dst+count] = src_buf[src:src+count]``, before the round's messages."""
+
+    src: int
+    dst: int
+    count: int
+    src_buf: Buf = "in"
+    dst_buf: Buf = "out"
+
+
+@dataclass(frozen=True)
+class Round:
+    """Messages that may proceed concurrently; the round ends when all of them completed."""
+
+    sends: tuple[Send, ...] = ()
+    recvs: tuple[Recv, ...] = ()
+    copies: tuple[Copy, ...] = ()
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """An algorithm's plan for one rank: rounds in order."""
+
+    rounds: tuple[Round, ...] = field(default_factory=tuple)
+    name: str = ""
+
+    def peers(self) -> set[int]:
+        return {m.peer for r in self.rounds for m in (*r.sends, *r.recvs)}
+
+
+def schedule(rounds: Sequence[Round], name: str = "") -> Schedule:
+    """Build a schedule, dropping empty rounds and zero-length messages."""
+    kept = []
+    for r in rounds:
+        sends = tuple(s for s in r.sends if s.count > 0)
+        recvs = tuple(v for v in r.recvs if v.count > 0)
+        copies = tuple(c for c in r.copies if c.count > 0)
+        if sends or recvs or copies:
+            kept.append(Round(sends, recvs, copies))
+    return Schedule(tuple(kept), name)
+
+
+def even_chunks(count: int, parts: int) -> list[tuple[int, int]]:
+    """Split ``range(count)`` into ``parts`` contiguous (start, stop) ranges, the first ones larger."""
+    base, extra = divmod(count, parts)
+    bounds, start = [], 0
+    for i in range(parts):
+        stop = start + base + (1 if i < extra else 0)
+        bounds.append((start, stop))
+        start = stop
+    return bounds
+
+
+def offsets(counts: Sequence[int]) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive blocks of the given sizes."""
+    bounds, start = [], 0
+    for c in counts:
+        bounds.append((start, start + c))
+        start += c
+    return bounds
+
+
+def validate(schedules: Sequence[Schedule]) -> None:
+    """Check that every rank's sends meet a receive of the same length, in the same order.
+
+    Raises AssertionError (an internal invariant: schedules are code, not user input).
+    """
+    size = len(schedules)
+    # Per ordered pair (a -> b): the lengths a sends and b receives, in order.
+    sent: dict[tuple[int, int], list[int]] = {}
+    got: dict[tuple[int, int], list[int]] = {}
+    for rank, sched in enumerate(schedules):
+        for rnd in sched.rounds:
+            speers = [s.peer for s in rnd.sends]
+            rpeers = [v.peer for v in rnd.recvs]
+            assert len(set(speers)) == len(speers), f"rank {rank}: two sends to one peer in a round"
+            assert len(set(rpeers)) == len(rpeers), f"rank {rank}: two recvs from one peer in a round"
+            for s in rnd.sends:
+                assert 0 <= s.peer < size and s.peer != rank, f"rank {rank}: bad peer {s.peer}"
+                sent.setdefault((rank, s.peer), []).append(s.count)
+            for v in rnd.recvs:
+                assert 0 <= v.peer < size and v.peer != rank, f"rank {rank}: bad peer {v.peer}"
+                got.setdefault((v.peer, rank), []).append(v.count)
+    assert sent == got, f"sends and receives do not pair up: {sent} != {got}"
+
+
+def extent(sched: Schedule, buf: Buf) -> int:
+    """How many elements of ``buf`` the schedule touches (the size the engine must allocate)."""
+    end = 0
+    for r in sched.rounds:
+        for s in r.sends:
+            if s.buf == buf:
+                end = max(end, s.stop)
+        for v in r.recvs:
+            if v.buf == buf:
+                end = max(end, v.stop)
+        for c in r.copies:
+            if c.src_buf == buf:
+                end = max(end, c.src + c.count)
+            if c.dst_buf == buf:
+                end = max(end, c.dst + c.count)
+    return end
