@@ -1,0 +1,372 @@
+"""`ringlet run` on real processes: variables, output prefixes, failures, signals, several nodes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import ringlet
+from ringlet.launch import launch
+
+RUN = [sys.executable, "-m", "ringlet", "run"]
+RINGLET_VARS = [
+    "RINGLET_RANK",
+    "RINGLET_WORLD_SIZE",
+    "RINGLET_LOCAL_RANK",
+    "RINGLET_LOCAL_SIZE",
+    "RINGLET_NODE_RANK",
+    "RINGLET_MASTER",
+    "RINGLET_SECRET",
+    "RINGLET_JOB_ID",
+    "RINGLET_TIMEOUT",
+    "RINGLET_TRANSPORT",
+]
+TORCHRUN_VARS = [
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+]
+PRINT_ENV = (
+    "import json, os; "
+    f"print(json.dumps({{k: os.environ.get(k) for k in {RINGLET_VARS + TORCHRUN_VARS!r}}}))"
+)
+# Each rank prints its pid and a grandchild's pid, then sleeps: for checking nothing survives.
+SLEEP_WITH_CHILD = textwrap.dedent(
+    """
+    import os, subprocess, sys, time
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    print("pids", os.getpid(), child.pid, flush=True)
+    time.sleep(60)
+    """
+)
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """The test's environment without job variables a surrounding launcher may have set."""
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith("RINGLET_") and k not in TORCHRUN_VARS
+    }
+    env.update(extra)
+    return env
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*RUN, *args], env=env or clean_env(), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def rank_json_lines(stdout: str) -> dict[int, dict[str, str]]:
+    """{rank: printed variables} from `[rK] {json}` lines, checking each prefix matches."""
+    seen = {}
+    for line in stdout.splitlines():
+        match = re.fullmatch(r"\[r(\d+)\] (\{.*\})", line)
+        assert match, f"unprefixed or malformed line: {line!r}"
+        values = json.loads(match.group(2))
+        assert int(values["RANK"]) == int(match.group(1))
+        seen[int(match.group(1))] = values
+    return seen
+
+
+def alive(pid: int) -> bool:
+    """True if `pid` runs (a zombie, already dead but not reaped by its new parent, is not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state not in ("Z", "X")
+
+
+def wait_dead(pids: list[int], within: float = 3.0) -> list[int]:
+    deadline = time.monotonic() + within
+    while (survivors := [p for p in pids if alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return survivors
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.mark.timeout(20)
+def test_every_rank_gets_its_variables_and_prefix() -> None:
+    result = run("-n", "4", "--timeout", "12.5", "--transport", "tcp", "python", "-c", PRINT_ENV)
+    assert result.returncode == 0, result.stderr
+    ranks = rank_json_lines(result.stdout)
+    assert sorted(ranks) == [0, 1, 2, 3]
+    master = ranks[0]["RINGLET_MASTER"]
+    host, port = master.rsplit(":", 1)
+    assert host == "127.0.0.1" and 0 < int(port) < 65536
+    for rank, values in ranks.items():
+        assert values["RINGLET_RANK"] == values["RANK"] == str(rank)
+        assert values["RINGLET_LOCAL_RANK"] == values["LOCAL_RANK"] == str(rank)
+        assert values["RINGLET_WORLD_SIZE"] == values["WORLD_SIZE"] == "4"
+        assert values["RINGLET_LOCAL_SIZE"] == values["LOCAL_WORLD_SIZE"] == "4"
+        assert values["RINGLET_NODE_RANK"] == "0"
+        assert values["RINGLET_MASTER"] == master
+        assert (values["MASTER_ADDR"], values["MASTER_PORT"]) == (host, port)
+        assert values["RINGLET_TIMEOUT"] == "12.5"
+        assert values["RINGLET_TRANSPORT"] == "tcp"
+        # one job: one secret and one job id, shared by every rank
+        assert values["RINGLET_SECRET"] == ranks[0]["RINGLET_SECRET"]
+        assert len(values["RINGLET_SECRET"]) >= 32
+        assert values["RINGLET_JOB_ID"] == ranks[0]["RINGLET_JOB_ID"]
+    # a second job gets a fresh secret
+    again = rank_json_lines(run("-n", "1", "python", "-c", PRINT_ENV).stdout)
+    assert again[0]["RINGLET_SECRET"] != ranks[0]["RINGLET_SECRET"]
+
+
+@pytest.mark.timeout(20)
+def test_no_prefix_secret_and_job_id_from_environment() -> None:
+    env = clean_env(RINGLET_SECRET="s3cret-from-env")
+    result = run("--no-prefix", "-n", "2", "python", "-c", PRINT_ENV, env=env)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert len(lines) == 2 and all(line.startswith("{") for line in lines)
+    values = [json.loads(line) for line in lines]
+    assert sorted(v["RANK"] for v in values) == ["0", "1"]
+    assert {v["RINGLET_SECRET"] for v in values} == {"s3cret-from-env"}
+    # jobs sharing an exported secret still get different job ids; an explicit one is kept
+    other = rank_json_lines(run("-n", "1", "python", "-c", PRINT_ENV, env=env).stdout)
+    assert other[0]["RINGLET_JOB_ID"] != values[0]["RINGLET_JOB_ID"]
+    env["RINGLET_JOB_ID"] = "job-42"
+    named = rank_json_lines(run("-n", "2", "python", "-c", PRINT_ENV, env=env).stdout)
+    assert {v["RINGLET_JOB_ID"] for v in named.values()} == {"job-42"}
+
+
+@pytest.mark.timeout(20)
+def test_script_runs_with_this_python_and_its_arguments(tmp_path: Path) -> None:
+    script = tmp_path / "show.py"
+    script.write_text("import os, sys\nprint(os.environ['RANK'], sys.executable, sys.argv[1:])\n")
+    result = run("-n", "2", str(script), "--lr", "0.1", "-x")
+    assert result.returncode == 0, result.stderr
+    lines = sorted(result.stdout.splitlines())
+    assert lines == [f"[r{r}] {r} {sys.executable} ['--lr', '0.1', '-x']" for r in range(2)]
+
+
+@pytest.mark.timeout(20)
+def test_console_script_runs_too() -> None:
+    console = Path(sys.executable).with_name("ringlet")
+    if not console.exists():
+        found = shutil.which("ringlet")
+        if found is None:
+            pytest.skip("the ringlet console script is not installed next to this Python")
+        console = Path(found)
+    result = subprocess.run(
+        [str(console), "run", "-n", "2", "python", "-c", PRINT_ENV],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=20,
+    )
+    assert result.returncode == 0, result.stderr
+    assert sorted(rank_json_lines(result.stdout)) == [0, 1]
+
+
+@pytest.mark.timeout(20)
+def test_failing_rank_ends_the_job_and_its_traceback_is_shown() -> None:
+    grace = 1.0
+    code = textwrap.dedent(
+        """
+        import os, time
+        if os.environ["RANK"] == "2":
+            raise ValueError("rank two broke")
+        time.sleep(60)
+        """
+    )
+    started = time.monotonic()
+    result = run("-n", "4", "--grace", str(grace), "python", "-c", code)
+    elapsed = time.monotonic() - started
+    assert elapsed < grace + 5, f"the job took {elapsed:.1f} s to end"
+    assert result.returncode == 1
+    assert "[r2] Traceback (most recent call last):" in result.stderr
+    assert "[r2] ValueError: rank two broke" in result.stderr
+    assert "ringlet run: rank 2 failed first (exit code 1)" in result.stderr
+    summary = result.stderr.split("ringlet run: job summary", 1)[1]
+    assert "rank 2: exit code 1" in summary
+    for rank in (0, 1, 3):
+        assert f"rank {rank}: terminated by launcher (SIGTERM)" in summary
+    assert "ValueError: rank two broke" in summary.split("rank 2 stderr", 1)[1]
+
+
+@pytest.mark.timeout(20)
+def test_exit_code_of_the_first_failure_is_returned() -> None:
+    code = "import os, sys; sys.exit(3 if os.environ['RANK'] == '1' else 0)"
+    result = run("-n", "3", "python", "-c", code)
+    assert result.returncode == 3
+    assert "rank 1 failed first (exit code 3)" in result.stderr
+    assert "rank 0: ok" in result.stderr and "rank 2: ok" in result.stderr
+
+
+@pytest.mark.timeout(20)
+def test_rank_killed_by_signal_is_reported() -> None:
+    code = textwrap.dedent(
+        """
+        import os, time
+        if os.environ["RANK"] == "1":
+            os.kill(os.getpid(), 9)
+        time.sleep(60)
+        """
+    )
+    result = run("-n", "2", "--grace", "0.5", "python", "-c", code)
+    assert result.returncode == 128 + signal.SIGKILL
+    assert "rank 1 failed first (killed by SIGKILL)" in result.stderr
+    assert "rank 1: killed by SIGKILL" in result.stderr
+
+
+def start_sleeping_job(nproc: int, *extra: str) -> tuple[subprocess.Popen[str], list[int]]:
+    """Start a job whose ranks each sleep with a child; return it and every rank's pids."""
+    job = subprocess.Popen(
+        [*RUN, "-n", str(nproc), *extra, "python", "-c", SLEEP_WITH_CHILD],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert job.stdout is not None
+    pids: list[int] = []
+    while len(pids) < 2 * nproc:
+        line = job.stdout.readline()
+        assert line, f"the job ended early: {job.wait()} {job.stderr.read() if job.stderr else ''}"
+        pids += [int(word) for word in line.split()[2:]]
+    return job, pids
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_signal_to_the_launcher_ends_every_process(signum: int) -> None:
+    job, pids = start_sleeping_job(3)
+    job.send_signal(signum)
+    _, stderr = job.communicate(timeout=10)
+    assert job.returncode == 128 + signum
+    assert f"received {signal.Signals(signum).name}" in stderr
+    assert wait_dead(pids) == [], "ranks or their children survived the job"
+
+
+@pytest.mark.timeout(20)
+def test_rank_ignoring_signals_is_killed_after_grace() -> None:
+    stubborn = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + SLEEP_WITH_CHILD
+    job = subprocess.Popen(
+        [*RUN, "-n", "2", "--grace", "0.5", "python", "-c", stubborn],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert job.stdout is not None
+    pids = [int(w) for _ in range(2) for w in job.stdout.readline().split()[2:]]
+    started = time.monotonic()
+    job.send_signal(signal.SIGTERM)
+    _, stderr = job.communicate(timeout=10)
+    assert time.monotonic() - started < 5
+    assert job.returncode == 128 + signal.SIGTERM
+    assert "rank 0: terminated by launcher (SIGKILL)" in stderr
+    assert wait_dead(pids) == []
+
+
+@pytest.mark.timeout(20)
+def test_bad_arguments_are_refused_before_starting() -> None:
+    no_master = run("-n", "2", "--nnodes", "2", "python", "-c", "pass")
+    assert no_master.returncode == 2 and "--master" in no_master.stderr
+    no_secret = run("-n", "2", "--nnodes", "2", "--master", "127.0.0.1:1234", "python", "-c", "")
+    assert no_secret.returncode == 2
+    assert "--secret" in no_secret.stderr and "RINGLET_SECRET" in no_secret.stderr
+    missing = run("-n", "2", "no_such_script.py")
+    assert missing.returncode == 2 and "not found" in missing.stderr
+    bad_rank = run("-n", "2", "--nnodes", "2", "--node-rank", "2", "--master", "h:1", "true")
+    assert bad_rank.returncode == 2 and "--node-rank" in bad_rank.stderr
+
+
+@pytest.mark.timeout(20)
+def test_launch_from_python(capfd: pytest.CaptureFixture[str]) -> None:
+    code = "import os; print('hello from', os.environ['RANK'], os.environ['EXTRA'])"
+    assert launch(["python", "-c", code], 2, env={"EXTRA": "yes"}) == 0
+    out = capfd.readouterr().out
+    assert sorted(out.splitlines()) == ["[r0] hello from 0 yes", "[r1] hello from 1 yes"]
+    assert launch(["no-such-command-for-ringlet"], 2) == 127
+    assert "cannot start rank 0" in capfd.readouterr().err
+
+
+def start_node(node_rank: int, port: int, command: list[str], **env: str) -> subprocess.Popen[str]:
+    """One of two launchers of a two-node job on this machine, with -n 2 each."""
+    command = ["--master", f"127.0.0.1:{port}", *command]
+    return subprocess.Popen(
+        [*RUN, "-n", "2", "--nnodes", "2", "--node-rank", str(node_rank), *command],
+        env=clean_env(RINGLET_SECRET="two-node-test-secret", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.timeout(20)
+def test_two_nodes_see_one_world() -> None:
+    port = free_port()
+    nodes = [start_node(k, port, ["python", "-c", PRINT_ENV]) for k in (0, 1)]
+    outputs = [node.communicate(timeout=15) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr
+    ranks = {**rank_json_lines(outputs[0][0]), **rank_json_lines(outputs[1][0])}
+    assert sorted(ranks) == [0, 1, 2, 3]
+    for rank, values in ranks.items():
+        assert values["RINGLET_WORLD_SIZE"] == values["WORLD_SIZE"] == "4"
+        assert values["RINGLET_LOCAL_RANK"] == values["LOCAL_RANK"] == str(rank % 2)
+        assert values["RINGLET_NODE_RANK"] == str(rank // 2)
+        assert values["RINGLET_MASTER"] == f"127.0.0.1:{port}"
+        assert values["RINGLET_SECRET"] == "two-node-test-secret"
+        assert values["RINGLET_JOB_ID"] == ranks[0]["RINGLET_JOB_ID"]
+
+
+@pytest.mark.multihost
+@pytest.mark.timeout(30)
+def test_two_nodes_all_reduce(tmp_path: Path) -> None:
+    if not hasattr(ringlet, "init"):
+        pytest.skip("ringlet.init is not available yet")
+    script = tmp_path / "all_reduce.py"
+    script.write_text(
+        textwrap.dedent(
+            """
+            import numpy as np
+            import ringlet
+
+            comm = ringlet.init()
+            x = np.ones(4) * comm.rank
+            comm.all_reduce(x)
+            expected = np.ones(4) * sum(range(comm.size))
+            assert np.array_equal(x, expected), (comm.rank, x, expected)
+            print("all_reduce ok", comm.rank, comm.size)
+            """
+        )
+    )
+    port = free_port()
+    command = ["--timeout", "20", str(script)]
+    nodes = [start_node(0, port, command), start_node(1, port, command, RINGLET_HOST="127.0.0.2")]
+    outputs = [node.communicate(timeout=25) for node in nodes]
+    for node, (_, stderr) in zip(nodes, outputs, strict=True):
+        assert node.returncode == 0, stderr
+    lines = sorted(outputs[0][0].splitlines() + outputs[1][0].splitlines())
+    assert lines == [f"[r{r}] all_reduce ok {r} 4" for r in range(4)]
