@@ -1,0 +1,292 @@
+"""The communicator core: argument checks, call signatures, sequence numbers; picks and runs a schedule.
+
+Every public collective follows one path: check the arguments locally (ValueError / TypeError,
+before any data moves and without using a sequence number), describe the call, then run it —
+inline, or on the progress thread for ``async_op=True`` — through the node's shared memory when
+all ranks share a host, else through a schedule executed by the engine over TCP.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from . import calls
+from .arrays import staged, to_numpy
+from .calls import Call
+from .engine import Engine
+from .errors import BrokenCommunicator, CollectiveTimeout, RingletError
+from .failures import Reporter
+from .ops import ReduceOp, check_dtype, check_op_dtype, finish_mean, parse_op
+from .schedules import select
+from .schedules.base import Schedule, extent
+from .transport.base import Tag
+from .transport.tcp import Listener, TcpTransport
+from .work import Work, Worker
+
+
+@dataclass
+class World:
+    """What every communicator of this process shares: store, listener, secret, peer addresses."""
+
+    rank: int
+    size: int
+    store: Any
+    listener: Listener
+    secret: bytes
+    addresses: list[tuple[str, int]]
+    hosts: list[str]
+    job: str
+    timeout: float
+    server: Any = None
+    comms: list[CommunicatorCore] = field(default_factory=list)
+    closer: Any = None  # closes the whole world; called when the world communicator closes
+    finalized: bool = False
+
+
+@functools.lru_cache(maxsize=512)
+def _schedule(op: str, algo: str, rank: int, size: int, **kw: Any) -> Schedule:
+    return select.build(op, algo, rank, size, **kw)
+
+
+def _check_root(root: int, size: int, kind: str) -> int:
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < size:
+        raise ValueError(f"{kind}: root={root!r} is not a rank of this communicator (0..{size - 1})")
+    return int(root)
+
+
+class CommunicatorCore:
+    """Plumbing shared by every collective, and the reducing and broadcasting ones."""
+
+    def __init__(self, world: World, comm_id: int, members: Sequence[int]) -> None:
+        self._world = world
+        self.id = comm_id
+        self.members = list(members)  # global rank of each rank of this communicator
+        self.rank = self.members.index(world.rank)
+        self.size = len(self.members)
+        hosts = [world.hosts[g] for g in self.members]
+        me = hosts[self.rank]
+        self.local_rank = hosts[: self.rank].count(me)
+        self.local_size = hosts.count(me)
+        self.timeout = world.timeout
+        self._prefix = f"c{comm_id:x}/"
+        self._reporter = Reporter(world.store, self._prefix, self.rank, self.size)
+        self._current: Call | None = None
+        self._transport = TcpTransport(
+            comm_id, self.rank, [world.addresses[g] for g in self.members], world.listener,
+            world.secret, self._poll,
+        )
+        self._engine = Engine(self._transport)
+        self._shm: Any = None
+        self._seq = 0
+        self._splits = 0
+        self._lock = threading.RLock()
+        self._broken: BaseException | None = None
+        self._closed = False
+        self._worker = Worker(f"ringlet-progress-{comm_id:x}")
+        world.comms.append(self)
+        transport = os.environ.get("RINGLET_TRANSPORT", "auto")
+        if transport not in ("auto", "tcp", "shm"):
+            raise ValueError(f"RINGLET_TRANSPORT={transport!r}: use tcp, shm or auto")
+        if self.size > 1 and transport != "tcp" and len(set(hosts)) == 1:
+            self._open_shm()
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _open_shm(self) -> None:
+        from .transport.shm import ShmGroup
+
+        rounds = iter(range(1 << 30))
+
+        def exchange(value: bytes) -> list[bytes]:
+            key = f"{self._prefix}shm/{next(rounds)}/"
+            self._world.store.set(f"{key}{self.rank}", value)
+            return [self._world.store.get(f"{key}{r}", timeout=self.timeout) for r in range(self.size)]
+
+        self._shm = ShmGroup.open(
+            self.rank, self.size, job=f"{self._world.job}-{self.id:x}", exchange=exchange,
+            timeout=self.timeout, poll=self._poll,
+        )
+
+    def _poll(self) -> None:
+        self._reporter.poll(self._current)
+
+    def _call(self, kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str = "", root: int = -1) -> Call:
+        """Describe a call and give it the next sequence number (all ranks count alike)."""
+        self._check_usable()
+        seq = self._seq
+        self._seq += 1
+        sig = calls.signature(kind, dtype, shape, op, root)
+        return Call(kind, seq, sig, calls.describe(kind, dtype, shape, op, root))
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            raise RingletError(f"rank {self.rank}: this communicator is closed")
+        if self._broken is not None:
+            raise BrokenCommunicator(
+                f"rank {self.rank}: this communicator failed earlier and cannot be used: "
+                f"{self._broken}"
+            ) from self._broken
+
+    def _submit(self, call: Call, body: Callable[[float], Any], async_op: bool, timeout: float | None) -> Any:
+        """Run ``body(deadline)`` in issue order: inline when nothing is pending, else queued."""
+        run = functools.partial(self._execute, call, body, timeout)
+        if async_op:
+            return self._worker.submit(run, call.desc)
+        with self._lock:
+            if self._worker.idle:
+                return run()
+        return self._worker.submit(run, call.desc).wait()
+
+    def _execute(self, call: Call, body: Callable[[float], Any], timeout: float | None) -> Any:
+        with self._lock:
+            self._check_usable()
+            self._current = call
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            try:
+                return body(deadline)
+            except (ValueError, TypeError):
+                raise  # argument errors every rank of the call finds alike (e.g. scatter's root input)
+            except Exception as exc:
+                if isinstance(exc, TimeoutError) and not isinstance(exc, CollectiveTimeout):
+                    exc = CollectiveTimeout(f"{call.desc}: {exc}")
+                err = self._reporter.report(call, exc)
+                self._fail(err)
+                raise err from (exc if err is not exc else None)
+            finally:
+                self._current = None
+
+    def _fail(self, err: BaseException) -> None:
+        """Mark the communicator broken and tell connected peers, so nobody waits on us."""
+        self._broken = err
+        self._transport.abort(f"{err}")
+        if self._shm is not None:
+            self._shm.abort(f"rank {self.rank}: {err}")
+
+    def _algo(self, op: str, nbytes: int, algo: str | None) -> str:
+        return select.select(op, self.size, nbytes, algo or os.environ.get("RINGLET_ALGO") or None)
+
+    def _run(self, call: Call, op: str, algo: str | None, nbytes: int, bufs: dict[str, np.ndarray],
+             rop: ReduceOp | None, deadline: float, **kw: Any) -> dict[str, np.ndarray]:
+        """Build (cached) and execute the schedule of ``op`` on the given buffers over TCP."""
+        sched = _schedule(op, self._algo(op, nbytes, algo), self.rank, self.size, **kw)
+        dtype = next(iter(bufs.values())).dtype
+        for name in ("out", "tmp"):
+            need = extent(sched, name)  # type: ignore[arg-type]
+            if name not in bufs or bufs[name].size < need:
+                bufs[name] = np.empty(need, dtype)
+        self._engine.run(sched, bufs, rop, call.seq, call.sig, deadline)
+        return bufs
+
+    # -- the collectives ----------------------------------------------------------------------
+    def barrier(self, *, async_op: bool = False, timeout: float | None = None) -> Work | None:
+        """Block until every rank of the communicator has entered the barrier."""
+        call = self._call("barrier", None, ())
+
+        def body(deadline: float) -> None:
+            if self._shm is not None:
+                self._shm.barrier(call.sig, deadline)
+            elif self.size > 1:
+                self._run(call, "barrier", None, 1, {"tmp": np.zeros(1, np.uint8)}, None, deadline)
+
+        return self._submit(call, body, async_op, timeout)  # type: ignore[no-any-return]
+
+    def broadcast(self, x: Any, root: int = 0, *, async_op: bool = False,
+                  timeout: float | None = None, algo: str | None = None) -> Any:
+        """Copy root's ``x`` into ``x`` on every rank, in place; returns ``x``."""
+        arr = to_numpy(x, call="broadcast", writable=True)
+        root = _check_root(root, self.size, "broadcast")
+        check_dtype(arr.dtype, call="broadcast")
+        call = self._call("broadcast", arr.dtype, arr.shape, root=root)
+
+        def body(deadline: float) -> Any:
+            flat, writeback = staged(arr)
+            if self._shm is not None:
+                self._shm.broadcast(flat, root, call.sig, deadline)
+            elif self.size > 1:
+                self._run(call, "broadcast", algo, flat.nbytes, {"out": flat}, None, deadline,
+                          count=flat.size, root=root)
+            if self.rank != root:
+                writeback()
+            return x
+
+        return self._submit(call, body, async_op, timeout)
+
+    def all_reduce(self, x: Any, op: str | ReduceOp = "sum", *, async_op: bool = False,
+                   timeout: float | None = None, algo: str | None = None) -> Any:
+        """Reduce ``x`` over all ranks with ``op``; every rank gets the result in place. Returns ``x``."""
+        arr, rop = self._reducible(x, op, "all_reduce")
+        call = self._call("all_reduce", arr.dtype, arr.shape, rop.value)
+
+        def body(deadline: float) -> Any:
+            flat, writeback = staged(arr)
+            wire_op = ReduceOp.SUM if rop is ReduceOp.MEAN else rop
+            if self._shm is not None:
+                self._shm.all_reduce(flat, wire_op, call.sig, deadline)
+            elif self.size > 1:
+                self._run(call, "all_reduce", algo, flat.nbytes, {"out": flat}, wire_op, deadline,
+                          count=flat.size)
+            if rop is ReduceOp.MEAN:
+                finish_mean(flat, self.size)
+            writeback()
+            return x
+
+        return self._submit(call, body, async_op, timeout)
+
+    def reduce(self, x: Any, root: int = 0, op: str | ReduceOp = "sum", *, async_op: bool = False,
+               timeout: float | None = None, algo: str | None = None) -> Any:
+        """Reduce ``x`` over all ranks into ``x`` on ``root``; other ranks' ``x`` is unchanged."""
+        arr, rop = self._reducible(x, op, "reduce")
+        root = _check_root(root, self.size, "reduce")
+        call = self._call("reduce", arr.dtype, arr.shape, rop.value, root)
+
+        def body(deadline: float) -> Any:
+            flat, writeback = staged(arr)
+            wire_op = ReduceOp.SUM if rop is ReduceOp.MEAN else rop
+            result = flat if self.rank == root else None
+            if self._shm is not None:
+                self._shm.reduce(flat, result, root, wire_op, call.sig, deadline)
+            elif self.size > 1:
+                work = flat if self.rank == root else flat.copy()
+                self._run(call, "reduce", algo, flat.nbytes, {"out": work}, wire_op, deadline,
+                          count=flat.size, root=root)
+            if result is not None:
+                if rop is ReduceOp.MEAN:
+                    finish_mean(result, self.size)
+                writeback()
+            return x
+
+        return self._submit(call, body, async_op, timeout)
+
+    def _reducible(self, x: Any, op: str | ReduceOp, kind: str) -> tuple[np.ndarray, ReduceOp]:
+        arr = to_numpy(x, call=kind, writable=True)
+        rop = parse_op(op, call=kind)
+        check_dtype(arr.dtype, call=kind)
+        check_op_dtype(rop, arr.dtype, call=kind)
+        return arr, rop
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def close(self) -> None:
+        """Release this communicator's sockets, segments and thread; calling it again is harmless."""
+        if self._closed:
+            return
+        self._closed = True
+        self._worker.close()
+        self._transport.close()
+        if self._shm is not None:
+            self._shm.close()
+
+    def __enter__(self) -> CommunicatorCore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<ringlet.Communicator rank {self.rank} of {self.size}, id {self.id:#x}>"

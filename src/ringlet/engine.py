@@ -1,0 +1,84 @@
+"""Runs a Schedule over a Transport: copies, rounds of messages, segmented reductions.
+
+The engine owns everything an algorithm should not know about: buffers as bytes, cutting large
+reducing rounds into segments so the scratch memory stays one segment per peer whatever the
+message size, and the deadline. Schedules stay pure data (see ``schedules/base.py``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .ops import ReduceOp, combine
+from .schedules.base import Round, Schedule
+from .transport.base import Tag, Transport
+
+#: Bytes per segment of a reducing round: the scratch a receive-and-reduce needs per peer.
+SEGMENT_BYTES = 1 << 20
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(a.view(np.uint8))
+
+
+class Engine:
+    """Executes schedules for one communicator over its transport."""
+
+    def __init__(self, transport: Transport, segment_bytes: int = SEGMENT_BYTES) -> None:
+        self.transport = transport
+        self.segment_bytes = segment_bytes
+
+    def run(
+        self,
+        sched: Schedule,
+        bufs: dict[str, np.ndarray],
+        op: ReduceOp | None,
+        seq: int,
+        sig: int,
+        deadline: float,
+    ) -> None:
+        """Execute ``sched`` on the flat buffers ``bufs`` ("in", "out", "tmp")."""
+        for k, rnd in enumerate(sched.rounds):
+            for c in rnd.copies:
+                bufs[c.dst_buf][c.dst : c.dst + c.count] = bufs[c.src_buf][c.src : c.src + c.count]
+            if not (rnd.sends or rnd.recvs):
+                continue
+            if any(v.reduce for v in rnd.recvs):
+                assert op is not None, "a reducing schedule needs a reduce op"
+                self._reducing_round(rnd, bufs, op, Tag(seq, sig, k), deadline)
+            else:
+                self.transport.exchange(
+                    [(s.peer, _bytes(bufs[s.buf][s.start : s.stop])) for s in rnd.sends],
+                    [(v.peer, _bytes(bufs[v.buf][v.start : v.stop])) for v in rnd.recvs],
+                    Tag(seq, sig, k),
+                    deadline,
+                )
+
+    def _reducing_round(
+        self, rnd: Round, bufs: dict[str, np.ndarray], op: ReduceOp, tag: Tag, deadline: float
+    ) -> None:
+        """Cut the round into segments; each reducing receive lands in scratch, then combines."""
+        dtype = bufs["out"].dtype
+        seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
+        longest = max(m.count for m in (*rnd.sends, *rnd.recvs))
+        scratch = {v.peer: np.empty(min(seg, v.count), dtype) for v in rnd.recvs if v.reduce}
+        for s, lo in enumerate(range(0, longest, seg)):
+            sends = [
+                (m.peer, _bytes(bufs[m.buf][m.start + lo : min(m.stop, m.start + lo + seg)]))
+                for m in rnd.sends
+                if lo < m.count
+            ]
+            recvs, reduces = [], []
+            for v in rnd.recvs:
+                if lo >= v.count:
+                    continue
+                dest = bufs[v.buf][v.start + lo : min(v.stop, v.start + lo + seg)]
+                if v.reduce:
+                    landing = scratch[v.peer][: dest.size]
+                    reduces.append((dest, landing))
+                    recvs.append((v.peer, _bytes(landing)))
+                else:
+                    recvs.append((v.peer, _bytes(dest)))
+            self.transport.exchange(sends, recvs, Tag(tag.seq, tag.sig, tag.round, s), deadline)
+            for dest, landing in reduces:
+                combine(op, dest, landing)

@@ -1,0 +1,137 @@
+"""Point-to-point send and recv, by tag, on connections of their own.
+
+Messages between a pair are matched in the order they were sent; the receiver checks the tag and
+raises MismatchError when it differs instead of delivering the wrong message. Each message is a
+small header (tag, dtype, shape) then the data, so ``recv(None, src)`` can allocate the result.
+Sends and receives run on separate threads when asynchronous, so a pair may exchange both ways.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import numpy as np
+
+from .arrays import from_numpy_like, staged, to_numpy
+from .collectives import Collectives
+from .errors import MismatchError, RingletError
+from .ops import check_dtype, dtype_code, dtype_from_code
+from .transport.base import Tag
+from .transport.tcp import TcpTransport
+from .work import Worker
+
+#: Communicator id bit that gives point-to-point messages their own sockets.
+P2P_BIT = 1 << 63
+MAX_DIMS = 32
+P2P_SIG = 0x5032_5032
+
+
+class PointToPoint(Collectives):
+    """send / recv between two ranks of the communicator."""
+
+    _p2p: TcpTransport | None = None
+
+    def _p2p_transport(self) -> TcpTransport:
+        with self._lock:
+            if self._p2p is None:
+                w = self._world
+                self._p2p = TcpTransport(
+                    self.id | P2P_BIT, self.rank, [w.addresses[g] for g in self.members], w.listener,
+                    w.secret, self._poll,
+                )
+                self._p2p_counts: dict[tuple[str, int], int] = {}
+                self._p2p_workers = {"send": Worker("ringlet-send"), "recv": Worker("ringlet-recv")}
+                self._p2p_lock = threading.Lock()
+            return self._p2p
+
+    def _peer(self, peer: int, name: str) -> int:
+        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size or peer == self.rank:
+            raise ValueError(f"{name}: peer {peer!r} must be another rank of this communicator "
+                             f"(0..{self.size - 1}, not {self.rank})")
+        return int(peer)
+
+    def _next(self, direction: str, peer: int) -> int:
+        with self._p2p_lock:
+            n = self._p2p_counts.get((direction, peer), 0)
+            self._p2p_counts[(direction, peer)] = n + 1
+            return n
+
+    def _p2p_run(self, direction: str, fn: Any, async_op: bool, desc: str) -> Any:
+        self._check_usable()
+        self._p2p_transport()
+        if async_op:
+            return self._p2p_workers[direction].submit(fn, desc)
+        return fn()
+
+    def send(self, x: Any, dst: int, tag: int = 0, *, async_op: bool = False,
+             timeout: float | None = None) -> Any:
+        """Send ``x`` to rank ``dst``; matched in order with ``recv(…, src=this rank, tag)``."""
+        dst = self._peer(dst, "send")
+        arr = to_numpy(x, call="send")
+        check_dtype(arr.dtype, call="send")
+        if arr.ndim > MAX_DIMS:
+            raise ValueError(f"send: at most {MAX_DIMS} dimensions are supported")
+        meta = np.zeros(3 + MAX_DIMS, np.int64)
+        meta[:3] = (tag, dtype_code(arr.dtype), arr.ndim)
+        meta[3 : 3 + arr.ndim] = arr.shape
+
+        def run() -> None:
+            flat, _ = staged(arr)
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            tr, n = self._p2p_transport(), self._next("send", dst)
+            try:
+                tr.exchange([(dst, memoryview(meta.view(np.uint8)))], [], Tag(n, P2P_SIG, 0), deadline)
+                tr.exchange([(dst, memoryview(flat.view(np.uint8)))], [], Tag(n, P2P_SIG, 1), deadline)
+            except (RingletError, TimeoutError, OSError) as exc:
+                raise self._p2p_error(exc, f"send to rank {dst} (tag {tag})") from exc
+
+        return self._p2p_run("send", run, async_op, f"send to rank {dst}")
+
+    def recv(self, x: Any, src: int, tag: int = 0, *, async_op: bool = False,
+             timeout: float | None = None) -> Any:
+        """Receive the next message from ``src`` into ``x`` (or a new array when ``x`` is None)."""
+        src = self._peer(src, "recv")
+        arr = None if x is None else to_numpy(x, call="recv", writable=True)
+
+        def run() -> Any:
+            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            tr, n = self._p2p_transport(), self._next("recv", src)
+            meta = np.zeros(3 + MAX_DIMS, np.int64)
+            try:
+                tr.exchange([], [(src, memoryview(meta.view(np.uint8)))], Tag(n, P2P_SIG, 0), deadline)
+                dtype = dtype_from_code(int(meta[1]))
+                shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
+                if int(meta[0]) != tag or (arr is not None and (arr.dtype != dtype or arr.shape != shape)):
+                    theirs = f"tag {int(meta[0])}, {dtype.name} {shape}"
+                    mine = f"tag {tag}" + ("" if arr is None else f", {arr.dtype.name} {arr.shape}")
+                    raise MismatchError(f"recv on rank {self.rank}: rank {src} sent ({theirs}) but "
+                                        f"this rank expects ({mine}); messages match in send order")
+                out = np.empty(shape, dtype) if arr is None else arr
+                flat, writeback = staged(out)
+                tr.exchange([], [(src, memoryview(flat.view(np.uint8)))], Tag(n, P2P_SIG, 1), deadline)
+                writeback()
+            except (RingletError, TimeoutError, OSError) as exc:
+                raise self._p2p_error(exc, f"recv from rank {src} (tag {tag})") from exc
+            return x if x is not None else from_numpy_like(out, out)
+
+        return self._p2p_run("recv", run, async_op, f"recv from rank {src}")
+
+    def _p2p_error(self, exc: BaseException, what: str) -> RingletError:
+        if isinstance(exc, RingletError):
+            return exc
+        from .errors import CollectiveTimeout, PeerError
+
+        if isinstance(exc, TimeoutError):
+            return CollectiveTimeout(f"{what} on rank {self.rank} timed out after {self.timeout} s")
+        return PeerError(f"{what} on rank {self.rank} failed: {exc}")
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        if self._p2p is not None:
+            for w in self._p2p_workers.values():
+                w.close()
+            self._p2p.close()
+        super().close()

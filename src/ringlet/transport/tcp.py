@@ -1,0 +1,366 @@
+"""TCP transport: authenticated sockets between ranks, connected on first use, framed messages.
+
+One :class:`Listener` per process accepts peers of every communicator; a connection proves the
+job secret (HMAC challenge-response) and then names its communicator and rank. Within a
+communicator the lower rank connects and the higher accepts, so a pair never opens two sockets.
+Payloads stream straight between the caller's buffers and the socket: nothing is buffered whole.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+from ..auth import authenticate
+from ..errors import AuthenticationError, MismatchError, PeerError, ProtocolError
+from . import frames
+from .base import Tag
+
+log = logging.getLogger("ringlet.tcp")
+
+HELLO = struct.Struct("<QI")
+AUTH_CONTEXT = b"ringlet-peer"
+#: How often a waiting exchange checks the job's abort flag (seconds).
+POLL_INTERVAL = 0.1
+SOCKET_BUFFER = 4 << 20
+
+_EV_IN = select.POLLIN | select.POLLPRI
+_EV_HUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
+
+
+def _tune(sock: socket.socket) -> None:
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
+
+
+class Listener:
+    """The process's listening socket: authenticates incoming peers and hands them out by (comm, rank)."""
+
+    def __init__(self, host: str, secret: bytes, auth_timeout: float = 10.0) -> None:
+        self._secret = secret
+        self._auth_timeout = auth_timeout
+        self._sock = socket.create_server((host, 0), backlog=128)
+        self.address: tuple[str, int] = (host, self._sock.getsockname()[1])
+        self._ready: dict[tuple[int, int], socket.socket] = {}
+        self._cond = threading.Condition()
+        self._closed = False
+        threading.Thread(target=self._accept_loop, name="ringlet-accept", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        while not self._closed:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                return
+            threading.Thread(
+                target=self._admit, args=(conn, addr), name="ringlet-admit", daemon=True
+            ).start()
+
+    def _admit(self, conn: socket.socket, addr: object) -> None:
+        """Authenticate before reading anything else; drop and log a connection that fails."""
+        try:
+            conn.settimeout(self._auth_timeout)
+            authenticate(conn, self._secret, initiator=False, timeout=self._auth_timeout,
+                         context=AUTH_CONTEXT)
+            comm, rank = HELLO.unpack(_recv_exact(conn, HELLO.size))
+        except (AuthenticationError, OSError, ConnectionError, struct.error) as exc:
+            log.warning("ringlet: dropped connection from %s: %s", addr, exc)
+            conn.close()
+            return
+        conn.settimeout(None)
+        _tune(conn)
+        with self._cond:
+            old = self._ready.pop((comm, rank), None)
+            if old is not None:
+                old.close()
+            self._ready[(comm, rank)] = conn
+            self._cond.notify_all()
+
+    def take(self, comm: int, rank: int, deadline: float, poll: Callable[[], None]) -> socket.socket:
+        """Wait for rank ``rank`` of communicator ``comm`` to connect; raises TimeoutError at the deadline."""
+        with self._cond:
+            while (comm, rank) not in self._ready:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"rank {rank} did not connect")
+                self._cond.wait(min(left, POLL_INTERVAL))
+                poll()
+            return self._ready.pop((comm, rank))
+
+    def close(self) -> None:
+        self._closed = True
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        with self._cond:
+            for s in self._ready.values():
+                s.close()
+            self._ready.clear()
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray(n)
+    view, got = memoryview(buf), 0
+    while got < n:
+        k = sock.recv_into(view[got:])
+        if k == 0:
+            raise ConnectionError("connection closed during handshake")
+        got += k
+    return bytes(buf)
+
+
+def connect(address: tuple[str, int], secret: bytes, comm: int, rank: int, deadline: float) -> socket.socket:
+    """Open an authenticated connection to a peer's listener, retrying until the deadline."""
+    delay = 0.01
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            sock = socket.create_connection(address, timeout=max(left, 0.1))
+            break
+        except OSError:
+            if left <= 0:
+                raise
+            time.sleep(min(delay, max(left, 0.0)))
+            delay = min(delay * 2, 0.5)
+    try:
+        authenticate(sock, secret, initiator=True, timeout=max(left, 1.0), context=AUTH_CONTEXT)
+        sock.sendall(HELLO.pack(comm, rank))
+    except BaseException:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    _tune(sock)
+    return sock
+
+
+class _Incoming:
+    """State of one receive: first the fixed header, then the payload straight into ``into``."""
+
+    __slots__ = ("got", "header", "hview", "into", "peer")
+
+    def __init__(self, peer: int, into: memoryview) -> None:
+        self.peer = peer
+        self.into = into
+        self.header = bytearray(frames.HEADER_SIZE)
+        self.hview = memoryview(self.header)
+        self.got = -frames.HEADER_SIZE  # negative while the header is incomplete
+
+
+class _Outgoing:
+    __slots__ = ("parts", "peer")
+
+    def __init__(self, peer: int, header: bytes, data: memoryview) -> None:
+        self.peer = peer
+        self.parts = [memoryview(header), data] if data.nbytes else [memoryview(header)]
+
+
+class TcpTransport:
+    """Framed point-to-point messages over TCP between the ranks of one communicator."""
+
+    def __init__(
+        self,
+        comm: int,
+        rank: int,
+        addresses: Sequence[tuple[str, int]],
+        listener: Listener,
+        secret: bytes,
+        poll: Callable[[], None],
+    ) -> None:
+        self.comm, self.rank, self.size = comm, rank, len(addresses)
+        self._addresses = list(addresses)
+        self._listener = listener
+        self._secret = secret
+        self._poll = poll
+        self._socks: dict[int, socket.socket] = {}
+        self._partial: set[int] = set()  # peers holding a frame we only half sent
+
+    # -- connections -------------------------------------------------------------------------
+    def _sock(self, peer: int, deadline: float) -> socket.socket:
+        sock = self._socks.get(peer)
+        if sock is None:
+            if self.rank < peer:
+                sock = connect(self._addresses[peer], self._secret, self.comm, self.rank, deadline)
+            else:
+                sock = self._listener.take(self.comm, peer, deadline, self._poll)
+            sock.setblocking(False)
+            self._socks[peer] = sock
+        return sock
+
+    # -- the one data path ---------------------------------------------------------------------
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, memoryview]],
+        recvs: Sequence[tuple[int, memoryview]],
+        tag: Tag,
+        deadline: float,
+    ) -> None:
+        """Send and receive one round; see :class:`ringlet.transport.base.Transport`."""
+        try:
+            for peer, _ in (*recvs, *sends):
+                self._sock(peer, deadline)
+        except TimeoutError:
+            raise  # the caller turns it into CollectiveTimeout with context
+        except OSError as exc:
+            raise PeerError(f"cannot connect to rank {peer}: {exc}", rank=peer) from exc
+        pending_out = [
+            _Outgoing(p, frames.Header(frames.DATA, self.comm, tag.seq, tag.round, tag.segment,
+                                       tag.sig, d.nbytes).pack(), d)
+            for p, d in sends
+        ]
+        pending_in = [_Incoming(p, d) for p, d in recvs]
+        pending_out = [o for o in pending_out if not self._push(o)]
+        pending_in = [i for i in pending_in if not self._pull(i, tag)]
+        if not pending_out and not pending_in:
+            return
+        self._wait(pending_out, pending_in, tag, deadline)
+
+    def _wait(self, outs: list[_Outgoing], ins: list[_Incoming], tag: Tag, deadline: float) -> None:
+        poller = select.poll()
+        watched: dict[int, int] = {}
+        for peer, sock in self._socks.items():  # a death of any connected peer ends the wait
+            watched[sock.fileno()] = peer
+            poller.register(sock, _EV_HUP)
+        by_fd_in = {self._socks[i.peer].fileno(): i for i in ins}
+        by_fd_out = {self._socks[o.peer].fileno(): o for o in outs}
+        for fd in watched:
+            ev = _EV_HUP | (_EV_IN if fd in by_fd_in else 0)
+            ev |= select.POLLOUT if fd in by_fd_out else 0
+            poller.modify(fd, ev)
+        next_poll = time.monotonic() + POLL_INTERVAL
+        while by_fd_in or by_fd_out:
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"waiting for ranks {sorted({i.peer for i in by_fd_in.values()})}")
+            if now >= next_poll:
+                self._poll()
+                next_poll = now + POLL_INTERVAL
+            for fd, ev in poller.poll(max(1, int(1000 * min(deadline - now, POLL_INTERVAL)))):
+                if fd in by_fd_in and ev & _EV_IN and self._pull(by_fd_in[fd], tag):
+                    del by_fd_in[fd]
+                if fd in by_fd_out and ev & (select.POLLOUT | _EV_HUP) and self._push(by_fd_out[fd]):
+                    del by_fd_out[fd]
+                if ev & _EV_HUP and fd not in by_fd_in:
+                    self._check_alive(watched[fd])
+                new = _EV_HUP | (_EV_IN if fd in by_fd_in else 0)
+                new |= select.POLLOUT if fd in by_fd_out else 0
+                poller.modify(fd, new)
+
+    def _check_alive(self, peer: int) -> None:
+        """A hang-up on a socket we are not reading: if it is closed, the peer is gone."""
+        sock = self._socks[peer]
+        try:
+            data = sock.recv(1, socket.MSG_PEEK)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            raise PeerError(f"connection to rank {peer} broke: {exc}", rank=peer) from exc
+        if not data:
+            raise PeerError(f"rank {peer} closed its connection (it exited or crashed)", rank=peer)
+
+    def _push(self, out: _Outgoing) -> bool:
+        """Write as much as the socket takes; True when the whole frame is out."""
+        sock = self._socks[out.peer]
+        self._partial.add(out.peer)
+        while out.parts:
+            try:
+                n = sock.sendmsg(out.parts)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise PeerError(f"sending to rank {out.peer} failed: {exc} (did it exit?)",
+                                rank=out.peer) from exc
+            while n and out.parts:
+                head = out.parts[0]
+                if n >= head.nbytes:
+                    n -= head.nbytes
+                    out.parts.pop(0)
+                else:
+                    out.parts[0] = head[n:]
+                    n = 0
+        self._partial.discard(out.peer)
+        return True
+
+    def _pull(self, inc: _Incoming, tag: Tag) -> bool:
+        """Read what has arrived; True when the whole expected frame is in ``inc.into``."""
+        sock = self._socks[inc.peer]
+        while True:
+            if inc.got < 0:
+                view = inc.hview[frames.HEADER_SIZE + inc.got :]
+            else:
+                view = inc.into[inc.got :]
+                if not view.nbytes:
+                    return True
+            try:
+                n = sock.recv_into(view)
+            except BlockingIOError:
+                return False
+            except OSError as exc:
+                raise PeerError(f"receiving from rank {inc.peer} failed: {exc}", rank=inc.peer) from exc
+            if n == 0:
+                raise PeerError(
+                    f"rank {inc.peer} closed its connection (it exited or crashed)", rank=inc.peer
+                )
+            inc.got += n
+            if inc.got == 0:
+                self._check_header(inc, tag)
+                if not inc.into.nbytes:
+                    return True
+
+    def _check_header(self, inc: _Incoming, tag: Tag) -> None:
+        peer = inc.peer
+        try:
+            h = frames.unpack(inc.header)
+        except ValueError as exc:
+            raise ProtocolError(f"rank {peer} sent a malformed frame: {exc}") from exc
+        if h.kind == frames.ABORT:
+            reason = _recv_blocking(self._socks[peer], h.length).decode("utf-8", "replace")
+            raise PeerError(f"rank {peer} gave up: {reason}", rank=peer)
+        if h.comm != self.comm:
+            raise ProtocolError(f"rank {peer} sent a frame of communicator {h.comm:#x}")
+        if (h.seq, h.sig) != (tag.seq, tag.sig):
+            raise MismatchError(
+                f"rank {peer} is in call #{h.seq} (signature {h.sig:#018x}) while this rank is in "
+                f"call #{tag.seq} (signature {tag.sig:#018x})"
+            )
+        if (h.round, h.segment, h.length) != (tag.round, tag.segment, inc.into.nbytes):
+            raise MismatchError(
+                f"rank {peer} sent round {h.round} segment {h.segment} of {h.length} bytes where "
+                f"this rank expects round {tag.round} segment {tag.segment} of {inc.into.nbytes} "
+                "bytes (ranks chose different algorithms or sizes; check RINGLET_ALGO)"
+            )
+
+    # -- errors and shutdown -------------------------------------------------------------------
+    def abort(self, message: str) -> None:
+        payload = message.encode()[: frames.MAX_ABORT_PAYLOAD]
+        header = frames.Header(frames.ABORT, self.comm, 0, 0, 0, 0, len(payload)).pack()
+        for peer, sock in self._socks.items():
+            with contextlib.suppress(OSError):
+                if peer in self._partial:  # mid-frame: an abort would read as payload; hang up
+                    sock.shutdown(socket.SHUT_RDWR)
+                    continue
+                sock.setblocking(True)
+                sock.settimeout(0.2)
+                sock.sendall(header + payload)
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            with contextlib.suppress(OSError):
+                sock.close()
+        self._socks.clear()
+
+
+def _recv_blocking(sock: socket.socket, n: int) -> bytes:
+    sock.setblocking(True)
+    sock.settimeout(1.0)
+    try:
+        return _recv_exact(sock, n)
+    except OSError:
+        return b"(reason lost)"

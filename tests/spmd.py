@@ -1,0 +1,123 @@
+"""Run a test body on N real ranks (spawned processes, real store, real transports).
+
+``run(fn, n, *args)`` starts n processes, each calling ``ringlet.init()`` from the environment a
+launcher would give it and then ``fn(comm, *args)``; it returns the n results in rank order. On any
+failure it raises one AssertionError reporting every rank: "ok", its traceback, "timed out" with a
+stack dump, or "killed by signal N" — not just the first.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import multiprocessing as mp
+import os
+import secrets
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+WORLD_SIZES = [1, 2, 3, 4, 5, 8]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def rank_env(rank: int, size: int, port: int, secret: str, mode: str) -> dict[str, str]:
+    """The variables a launcher of kind ``mode`` would set for ``rank``."""
+    if mode == "ringlet":
+        return {"RINGLET_RANK": str(rank), "RINGLET_WORLD_SIZE": str(size),
+                "RINGLET_MASTER": f"127.0.0.1:{port}", "RINGLET_SECRET": secret}
+    if mode == "torchrun":
+        return {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
+                "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                "RINGLET_SECRET": secret}
+    if mode == "slurm":
+        return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(size), "SLURM_LOCALID": str(rank),
+                "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port),
+                "RINGLET_SECRET": secret}
+    raise ValueError(mode)
+
+
+_SCRUB = ("RINGLET_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_", "SLURM_",
+          "OMPI_", "PMI_", "TORCHELASTIC")
+
+
+def _child(fn: Callable[..., Any], rank: int, env: dict[str, str], args: tuple[Any, ...],
+           results: Any, log: str, timeout: float) -> None:
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(fd, 2)
+    sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
+    faulthandler.dump_traceback_later(max(1.0, timeout - 1.0), exit=False)
+    for k in list(os.environ):
+        if k.startswith(_SCRUB):
+            del os.environ[k]
+    os.environ.update(env)
+    try:
+        import ringlet
+
+        with ringlet.init() as comm:
+            out = fn(comm, *args)
+        results.put((rank, "ok", out))
+    except BaseException:
+        results.put((rank, "error", traceback.format_exc()))
+
+
+def run(fn: Callable[..., Any], n: int, *args: Any, timeout: float = 60.0, mode: str = "ringlet",
+        env: dict[str, str] | None = None, per_rank_env: Callable[[int], dict[str, str]] | None = None,
+        expect_failure: bool = False) -> list[Any]:
+    """Run ``fn(comm, *args)`` on ``n`` ranks; return the results, or (with ``expect_failure``) the
+    per-rank outcomes as ``("ok", result)`` / ``("error", traceback)`` / ``("died", description)``."""
+    ctx = mp.get_context("spawn")
+    results = ctx.Queue()
+    port, secret = free_port(), secrets.token_hex(16)
+    logdir = Path(tempfile.mkdtemp(prefix="ringlet-test-"))
+    procs = []
+    for r in range(n):
+        e = rank_env(r, n, port, secret, mode) | (env or {}) | (per_rank_env(r) if per_rank_env else {})
+        p = ctx.Process(target=_child, args=(fn, r, e, args, results, str(logdir / f"r{r}.log"), timeout),
+                        daemon=True)
+        p.start()
+        procs.append(p)
+    outcome: dict[int, tuple[str, Any]] = {}
+    end = time.monotonic() + timeout
+    while len(outcome) < n and time.monotonic() < end:
+        try:
+            rank, status, value = results.get(timeout=0.1)
+            outcome[rank] = (status, value)
+        except Exception:  # queue.Empty
+            if all(not p.is_alive() for p in procs) and results.empty():
+                break
+    for r, p in enumerate(procs):
+        p.join(timeout=max(0.1, min(5.0, end - time.monotonic())))
+        if p.is_alive():
+            p.kill()
+            p.join()
+            outcome.setdefault(r, ("died", f"timed out after {timeout} s"))
+        elif r not in outcome:
+            code = p.exitcode or 0
+            how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
+            outcome[r] = ("died", how)
+    if expect_failure:
+        return [outcome[r] for r in range(n)]
+    if any(outcome[r][0] != "ok" for r in range(n)):
+        report = []
+        for r in range(n):
+            status, value = outcome[r]
+            text = "ok" if status == "ok" else str(value)
+            path = logdir / f"r{r}.log"
+            log = path.read_text(errors="replace").strip() if path.exists() else ""
+            if status != "ok" and log:
+                text += f"\n--- stderr of rank {r} ---\n{log[-4000:]}"
+            report.append(f"===== rank {r}: {text}")
+        raise AssertionError(f"{fn.__name__} failed on {n} ranks:\n" + "\n".join(report))
+    return [outcome[r][1] for r in range(n)]
