@@ -223,47 +223,35 @@ class TcpTransport:
         self._wait(pending_out, pending_in, tag, deadline)
 
     def _wait(self, outs: list[_Outgoing], ins: list[_Incoming], tag: Tag, deadline: float) -> None:
+        """Wait on this round's sockets only: a peer that finished and left is no error until needed."""
         poller = select.poll()
-        watched: dict[int, int] = {}
-        for peer, sock in self._socks.items():  # a death of any connected peer ends the wait
-            watched[sock.fileno()] = peer
-            poller.register(sock, _EV_HUP)
         by_fd_in = {self._socks[i.peer].fileno(): i for i in ins}
         by_fd_out = {self._socks[o.peer].fileno(): o for o in outs}
-        for fd in watched:
+
+        def events(fd: int) -> int:
             ev = _EV_HUP | (_EV_IN if fd in by_fd_in else 0)
-            ev |= select.POLLOUT if fd in by_fd_out else 0
-            poller.modify(fd, ev)
+            return ev | (select.POLLOUT if fd in by_fd_out else 0)
+
+        for fd in {*by_fd_in, *by_fd_out}:
+            poller.register(fd, events(fd))
         next_poll = time.monotonic() + POLL_INTERVAL
         while by_fd_in or by_fd_out:
             now = time.monotonic()
             if now >= deadline:
-                raise TimeoutError(f"waiting for ranks {sorted({i.peer for i in by_fd_in.values()})}")
+                waiting = sorted({m.peer for m in (*by_fd_in.values(), *by_fd_out.values())})
+                raise TimeoutError(f"still waiting for ranks {waiting}")
             if now >= next_poll:
                 self._poll()
                 next_poll = now + POLL_INTERVAL
             for fd, ev in poller.poll(max(1, int(1000 * min(deadline - now, POLL_INTERVAL)))):
-                if fd in by_fd_in and ev & _EV_IN and self._pull(by_fd_in[fd], tag):
+                if fd in by_fd_in and ev & (_EV_IN | _EV_HUP) and self._pull(by_fd_in[fd], tag):
                     del by_fd_in[fd]
                 if fd in by_fd_out and ev & (select.POLLOUT | _EV_HUP) and self._push(by_fd_out[fd]):
                     del by_fd_out[fd]
-                if ev & _EV_HUP and fd not in by_fd_in:
-                    self._check_alive(watched[fd])
-                new = _EV_HUP | (_EV_IN if fd in by_fd_in else 0)
-                new |= select.POLLOUT if fd in by_fd_out else 0
-                poller.modify(fd, new)
-
-    def _check_alive(self, peer: int) -> None:
-        """A hang-up on a socket we are not reading: if it is closed, the peer is gone."""
-        sock = self._socks[peer]
-        try:
-            data = sock.recv(1, socket.MSG_PEEK)
-        except BlockingIOError:
-            return
-        except OSError as exc:
-            raise PeerError(f"connection to rank {peer} broke: {exc}", rank=peer) from exc
-        if not data:
-            raise PeerError(f"rank {peer} closed its connection (it exited or crashed)", rank=peer)
+                if fd in by_fd_in or fd in by_fd_out:
+                    poller.modify(fd, events(fd))
+                else:
+                    poller.unregister(fd)
 
     def _push(self, out: _Outgoing) -> bool:
         """Write as much as the socket takes; True when the whole frame is out."""

@@ -1,0 +1,202 @@
+"""Every collective × every algorithm it has × dtypes × sizes × roots, on real ranks, against NumPy.
+
+Each world size is one job (spawning is the slow part): the body runs every case, recomputes the
+inputs of all ranks locally and compares with a NumPy reference, and returns the failures.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+
+import ml_dtypes
+import numpy as np
+import pytest
+import spmd
+
+from ringlet.schedules.select import ALGORITHMS
+
+BF16 = np.dtype(ml_dtypes.bfloat16)
+DTYPES = [np.dtype(t) for t in ("float32", "float64", "int32", "int64", "uint8", "int8", "float16",
+                                "bool", "complex64")] + [BF16]
+REDUCE_OPS = ["sum", "mean", "max", "min", "prod", "band", "bor", "bxor"]
+
+
+def _valid(op: str, dtype: np.dtype) -> bool:
+    if op in ("band", "bor", "bxor"):
+        return dtype.kind in "iub"
+    if op in ("max", "min"):
+        return dtype.kind != "c"
+    return not (op == "mean" and dtype.kind == "b")
+
+
+def data(rank: int, count: int, dtype: np.dtype, salt: int = 0) -> np.ndarray:
+    """Per-rank, per-element values; small integers so float reductions are exact in any order."""
+    rng = np.random.default_rng(1000 * rank + 7 * count + salt)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, count).astype(bool)
+    if dtype.kind in "iu":
+        info = np.iinfo(dtype)
+        return rng.integers(info.min, int(info.max) + 1, count, dtype=np.int64).astype(dtype)
+    vals = rng.integers(-3, 4, count).astype(np.float64)
+    if dtype.kind == "c":
+        return (vals + 1j * rng.integers(-3, 4, count)).astype(dtype)
+    return vals.astype(dtype)
+
+
+def reference(op: str, inputs: list[np.ndarray]) -> np.ndarray:
+    """What reducing the inputs gives, computed with NumPy in rank order."""
+    stack = np.stack(inputs)
+    dt = stack.dtype
+    if op in ("sum", "mean"):
+        total = stack[0].copy()
+        for a in stack[1:]:
+            total = np.add(total, a, dtype=dt) if dt.kind != "b" else np.logical_or(total, a)
+        if op == "mean" and dt.kind in "iu":
+            total = total // len(inputs)
+        elif op == "mean" and dt.kind == "c":  # parts divided separately: correctly rounded
+            total = (total.real / len(inputs) + 1j * (total.imag / len(inputs))).astype(dt)
+        elif op == "mean":
+            total = (total / len(inputs)).astype(dt)
+        return total
+    fn = {"max": np.maximum, "min": np.minimum, "prod": np.multiply, "band": np.bitwise_and,
+          "bor": np.bitwise_or, "bxor": np.bitwise_xor}[op]
+    out = stack[0].copy()
+    for a in stack[1:]:
+        out = fn(out, a).astype(dt)
+    return out
+
+
+def _same(a: np.ndarray, b: np.ndarray) -> bool:
+    """Exact equality; for floats by value (the sign of a zero product depends on the order)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    if a.dtype.kind in "fc" or a.dtype == BF16:
+        return bool(np.array_equal(a.astype(np.complex128), b.astype(np.complex128), equal_nan=True))
+    return bool(np.array_equal(a, b))
+
+
+def _counts(size: int) -> list[int]:
+    return sorted({0, 1, 7, size + 1, 256, 3 * 1024 + 5})
+
+
+def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
+    """Run all cases on this rank; return a description of every wrong result."""
+    n, me = comm.size, comm.rank
+    bad: list[str] = []
+    roots = sorted({0, n - 1, n // 2})
+    dtypes = DTYPES[:4] + [BF16] if fast else DTYPES
+    for count, dtype in itertools.product(_counts(n), dtypes):
+        inputs = [data(r, count, dtype) for r in range(n)]
+        mine = inputs[me]
+        case = f"{dtype.name} count={count}"
+        for algo in ALGORITHMS["all_reduce"]:
+            for op in REDUCE_OPS:
+                if not _valid(op, dtype) or (fast and op not in ("sum", "max", "bxor")):
+                    continue
+                got = comm.all_reduce(mine.copy(), op=op, algo=algo)
+                if not _same(got, reference(op, inputs)):
+                    bad.append(f"all_reduce {algo} {op} {case}")
+        for algo, root in itertools.product(ALGORITHMS["broadcast"], roots):
+            got = comm.broadcast(mine.copy(), root=root, algo=algo)
+            if not _same(got, inputs[root]):
+                bad.append(f"broadcast {algo} root={root} {case}")
+        for algo, root in itertools.product(ALGORITHMS["reduce"], roots):
+            op = "max" if dtype.kind != "c" else "sum"
+            got = comm.reduce(mine.copy(), root=root, op=op, algo=algo)
+            want = reference(op, inputs) if me == root else mine
+            if not _same(got, want):
+                bad.append(f"reduce {algo} root={root} {case}")
+        # uneven first dimensions: rank r contributes count + r rows
+        uneven = [data(r, count + r, dtype, salt=1) for r in range(n)]
+        for algo in ALGORITHMS["all_gather"]:
+            if not _same(comm.all_gather(uneven[me], algo=algo), np.concatenate(uneven)):
+                bad.append(f"all_gather {algo} {case}")
+        for algo, root in itertools.product(ALGORITHMS["gather"], roots):
+            got = comm.gather(uneven[me], root=root, algo=algo)
+            if (me == root and not _same(got, np.concatenate(uneven))) or (me != root and got is not None):
+                bad.append(f"gather {algo} root={root} {case}")
+        whole = np.concatenate([data(r, count, dtype, salt=2) for r in range(n)])
+        for algo, root in itertools.product(ALGORITHMS["scatter"], roots):
+            got = comm.scatter(whole if me == root else None, root=root, algo=algo)
+            if not _same(got, whole[me * count : (me + 1) * count]):
+                bad.append(f"scatter {algo} root={root} {case}")
+        blocks = [data(r, count * n, dtype, salt=3) for r in range(n)]
+        for algo in ALGORITHMS["reduce_scatter"]:
+            op = "sum" if dtype.kind != "b" else "bor"
+            got = comm.reduce_scatter(blocks[me], op=op, algo=algo)
+            if not _same(got, reference(op, blocks)[me * count : (me + 1) * count]):
+                bad.append(f"reduce_scatter {algo} {case}")
+        got = comm.all_to_all(blocks[me])
+        want = np.concatenate([b[me * count : (me + 1) * count] for b in blocks])
+        if not _same(got, want):
+            bad.append(f"all_to_all {case}")
+    comm.barrier()
+    return bad
+
+
+def _run(n: int, transport: str, fast: bool) -> None:
+    results = spmd.run(run_cases, n, fast, env={"RINGLET_TRANSPORT": transport}, timeout=600)
+    failures = [f"rank {r}: {b}" for r, bad in enumerate(results) for b in bad]
+    assert not failures, "\n".join(failures[:50])
+
+
+@pytest.mark.parametrize("n", spmd.WORLD_SIZES)
+def test_every_collective_tcp(n: int) -> None:
+    _run(n, "tcp", fast=n > 5)
+
+
+@pytest.mark.parametrize("n", spmd.WORLD_SIZES)
+def test_every_collective_auto(n: int) -> None:
+    """Ranks on one host take the shared-memory path (algorithms of the shm module)."""
+    pytest.importorskip("ringlet.transport.shm")
+    _run(n, "auto", fast=n > 5)
+
+
+def large_cases(comm, mib: int) -> list[str]:  # type: ignore[no-untyped-def]
+    """Sizes of many MiB: results exact, and bit-identical on every rank for random floats."""
+    n, me = comm.size, comm.rank
+    count = mib * (1 << 20) // 4
+    bad = []
+    ints = (np.arange(count, dtype=np.int32) % 1000) * (me + 1)
+    comm.all_reduce(ints)
+    if not np.array_equal(ints, (np.arange(count, dtype=np.int32) % 1000) * (n * (n + 1) // 2)):
+        bad.append("all_reduce int32 sum")
+    floats = np.random.default_rng(me).standard_normal(count).astype(np.float32)
+    comm.all_reduce(floats)
+    digests = comm.all_gather(np.frombuffer(floats.tobytes()[:4096] + floats.tobytes()[-4096:], np.uint8))
+    if len({digests[i * 8192 : (i + 1) * 8192].tobytes() for i in range(n)}) != 1:
+        bad.append("all_reduce float32 not identical on all ranks")
+    want = sum(np.random.default_rng(r).standard_normal(count).astype(np.float32).astype(np.float64)
+               for r in range(n))
+    if not np.allclose(floats, want, atol=1e-4 * n):
+        bad.append("all_reduce float32 wrong")
+    b = np.full(count, me, np.float32)
+    comm.broadcast(b, root=n - 1)
+    if not (b == n - 1).all():
+        bad.append("broadcast")
+    return bad
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("n", [2, 3, 8])
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
+def test_large_messages(n: int, transport: str) -> None:
+    if transport == "auto":
+        pytest.importorskip("ringlet.transport.shm")
+    mib = 64 if n <= 3 else 16
+    results = spmd.run(large_cases, n, mib, env={"RINGLET_TRANSPORT": transport}, timeout=600)
+    assert results == [[]] * n
+
+
+def float_identity(comm) -> bytes:  # type: ignore[no-untyped-def]
+    x = np.random.default_rng(comm.rank).standard_normal(10_001)
+    for algo in ALGORITHMS["all_reduce"]:
+        comm.all_reduce(x, algo=algo)
+    return x.tobytes()
+
+
+@pytest.mark.parametrize("n", [3, 5])
+def test_float_results_identical_on_every_rank(n: int) -> None:
+    outs = spmd.run(float_identity, n, env={"RINGLET_TRANSPORT": os.environ.get("T", "tcp")})
+    assert len(set(outs)) == 1
