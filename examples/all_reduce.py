@@ -13,5 +13,7 @@ with ringlet.init() as comm:
     expected = np.arange(8, dtype=np.float64) * sum(r + 1 for r in range(comm.size))
     assert np.array_equal(total, expected), (total, expected)
     gathered = comm.all_gather(np.array([comm.rank]))
-    print(f"rank {comm.rank}/{comm.size} (local {comm.local_rank}/{comm.local_size}): "
-          f"sum = {total.tolist()}, ranks seen = {gathered.tolist()} — matches NumPy")
+    print(
+        f"rank {comm.rank}/{comm.size} (local {comm.local_rank}/{comm.local_size}): "
+        f"sum = {total.tolist()}, ranks seen = {gathered.tolist()} — matches NumPy"
+    )

@@ -35,25 +35,57 @@ def free_port() -> int:
 def rank_env(rank: int, size: int, port: int, secret: str, mode: str) -> dict[str, str]:
     """The variables a launcher of kind ``mode`` would set for ``rank``."""
     if mode == "ringlet":
-        return {"RINGLET_RANK": str(rank), "RINGLET_WORLD_SIZE": str(size),
-                "RINGLET_MASTER": f"127.0.0.1:{port}", "RINGLET_SECRET": secret}
+        return {
+            "RINGLET_RANK": str(rank),
+            "RINGLET_WORLD_SIZE": str(size),
+            "RINGLET_MASTER": f"127.0.0.1:{port}",
+            "RINGLET_SECRET": secret,
+        }
     if mode == "torchrun":
-        return {"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": str(rank),
-                "LOCAL_WORLD_SIZE": str(size), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
-                "RINGLET_SECRET": secret}
+        return {
+            "RANK": str(rank),
+            "WORLD_SIZE": str(size),
+            "LOCAL_RANK": str(rank),
+            "LOCAL_WORLD_SIZE": str(size),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "RINGLET_SECRET": secret,
+        }
     if mode == "slurm":
-        return {"SLURM_PROCID": str(rank), "SLURM_NTASKS": str(size), "SLURM_LOCALID": str(rank),
-                "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": str(port),
-                "RINGLET_SECRET": secret}
+        return {
+            "SLURM_PROCID": str(rank),
+            "SLURM_NTASKS": str(size),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_JOB_NODELIST": "localhost",
+            "MASTER_PORT": str(port),
+            "RINGLET_SECRET": secret,
+        }
     raise ValueError(mode)
 
 
-_SCRUB = ("RINGLET_", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_", "SLURM_",
-          "OMPI_", "PMI_", "TORCHELASTIC")
+_SCRUB = (
+    "RINGLET_",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_",
+    "SLURM_",
+    "OMPI_",
+    "PMI_",
+    "TORCHELASTIC",
+)
 
 
-def _child(fn: Callable[..., Any], rank: int, env: dict[str, str], args: tuple[Any, ...],
-           results: Any, log: str, timeout: float) -> None:
+def _child(
+    fn: Callable[..., Any],
+    rank: int,
+    env: dict[str, str],
+    args: tuple[Any, ...],
+    results: Any,
+    log: str,
+    timeout: float,
+) -> None:
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(fd, 2)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
@@ -72,9 +104,16 @@ def _child(fn: Callable[..., Any], rank: int, env: dict[str, str], args: tuple[A
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run(fn: Callable[..., Any], n: int, *args: Any, timeout: float = 60.0, mode: str = "ringlet",
-        env: dict[str, str] | None = None, per_rank_env: Callable[[int], dict[str, str]] | None = None,
-        expect_failure: bool = False) -> list[Any]:
+def run(
+    fn: Callable[..., Any],
+    n: int,
+    *args: Any,
+    timeout: float = 60.0,
+    mode: str = "ringlet",
+    env: dict[str, str] | None = None,
+    per_rank_env: Callable[[int], dict[str, str]] | None = None,
+    expect_failure: bool = False,
+) -> list[Any]:
     """Run ``fn(comm, *args)`` on ``n`` ranks; return the results, or (with ``expect_failure``) the
     per-rank outcomes as ``("ok", result)`` / ``("error", traceback)`` / ``("died", description)``."""
     ctx = mp.get_context("spawn")
@@ -83,9 +122,16 @@ def run(fn: Callable[..., Any], n: int, *args: Any, timeout: float = 60.0, mode:
     logdir = Path(tempfile.mkdtemp(prefix="ringlet-test-"))
     procs = []
     for r in range(n):
-        e = rank_env(r, n, port, secret, mode) | (env or {}) | (per_rank_env(r) if per_rank_env else {})
-        p = ctx.Process(target=_child, args=(fn, r, e, args, results, str(logdir / f"r{r}.log"), timeout),
-                        daemon=True)
+        e = (
+            rank_env(r, n, port, secret, mode)
+            | (env or {})
+            | (per_rank_env(r) if per_rank_env else {})
+        )
+        p = ctx.Process(
+            target=_child,
+            args=(fn, r, e, args, results, str(logdir / f"r{r}.log"), timeout),
+            daemon=True,
+        )
         p.start()
         procs.append(p)
     outcome: dict[int, tuple[str, Any]] = {}

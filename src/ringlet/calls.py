@@ -15,19 +15,33 @@ import numpy as np
 from .ops import dtype_code
 
 KINDS = (
-    "barrier", "broadcast", "reduce", "all_reduce", "gather", "all_gather", "scatter",
-    "reduce_scatter", "all_to_all", "counts", "split", "send",
+    "barrier",
+    "broadcast",
+    "reduce",
+    "all_reduce",
+    "gather",
+    "all_gather",
+    "scatter",
+    "reduce_scatter",
+    "all_to_all",
+    "counts",
+    "split",
+    "send",
 )
 
 
-def signature(kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str = "", root: int = -1) -> int:
+def signature(
+    kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str = "", root: int = -1
+) -> int:
     """Digest of what every rank of a call must pass identically."""
     code = dtype_code(dtype) if dtype is not None else 0
     raw = struct.pack(f"<BHq{len(shape)}q", KINDS.index(kind), code, root, *shape) + op.encode()
     return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
 
 
-def describe(kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str = "", root: int = -1) -> str:
+def describe(
+    kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str = "", root: int = -1
+) -> str:
     """How an error message shows a call: ``all_reduce(float32 (4,), op=sum)``."""
     parts = []
     if dtype is not None:

@@ -46,14 +46,28 @@ class Collectives(CommunicatorCore):
             self._shm.all_gather(mine, out, [1] * self.size, sig, deadline)
         elif self.size > 1:
             phase = Call(call.kind, call.seq, sig, call.desc)
-            self._run(phase, "all_gather", None, 8, {"in": mine, "out": out}, None, deadline,
-                      counts=(1,) * self.size)
+            self._run(
+                phase,
+                "all_gather",
+                None,
+                8,
+                {"in": mine, "out": out},
+                None,
+                deadline,
+                counts=(1,) * self.size,
+            )
         else:
             out[:] = mine
         return [int(c) for c in out]
 
-    def all_gather(self, x: Any, *, async_op: bool = False, timeout: float | None = None,
-                   algo: str | None = None) -> Any:
+    def all_gather(
+        self,
+        x: Any,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """Every rank gets ``[x_0 | x_1 | … ]`` along axis 0 (first dimensions may differ)."""
         arr = _rows(to_numpy(x, call="all_gather"))
         check_dtype(arr.dtype, call="all_gather")
@@ -69,16 +83,31 @@ class Collectives(CommunicatorCore):
             if self._shm is not None:
                 self._shm.all_gather(flat_in, flat_out, counts, call.sig, deadline)
             elif self.size > 1:
-                self._run(call, "all_gather", algo, flat_out.nbytes, {"in": flat_in, "out": flat_out},
-                          None, deadline, counts=tuple(counts))
+                self._run(
+                    call,
+                    "all_gather",
+                    algo,
+                    flat_out.nbytes,
+                    {"in": flat_in, "out": flat_out},
+                    None,
+                    deadline,
+                    counts=tuple(counts),
+                )
             else:
                 flat_out[:] = flat_in
             return from_numpy_like(x, out)
 
         return self._submit(call, body, async_op, timeout)
 
-    def gather(self, x: Any, root: int = 0, *, async_op: bool = False, timeout: float | None = None,
-               algo: str | None = None) -> Any:
+    def gather(
+        self,
+        x: Any,
+        root: int = 0,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """Root gets ``[x_0 | x_1 | … ]`` along axis 0 in rank order; the others get None."""
         arr = _rows(to_numpy(x, call="gather"))
         root = _check_root(root, self.size, "gather")
@@ -96,8 +125,17 @@ class Collectives(CommunicatorCore):
                 self._shm.gather(flat_in, flat_out, counts, root, call.sig, deadline)
             elif self.size > 1:
                 bufs = {"in": flat_in} if flat_out is None else {"in": flat_in, "out": flat_out}
-                self._run(call, "gather", algo, sum(counts) * arr.itemsize, bufs, None, deadline,
-                          counts=tuple(counts), root=root)
+                self._run(
+                    call,
+                    "gather",
+                    algo,
+                    sum(counts) * arr.itemsize,
+                    bufs,
+                    None,
+                    deadline,
+                    counts=tuple(counts),
+                    root=root,
+                )
             elif flat_out is not None:
                 flat_out[:] = flat_in
             return None if out is None else from_numpy_like(x, out)
@@ -135,19 +173,31 @@ class Collectives(CommunicatorCore):
         header[4 + MAX_TRAILING :] = [p.shape[0] for p in parts]
         return header, parts
 
-    def scatter(self, x: Any, root: int = 0, *, async_op: bool = False, timeout: float | None = None,
-                algo: str | None = None) -> Any:
+    def scatter(
+        self,
+        x: Any,
+        root: int = 0,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """Root passes one array (split evenly on axis 0) or a list of N arrays; each rank gets its part."""
         root = _check_root(root, self.size, "scatter")
         call = self._call("scatter", None, (), root=root)
 
         def body(deadline: float) -> Any:
-            header, parts = self._scatter_header(x) if self.rank == root else (
-                np.zeros(4 + MAX_TRAILING + self.size, np.int64), [])
+            header, parts = (
+                self._scatter_header(x)
+                if self.rank == root
+                else (np.zeros(4 + MAX_TRAILING + self.size, np.int64), [])
+            )
             self._broadcast_in_call(call, header, root, deadline)
             if header[0]:
-                raise ValueError(f"scatter: root rank {root} passed invalid input: "
-                                 f"{_SCATTER_ERRORS.get(int(header[0]), 'unknown error')}")
+                raise ValueError(
+                    f"scatter: root rank {root} passed invalid input: "
+                    f"{_SCATTER_ERRORS.get(int(header[0]), 'unknown error')}"
+                )
             dtype = dtype_from_code(int(header[1]))
             trailing = tuple(int(d) for d in header[3 : 3 + int(header[2])])
             row = int(np.prod(trailing, dtype=np.int64))
@@ -160,24 +210,47 @@ class Collectives(CommunicatorCore):
                 bufs = {"out": out.reshape(-1)}
                 if flat_in is not None:
                     bufs["in"] = flat_in
-                self._run(call, "scatter", algo, sum(counts) * dtype.itemsize, bufs, None, deadline,
-                          counts=tuple(counts), root=root)
+                self._run(
+                    call,
+                    "scatter",
+                    algo,
+                    sum(counts) * dtype.itemsize,
+                    bufs,
+                    None,
+                    deadline,
+                    counts=tuple(counts),
+                    root=root,
+                )
             else:
                 out.reshape(-1)[:] = flat_in if flat_in is not None else out.reshape(-1)
-            template = x if self.rank == root and not isinstance(x, (list, tuple)) else (
-                x[0] if isinstance(x, (list, tuple)) and x else out)
+            template = (
+                x
+                if self.rank == root and not isinstance(x, (list, tuple))
+                else (x[0] if isinstance(x, (list, tuple)) and x else out)
+            )
             return from_numpy_like(template, out)
 
         return self._submit(call, body, async_op, timeout)
 
-    def _broadcast_in_call(self, call: Call, header: np.ndarray, root: int, deadline: float) -> None:
+    def _broadcast_in_call(
+        self, call: Call, header: np.ndarray, root: int, deadline: float
+    ) -> None:
         sig = call.sig ^ COUNTS_PHASE
         if self._shm is not None:
             self._shm.broadcast(header, root, sig, deadline)
         elif self.size > 1:
             phase = Call(call.kind, call.seq, sig, call.desc)
-            self._run(phase, "broadcast", None, header.nbytes, {"out": header}, None, deadline,
-                      count=header.size, root=root)
+            self._run(
+                phase,
+                "broadcast",
+                None,
+                header.nbytes,
+                {"out": header},
+                None,
+                deadline,
+                count=header.size,
+                root=root,
+            )
 
     def _even_blocks(self, arr: np.ndarray, kind: str) -> int:
         if arr.ndim == 0 or arr.shape[0] % self.size:
@@ -187,8 +260,15 @@ class Collectives(CommunicatorCore):
             )
         return arr.size // self.size
 
-    def reduce_scatter(self, x: Any, op: str | ReduceOp = "sum", *, async_op: bool = False,
-                       timeout: float | None = None, algo: str | None = None) -> Any:
+    def reduce_scatter(
+        self,
+        x: Any,
+        op: str | ReduceOp = "sum",
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """``x`` split evenly on axis 0; rank i gets part i of the reduction over ranks."""
         arr, rop = self._reducible(x, op, "reduce_scatter")
         block = self._even_blocks(arr, "reduce_scatter")
@@ -200,11 +280,20 @@ class Collectives(CommunicatorCore):
             wire_op = ReduceOp.SUM if rop is ReduceOp.MEAN else rop
             counts = [block] * self.size
             if self._shm is not None:
-                self._shm.reduce_scatter(flat_in, out.reshape(-1), counts, wire_op, call.sig, deadline)
+                self._shm.reduce_scatter(
+                    flat_in, out.reshape(-1), counts, wire_op, call.sig, deadline
+                )
             elif self.size > 1:
-                self._run(call, "reduce_scatter", algo, flat_in.nbytes,
-                          {"in": flat_in, "out": out.reshape(-1)}, wire_op, deadline,
-                          counts=tuple(counts))
+                self._run(
+                    call,
+                    "reduce_scatter",
+                    algo,
+                    flat_in.nbytes,
+                    {"in": flat_in, "out": out.reshape(-1)},
+                    wire_op,
+                    deadline,
+                    counts=tuple(counts),
+                )
             else:
                 out.reshape(-1)[:] = flat_in
             if rop is ReduceOp.MEAN:
@@ -213,8 +302,14 @@ class Collectives(CommunicatorCore):
 
         return self._submit(call, body, async_op, timeout)
 
-    def all_to_all(self, x: Any, *, async_op: bool = False, timeout: float | None = None,
-                   algo: str | None = None) -> Any:
+    def all_to_all(
+        self,
+        x: Any,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """``x`` split evenly on axis 0; part j goes to rank j; returns the received parts in rank order."""
         arr = to_numpy(x, call="all_to_all")
         check_dtype(arr.dtype, call="all_to_all")
@@ -228,9 +323,17 @@ class Collectives(CommunicatorCore):
             if self._shm is not None:
                 self._shm.all_to_all(flat_in, out.reshape(-1), counts, counts, call.sig, deadline)
             elif self.size > 1:
-                self._run(call, "all_to_all", algo, flat_in.nbytes,
-                          {"in": flat_in, "out": out.reshape(-1)}, None, deadline,
-                          send_counts=tuple(counts), recv_counts=tuple(counts))
+                self._run(
+                    call,
+                    "all_to_all",
+                    algo,
+                    flat_in.nbytes,
+                    {"in": flat_in, "out": out.reshape(-1)},
+                    None,
+                    deadline,
+                    send_counts=tuple(counts),
+                    recv_counts=tuple(counts),
+                )
             else:
                 out.reshape(-1)[:] = flat_in
             return from_numpy_like(x, out)

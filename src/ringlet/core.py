@@ -27,7 +27,6 @@ from .failures import Reporter
 from .ops import ReduceOp, check_dtype, check_op_dtype, finish_mean, parse_op
 from .schedules import select
 from .schedules.base import Schedule, extent
-from .transport.base import Tag
 from .transport.tcp import Listener, TcpTransport
 from .work import Work, Worker
 
@@ -58,7 +57,9 @@ def _schedule(op: str, algo: str, rank: int, size: int, **kw: Any) -> Schedule:
 
 def _check_root(root: int, size: int, kind: str) -> int:
     if not isinstance(root, (int, np.integer)) or not 0 <= root < size:
-        raise ValueError(f"{kind}: root={root!r} is not a rank of this communicator (0..{size - 1})")
+        raise ValueError(
+            f"{kind}: root={root!r} is not a rank of this communicator (0..{size - 1})"
+        )
     return int(root)
 
 
@@ -80,8 +81,12 @@ class CommunicatorCore:
         self._reporter = Reporter(world.store, self._prefix, self.rank, self.size)
         self._current: Call | None = None
         self._transport = TcpTransport(
-            comm_id, self.rank, [world.addresses[g] for g in self.members], world.listener,
-            world.secret, self._poll,
+            comm_id,
+            self.rank,
+            [world.addresses[g] for g in self.members],
+            world.listener,
+            world.secret,
+            self._poll,
         )
         self._engine = Engine(self._transport)
         self._shm: Any = None
@@ -107,17 +112,30 @@ class CommunicatorCore:
         def exchange(value: bytes) -> list[bytes]:
             key = f"{self._prefix}shm/{next(rounds)}/"
             self._world.store.set(f"{key}{self.rank}", value)
-            return [self._world.store.get(f"{key}{r}", timeout=self.timeout) for r in range(self.size)]
+            return [
+                self._world.store.get(f"{key}{r}", timeout=self.timeout) for r in range(self.size)
+            ]
 
         self._shm = ShmGroup.open(
-            self.rank, self.size, job=f"{self._world.job}-{self.id:x}", exchange=exchange,
-            timeout=self.timeout, poll=self._poll,
+            self.rank,
+            self.size,
+            job=f"{self._world.job}-{self.id:x}",
+            exchange=exchange,
+            timeout=self.timeout,
+            poll=self._poll,
         )
 
     def _poll(self) -> None:
         self._reporter.poll(self._current)
 
-    def _call(self, kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str = "", root: int = -1) -> Call:
+    def _call(
+        self,
+        kind: str,
+        dtype: np.dtype | None,
+        shape: tuple[int, ...],
+        op: str = "",
+        root: int = -1,
+    ) -> Call:
         """Describe a call and give it the next sequence number (all ranks count alike)."""
         self._check_usable()
         seq = self._seq
@@ -134,7 +152,9 @@ class CommunicatorCore:
                 f"{self._broken}"
             ) from self._broken
 
-    def _submit(self, call: Call, body: Callable[[float], Any], async_op: bool, timeout: float | None) -> Any:
+    def _submit(
+        self, call: Call, body: Callable[[float], Any], async_op: bool, timeout: float | None
+    ) -> Any:
         """Run ``body(deadline)`` in issue order: inline when nothing is pending, else queued."""
         run = functools.partial(self._execute, call, body, timeout)
         if async_op:
@@ -172,8 +192,17 @@ class CommunicatorCore:
     def _algo(self, op: str, nbytes: int, algo: str | None) -> str:
         return select.select(op, self.size, nbytes, algo or os.environ.get("RINGLET_ALGO") or None)
 
-    def _run(self, call: Call, op: str, algo: str | None, nbytes: int, bufs: dict[str, np.ndarray],
-             rop: ReduceOp | None, deadline: float, **kw: Any) -> dict[str, np.ndarray]:
+    def _run(
+        self,
+        call: Call,
+        op: str,
+        algo: str | None,
+        nbytes: int,
+        bufs: dict[str, np.ndarray],
+        rop: ReduceOp | None,
+        deadline: float,
+        **kw: Any,
+    ) -> dict[str, np.ndarray]:
         """Build (cached) and execute the schedule of ``op`` on the given buffers over TCP."""
         sched = _schedule(op, self._algo(op, nbytes, algo), self.rank, self.size, **kw)
         dtype = next(iter(bufs.values())).dtype
@@ -197,8 +226,15 @@ class CommunicatorCore:
 
         return self._submit(call, body, async_op, timeout)  # type: ignore[no-any-return]
 
-    def broadcast(self, x: Any, root: int = 0, *, async_op: bool = False,
-                  timeout: float | None = None, algo: str | None = None) -> Any:
+    def broadcast(
+        self,
+        x: Any,
+        root: int = 0,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """Copy root's ``x`` into ``x`` on every rank, in place; returns ``x``."""
         arr = to_numpy(x, call="broadcast", writable=True)
         root = _check_root(root, self.size, "broadcast")
@@ -210,16 +246,32 @@ class CommunicatorCore:
             if self._shm is not None:
                 self._shm.broadcast(flat, root, call.sig, deadline)
             elif self.size > 1:
-                self._run(call, "broadcast", algo, flat.nbytes, {"out": flat}, None, deadline,
-                          count=flat.size, root=root)
+                self._run(
+                    call,
+                    "broadcast",
+                    algo,
+                    flat.nbytes,
+                    {"out": flat},
+                    None,
+                    deadline,
+                    count=flat.size,
+                    root=root,
+                )
             if self.rank != root:
                 writeback()
             return x
 
         return self._submit(call, body, async_op, timeout)
 
-    def all_reduce(self, x: Any, op: str | ReduceOp = "sum", *, async_op: bool = False,
-                   timeout: float | None = None, algo: str | None = None) -> Any:
+    def all_reduce(
+        self,
+        x: Any,
+        op: str | ReduceOp = "sum",
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """Reduce ``x`` over all ranks with ``op``; every rank gets the result in place. Returns ``x``."""
         arr, rop = self._reducible(x, op, "all_reduce")
         call = self._call("all_reduce", arr.dtype, arr.shape, rop.value)
@@ -230,8 +282,16 @@ class CommunicatorCore:
             if self._shm is not None:
                 self._shm.all_reduce(flat, wire_op, call.sig, deadline)
             elif self.size > 1:
-                self._run(call, "all_reduce", algo, flat.nbytes, {"out": flat}, wire_op, deadline,
-                          count=flat.size)
+                self._run(
+                    call,
+                    "all_reduce",
+                    algo,
+                    flat.nbytes,
+                    {"out": flat},
+                    wire_op,
+                    deadline,
+                    count=flat.size,
+                )
             if rop is ReduceOp.MEAN:
                 finish_mean(flat, self.size)
             writeback()
@@ -239,8 +299,16 @@ class CommunicatorCore:
 
         return self._submit(call, body, async_op, timeout)
 
-    def reduce(self, x: Any, root: int = 0, op: str | ReduceOp = "sum", *, async_op: bool = False,
-               timeout: float | None = None, algo: str | None = None) -> Any:
+    def reduce(
+        self,
+        x: Any,
+        root: int = 0,
+        op: str | ReduceOp = "sum",
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+        algo: str | None = None,
+    ) -> Any:
         """Reduce ``x`` over all ranks into ``x`` on ``root``; other ranks' ``x`` is unchanged."""
         arr, rop = self._reducible(x, op, "reduce")
         root = _check_root(root, self.size, "reduce")
@@ -254,8 +322,17 @@ class CommunicatorCore:
                 self._shm.reduce(flat, result, root, wire_op, call.sig, deadline)
             elif self.size > 1:
                 work = flat if self.rank == root else flat.copy()
-                self._run(call, "reduce", algo, flat.nbytes, {"out": work}, wire_op, deadline,
-                          count=flat.size, root=root)
+                self._run(
+                    call,
+                    "reduce",
+                    algo,
+                    flat.nbytes,
+                    {"out": work},
+                    wire_op,
+                    deadline,
+                    count=flat.size,
+                    root=root,
+                )
             if result is not None:
                 if rop is ReduceOp.MEAN:
                     finish_mean(result, self.size)

@@ -17,8 +17,9 @@ from .transport.base import Tag, Transport
 SEGMENT_BYTES = 1 << 20
 
 
-def _bytes(a: np.ndarray) -> memoryview:
-    return memoryview(a.view(np.uint8))
+def as_bytes(a: np.ndarray) -> memoryview:
+    """The array's memory as bytes, for any dtype (bfloat16 has no buffer-protocol format)."""
+    return memoryview(a.view(np.uint8))  # type: ignore[arg-type]
 
 
 class Engine:
@@ -48,8 +49,8 @@ class Engine:
                 self._reducing_round(rnd, bufs, op, Tag(seq, sig, k), deadline)
             else:
                 self.transport.exchange(
-                    [(s.peer, _bytes(bufs[s.buf][s.start : s.stop])) for s in rnd.sends],
-                    [(v.peer, _bytes(bufs[v.buf][v.start : v.stop])) for v in rnd.recvs],
+                    [(s.peer, as_bytes(bufs[s.buf][s.start : s.stop])) for s in rnd.sends],
+                    [(v.peer, as_bytes(bufs[v.buf][v.start : v.stop])) for v in rnd.recvs],
                     Tag(seq, sig, k),
                     deadline,
                 )
@@ -60,11 +61,11 @@ class Engine:
         """Cut the round into segments; each reducing receive lands in scratch, then combines."""
         dtype = bufs["out"].dtype
         seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
-        longest = max(m.count for m in (*rnd.sends, *rnd.recvs))
+        longest = max([s.count for s in rnd.sends] + [v.count for v in rnd.recvs])
         scratch = {v.peer: np.empty(min(seg, v.count), dtype) for v in rnd.recvs if v.reduce}
         for s, lo in enumerate(range(0, longest, seg)):
             sends = [
-                (m.peer, _bytes(bufs[m.buf][m.start + lo : min(m.stop, m.start + lo + seg)]))
+                (m.peer, as_bytes(bufs[m.buf][m.start + lo : min(m.stop, m.start + lo + seg)]))
                 for m in rnd.sends
                 if lo < m.count
             ]
@@ -76,9 +77,9 @@ class Engine:
                 if v.reduce:
                     landing = scratch[v.peer][: dest.size]
                     reduces.append((dest, landing))
-                    recvs.append((v.peer, _bytes(landing)))
+                    recvs.append((v.peer, as_bytes(landing)))
                 else:
-                    recvs.append((v.peer, _bytes(dest)))
+                    recvs.append((v.peer, as_bytes(dest)))
             self.transport.exchange(sends, recvs, Tag(tag.seq, tag.sig, tag.round, s), deadline)
             for dest, landing in reduces:
                 combine(op, dest, landing)

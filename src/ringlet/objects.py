@@ -19,7 +19,7 @@ def _dumps(obj: Any) -> np.ndarray:
 
 
 def _loads(raw: np.ndarray) -> Any:
-    return pickle.loads(raw.tobytes())  # noqa: S301 - only authenticated bytes reach here
+    return pickle.loads(raw.tobytes())
 
 
 class ObjectCollectives(PointToPoint):
@@ -58,9 +58,7 @@ class ObjectCollectives(PointToPoint):
     def scatter_object(self, objs: list[Any] | None, root: int = 0) -> Any:
         """Root passes one object per rank; rank i gets ``objs[i]``."""
         if self.rank == root:
-            if objs is None or len(objs) != self.size:
-                parts = None
-            else:
-                parts = [_dumps(o) for o in objs]
+            ok = objs is not None and len(objs) == self.size
+            parts = [_dumps(o) for o in objs] if ok and objs is not None else None
             return _loads(self.scatter(parts if parts is not None else objs, root))
         return _loads(self.scatter(None, root))

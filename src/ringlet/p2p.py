@@ -16,6 +16,7 @@ import numpy as np
 
 from .arrays import from_numpy_like, staged, to_numpy
 from .collectives import Collectives
+from .engine import as_bytes
 from .errors import MismatchError, RingletError
 from .ops import check_dtype, dtype_code, dtype_from_code
 from .transport.base import Tag
@@ -38,8 +39,12 @@ class PointToPoint(Collectives):
             if self._p2p is None:
                 w = self._world
                 self._p2p = TcpTransport(
-                    self.id | P2P_BIT, self.rank, [w.addresses[g] for g in self.members], w.listener,
-                    w.secret, self._poll,
+                    self.id | P2P_BIT,
+                    self.rank,
+                    [w.addresses[g] for g in self.members],
+                    w.listener,
+                    w.secret,
+                    self._poll,
                 )
                 self._p2p_counts: dict[tuple[str, int], int] = {}
                 self._p2p_workers = {"send": Worker("ringlet-send"), "recv": Worker("ringlet-recv")}
@@ -47,9 +52,15 @@ class PointToPoint(Collectives):
             return self._p2p
 
     def _peer(self, peer: int, name: str) -> int:
-        if not isinstance(peer, (int, np.integer)) or not 0 <= peer < self.size or peer == self.rank:
-            raise ValueError(f"{name}: peer {peer!r} must be another rank of this communicator "
-                             f"(0..{self.size - 1}, not {self.rank})")
+        if (
+            not isinstance(peer, (int, np.integer))
+            or not 0 <= peer < self.size
+            or peer == self.rank
+        ):
+            raise ValueError(
+                f"{name}: peer {peer!r} must be another rank of this communicator "
+                f"(0..{self.size - 1}, not {self.rank})"
+            )
         return int(peer)
 
     def _next(self, direction: str, peer: int) -> int:
@@ -65,8 +76,15 @@ class PointToPoint(Collectives):
             return self._p2p_workers[direction].submit(fn, desc)
         return fn()
 
-    def send(self, x: Any, dst: int, tag: int = 0, *, async_op: bool = False,
-             timeout: float | None = None) -> Any:
+    def send(
+        self,
+        x: Any,
+        dst: int,
+        tag: int = 0,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
         """Send ``x`` to rank ``dst``; matched in order with ``recv(…, src=this rank, tag)``."""
         dst = self._peer(dst, "send")
         arr = to_numpy(x, call="send")
@@ -82,15 +100,26 @@ class PointToPoint(Collectives):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             tr, n = self._p2p_transport(), self._next("send", dst)
             try:
-                tr.exchange([(dst, memoryview(meta.view(np.uint8)))], [], Tag(n, P2P_SIG, 0), deadline)
-                tr.exchange([(dst, memoryview(flat.view(np.uint8)))], [], Tag(n, P2P_SIG, 1), deadline)
+                tr.exchange(
+                    [(dst, as_bytes(meta))], [], Tag(n, P2P_SIG, 0), deadline
+                )
+                tr.exchange(
+                    [(dst, as_bytes(flat))], [], Tag(n, P2P_SIG, 1), deadline
+                )
             except (RingletError, TimeoutError, OSError) as exc:
                 raise self._p2p_error(exc, f"send to rank {dst} (tag {tag})") from exc
 
         return self._p2p_run("send", run, async_op, f"send to rank {dst}")
 
-    def recv(self, x: Any, src: int, tag: int = 0, *, async_op: bool = False,
-             timeout: float | None = None) -> Any:
+    def recv(
+        self,
+        x: Any,
+        src: int,
+        tag: int = 0,
+        *,
+        async_op: bool = False,
+        timeout: float | None = None,
+    ) -> Any:
         """Receive the next message from ``src`` into ``x`` (or a new array when ``x`` is None)."""
         src = self._peer(src, "recv")
         arr = None if x is None else to_numpy(x, call="recv", writable=True)
@@ -100,17 +129,25 @@ class PointToPoint(Collectives):
             tr, n = self._p2p_transport(), self._next("recv", src)
             meta = np.zeros(3 + MAX_DIMS, np.int64)
             try:
-                tr.exchange([], [(src, memoryview(meta.view(np.uint8)))], Tag(n, P2P_SIG, 0), deadline)
+                tr.exchange(
+                    [], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline
+                )
                 dtype = dtype_from_code(int(meta[1]))
                 shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
-                if int(meta[0]) != tag or (arr is not None and (arr.dtype != dtype or arr.shape != shape)):
+                if int(meta[0]) != tag or (
+                    arr is not None and (arr.dtype != dtype or arr.shape != shape)
+                ):
                     theirs = f"tag {int(meta[0])}, {dtype.name} {shape}"
                     mine = f"tag {tag}" + ("" if arr is None else f", {arr.dtype.name} {arr.shape}")
-                    raise MismatchError(f"recv on rank {self.rank}: rank {src} sent ({theirs}) but "
-                                        f"this rank expects ({mine}); messages match in send order")
+                    raise MismatchError(
+                        f"recv on rank {self.rank}: rank {src} sent ({theirs}) but "
+                        f"this rank expects ({mine}); messages match in send order"
+                    )
                 out = np.empty(shape, dtype) if arr is None else arr
                 flat, writeback = staged(out)
-                tr.exchange([], [(src, memoryview(flat.view(np.uint8)))], Tag(n, P2P_SIG, 1), deadline)
+                tr.exchange(
+                    [], [(src, as_bytes(flat))], Tag(n, P2P_SIG, 1), deadline
+                )
                 writeback()
             except (RingletError, TimeoutError, OSError) as exc:
                 raise self._p2p_error(exc, f"recv from rank {src} (tag {tag})") from exc

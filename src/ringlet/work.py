@@ -89,7 +89,7 @@ class Worker:
             fn, work = item
             try:
                 result = fn()
-            except BaseException as exc:  # noqa: BLE001 - carried to wait()
+            except BaseException as exc:
                 with self._lock:
                     self._pending -= 1
                 work._finish(exc=exc)

@@ -10,7 +10,6 @@ import os
 import socket
 import time
 
-
 from .comm import WORLD_ID, Communicator
 from .core import World
 from .rendezvous import Store, StoreServer, resolve
@@ -44,14 +43,23 @@ def _local_address(master_host: str) -> str:
 def _fallback_secret(source: str, env: dict[str, str]) -> bytes:
     """Without RINGLET_SECRET (torchrun, SLURM, mpirun), key the job by its id and say it is weak."""
     job = env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID") or env.get("MASTER_PORT", "")
-    log.warning("ringlet: no RINGLET_SECRET set (started by %s); connections are authenticated with a "
-                "key derived from the job id only. Export RINGLET_SECRET with the same random value "
-                "on every rank to keep other users' processes out.", source)
+    log.warning(
+        "ringlet: no RINGLET_SECRET set (started by %s); connections are authenticated with a "
+        "key derived from the job id only. Export RINGLET_SECRET with the same random value "
+        "on every rank to keep other users' processes out.",
+        source,
+    )
     return hashlib.sha256(f"ringlet-derived/{job}".encode()).hexdigest().encode()
 
 
-def init(rank: int | None = None, world_size: int | None = None, master: str | None = None, *,
-         timeout: float | None = None, secret: bytes | str | None = None) -> Communicator:
+def init(
+    rank: int | None = None,
+    world_size: int | None = None,
+    master: str | None = None,
+    *,
+    timeout: float | None = None,
+    secret: bytes | str | None = None,
+) -> Communicator:
     """Join the job and return the world communicator.
 
     Reads, in order: the arguments; RINGLET_* (set by ``ringlet run``); torchrun's variables; SLURM;
@@ -70,9 +78,13 @@ def init(rank: int | None = None, world_size: int | None = None, master: str | N
         server = StoreServer(bind, port, key)
         server.start()
         port = server.port
-    store = Store(env.master_host if env.world_size > 1 else "127.0.0.1", port, key, timeout=env.timeout)
+    store = Store(
+        env.master_host if env.world_size > 1 else "127.0.0.1", port, key, timeout=env.timeout
+    )
     listener = Listener(_local_address(env.master_host), key)
-    store.set(f"w/peer/{env.rank}", f"{listener.address[0]}:{listener.address[1]}|{_host_id()}".encode())
+    store.set(
+        f"w/peer/{env.rank}", f"{listener.address[0]}:{listener.address[1]}|{_host_id()}".encode()
+    )
     addresses, hosts = [], []
     for r in range(env.world_size):
         text = store.get(f"w/peer/{r}", timeout=env.timeout).decode()
@@ -80,9 +92,13 @@ def init(rank: int | None = None, world_size: int | None = None, master: str | N
         h, p = addr.rsplit(":", 1)
         addresses.append((h, int(p)))
         hosts.append(host)
-    job = os.environ.get("RINGLET_JOB_ID") or hashlib.sha256(key + str(port).encode()).hexdigest()[:12]
-    world = World(env.rank, env.world_size, store, listener, key, addresses, hosts, job, env.timeout,
-                  server)
+    job = (
+        os.environ.get("RINGLET_JOB_ID")
+        or hashlib.sha256(key + str(port).encode()).hexdigest()[:12]
+    )
+    world = World(
+        env.rank, env.world_size, store, listener, key, addresses, hosts, job, env.timeout, server
+    )
     comm = Communicator(world, WORLD_ID, range(env.world_size))
     world.closer = lambda: finalize(world)
     atexit.register(finalize, world)
@@ -107,5 +123,3 @@ def finalize(world: World) -> None:
     world.store.close()
     if world.server is not None:
         world.server.close()
-
-

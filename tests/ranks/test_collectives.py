@@ -12,13 +12,25 @@ import os
 import ml_dtypes
 import numpy as np
 import pytest
-import spmd
 
+import spmd
 from ringlet.schedules.select import ALGORITHMS
 
 BF16 = np.dtype(ml_dtypes.bfloat16)
-DTYPES = [np.dtype(t) for t in ("float32", "float64", "int32", "int64", "uint8", "int8", "float16",
-                                "bool", "complex64")] + [BF16]
+DTYPES = [
+    np.dtype(t)
+    for t in (
+        "float32",
+        "float64",
+        "int32",
+        "int64",
+        "uint8",
+        "int8",
+        "float16",
+        "bool",
+        "complex64",
+    )
+] + [BF16]
 REDUCE_OPS = ["sum", "mean", "max", "min", "prod", "band", "bor", "bxor"]
 
 
@@ -59,8 +71,14 @@ def reference(op: str, inputs: list[np.ndarray]) -> np.ndarray:
         elif op == "mean":
             total = (total / len(inputs)).astype(dt)
         return total
-    fn = {"max": np.maximum, "min": np.minimum, "prod": np.multiply, "band": np.bitwise_and,
-          "bor": np.bitwise_or, "bxor": np.bitwise_xor}[op]
+    fn = {
+        "max": np.maximum,
+        "min": np.minimum,
+        "prod": np.multiply,
+        "band": np.bitwise_and,
+        "bor": np.bitwise_or,
+        "bxor": np.bitwise_xor,
+    }[op]
     out = stack[0].copy()
     for a in stack[1:]:
         out = fn(out, a).astype(dt)
@@ -72,7 +90,9 @@ def _same(a: np.ndarray, b: np.ndarray) -> bool:
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
     if a.dtype.kind in "fc" or a.dtype == BF16:
-        return bool(np.array_equal(a.astype(np.complex128), b.astype(np.complex128), equal_nan=True))
+        return bool(
+            np.array_equal(a.astype(np.complex128), b.astype(np.complex128), equal_nan=True)
+        )
     return bool(np.array_equal(a, b))
 
 
@@ -85,7 +105,7 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
     n, me = comm.size, comm.rank
     bad: list[str] = []
     roots = sorted({0, n - 1, n // 2})
-    dtypes = DTYPES[:4] + [BF16] if fast else DTYPES
+    dtypes = [*DTYPES[:4], BF16] if fast else DTYPES
     for count, dtype in itertools.product(_counts(n), dtypes):
         inputs = [data(r, count, dtype) for r in range(n)]
         mine = inputs[me]
@@ -114,7 +134,9 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
                 bad.append(f"all_gather {algo} {case}")
         for algo, root in itertools.product(ALGORITHMS["gather"], roots):
             got = comm.gather(uneven[me], root=root, algo=algo)
-            if (me == root and not _same(got, np.concatenate(uneven))) or (me != root and got is not None):
+            if (me == root and not _same(got, np.concatenate(uneven))) or (
+                me != root and got is not None
+            ):
                 bad.append(f"gather {algo} root={root} {case}")
         whole = np.concatenate([data(r, count, dtype, salt=2) for r in range(n)])
         for algo, root in itertools.product(ALGORITHMS["scatter"], roots):
@@ -164,11 +186,15 @@ def large_cases(comm, mib: int) -> list[str]:  # type: ignore[no-untyped-def]
         bad.append("all_reduce int32 sum")
     floats = np.random.default_rng(me).standard_normal(count).astype(np.float32)
     comm.all_reduce(floats)
-    digests = comm.all_gather(np.frombuffer(floats.tobytes()[:4096] + floats.tobytes()[-4096:], np.uint8))
+    digests = comm.all_gather(
+        np.frombuffer(floats.tobytes()[:4096] + floats.tobytes()[-4096:], np.uint8)
+    )
     if len({digests[i * 8192 : (i + 1) * 8192].tobytes() for i in range(n)}) != 1:
         bad.append("all_reduce float32 not identical on all ranks")
-    want = sum(np.random.default_rng(r).standard_normal(count).astype(np.float32).astype(np.float64)
-               for r in range(n))
+    want = sum(
+        np.random.default_rng(r).standard_normal(count).astype(np.float32).astype(np.float64)
+        for r in range(n)
+    )
     if not np.allclose(floats, want, atol=1e-4 * n):
         bad.append("all_reduce float32 wrong")
     b = np.full(count, me, np.float32)

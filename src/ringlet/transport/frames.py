@@ -37,7 +37,14 @@ class Header:
 
     def pack(self) -> bytes:
         return HEADER.pack(
-            MAGIC, VERSION, self.kind, self.comm, self.seq, self.round, self.segment, self.sig,
+            MAGIC,
+            VERSION,
+            self.kind,
+            self.comm,
+            self.seq,
+            self.round,
+            self.segment,
+            self.sig,
             self.length,
         )
 

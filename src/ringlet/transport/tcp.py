@@ -68,8 +68,13 @@ class Listener:
         """Authenticate before reading anything else; drop and log a connection that fails."""
         try:
             conn.settimeout(self._auth_timeout)
-            authenticate(conn, self._secret, initiator=False, timeout=self._auth_timeout,
-                         context=AUTH_CONTEXT)
+            authenticate(
+                conn,
+                self._secret,
+                initiator=False,
+                timeout=self._auth_timeout,
+                context=AUTH_CONTEXT,
+            )
             comm, rank = HELLO.unpack(_recv_exact(conn, HELLO.size))
         except (AuthenticationError, OSError, ConnectionError, struct.error) as exc:
             log.warning("ringlet: dropped connection from %s: %s", addr, exc)
@@ -84,7 +89,9 @@ class Listener:
             self._ready[(comm, rank)] = conn
             self._cond.notify_all()
 
-    def take(self, comm: int, rank: int, deadline: float, poll: Callable[[], None]) -> socket.socket:
+    def take(
+        self, comm: int, rank: int, deadline: float, poll: Callable[[], None]
+    ) -> socket.socket:
         """Wait for rank ``rank`` of communicator ``comm`` to connect; raises TimeoutError at the deadline."""
         with self._cond:
             while (comm, rank) not in self._ready:
@@ -117,7 +124,9 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
     return bytes(buf)
 
 
-def connect(address: tuple[str, int], secret: bytes, comm: int, rank: int, deadline: float) -> socket.socket:
+def connect(
+    address: tuple[str, int], secret: bytes, comm: int, rank: int, deadline: float
+) -> socket.socket:
     """Open an authenticated connection to a peer's listener, retrying until the deadline."""
     delay = 0.01
     while True:
@@ -211,8 +220,13 @@ class TcpTransport:
         except OSError as exc:
             raise PeerError(f"cannot connect to rank {peer}: {exc}", rank=peer) from exc
         pending_out = [
-            _Outgoing(p, frames.Header(frames.DATA, self.comm, tag.seq, tag.round, tag.segment,
-                                       tag.sig, d.nbytes).pack(), d)
+            _Outgoing(
+                p,
+                frames.Header(
+                    frames.DATA, self.comm, tag.seq, tag.round, tag.segment, tag.sig, d.nbytes
+                ).pack(),
+                d,
+            )
             for p, d in sends
         ]
         pending_in = [_Incoming(p, d) for p, d in recvs]
@@ -238,7 +252,7 @@ class TcpTransport:
         while by_fd_in or by_fd_out:
             now = time.monotonic()
             if now >= deadline:
-                waiting = sorted({m.peer for m in (*by_fd_in.values(), *by_fd_out.values())})
+                waiting = sorted({i.peer for i in by_fd_in.values()} | {o.peer for o in by_fd_out.values()})
                 raise TimeoutError(f"still waiting for ranks {waiting}")
             if now >= next_poll:
                 self._poll()
@@ -246,7 +260,11 @@ class TcpTransport:
             for fd, ev in poller.poll(max(1, int(1000 * min(deadline - now, POLL_INTERVAL)))):
                 if fd in by_fd_in and ev & (_EV_IN | _EV_HUP) and self._pull(by_fd_in[fd], tag):
                     del by_fd_in[fd]
-                if fd in by_fd_out and ev & (select.POLLOUT | _EV_HUP) and self._push(by_fd_out[fd]):
+                if (
+                    fd in by_fd_out
+                    and ev & (select.POLLOUT | _EV_HUP)
+                    and self._push(by_fd_out[fd])
+                ):
                     del by_fd_out[fd]
                 if fd in by_fd_in or fd in by_fd_out:
                     poller.modify(fd, events(fd))
@@ -263,8 +281,9 @@ class TcpTransport:
             except BlockingIOError:
                 return False
             except OSError as exc:
-                raise PeerError(f"sending to rank {out.peer} failed: {exc} (did it exit?)",
-                                rank=out.peer) from exc
+                raise PeerError(
+                    f"sending to rank {out.peer} failed: {exc} (did it exit?)", rank=out.peer
+                ) from exc
             while n and out.parts:
                 head = out.parts[0]
                 if n >= head.nbytes:
@@ -291,7 +310,9 @@ class TcpTransport:
             except BlockingIOError:
                 return False
             except OSError as exc:
-                raise PeerError(f"receiving from rank {inc.peer} failed: {exc}", rank=inc.peer) from exc
+                raise PeerError(
+                    f"receiving from rank {inc.peer} failed: {exc}", rank=inc.peer
+                ) from exc
             if n == 0:
                 raise PeerError(
                     f"rank {inc.peer} closed its connection (it exited or crashed)", rank=inc.peer
