@@ -41,7 +41,7 @@ class Send:
 
 @dataclass(frozen=True)
 class Recv:
-    """Receive from rank ``peer`` into ``buf[start:stop]``; with ``reduce`` combine instead of overwrite."""
+    """Receive from ``peer`` into ``buf[start:stop]``; ``reduce`` combines, not overwrites."""
 
     peer: int
     start: int
@@ -56,7 +56,7 @@ class Recv:
 
 @dataclass(frozen=True)
 class Copy:
-    """Local copy ``dst_buf[dst:dst+count] = src_buf[src:src+count]``, before the round's messages."""
+    """``dst_buf[dst:dst+count] = src_buf[src:src+count]``, before the round's messages."""
 
     src: int
     dst: int
@@ -82,7 +82,9 @@ class Schedule:
     name: str = ""
 
     def peers(self) -> set[int]:
-        return {m.peer for r in self.rounds for m in (*r.sends, *r.recvs)}
+        return {s.peer for r in self.rounds for s in r.sends} | {
+            v.peer for r in self.rounds for v in r.recvs
+        }
 
 
 def schedule(rounds: Sequence[Round], name: str = "") -> Schedule:
@@ -98,7 +100,7 @@ def schedule(rounds: Sequence[Round], name: str = "") -> Schedule:
 
 
 def even_chunks(count: int, parts: int) -> list[tuple[int, int]]:
-    """Split ``range(count)`` into ``parts`` contiguous (start, stop) ranges, the first ones larger."""
+    """Split ``range(count)`` into ``parts`` contiguous (start, stop) ranges, first ones larger."""
     base, extra = divmod(count, parts)
     bounds, start = [], 0
     for i in range(parts):
@@ -131,7 +133,9 @@ def validate(schedules: Sequence[Schedule]) -> None:
             speers = [s.peer for s in rnd.sends]
             rpeers = [v.peer for v in rnd.recvs]
             assert len(set(speers)) == len(speers), f"rank {rank}: two sends to one peer in a round"
-            assert len(set(rpeers)) == len(rpeers), f"rank {rank}: two recvs from one peer in a round"
+            assert len(set(rpeers)) == len(rpeers), (
+                f"rank {rank}: two recvs from one peer in a round"
+            )
             for s in rnd.sends:
                 assert 0 <= s.peer < size and s.peer != rank, f"rank {rank}: bad peer {s.peer}"
                 sent.setdefault((rank, s.peer), []).append(s.count)
@@ -157,3 +161,85 @@ def extent(sched: Schedule, buf: Buf) -> int:
             if c.dst_buf == buf:
                 end = max(end, c.dst + c.count)
     return end
+
+
+# -- helpers for algorithms whose round k is the same step on every rank -------------------------
+# The engine tags each message with its round number and the receiving side checks it, so a Send
+# in round k must meet its Recv in the peer's round k: algorithms build one Round per global step
+# (empty where a rank sits out) and :func:`timeline` keeps those placeholders.
+
+
+def timeline(rounds: Sequence[Round], name: str = "") -> Schedule:
+    """Build a schedule whose round k is step k on every rank.
+
+    Drops zero-length messages and copies and the trailing empty rounds, but keeps interior empty
+    rounds so that round numbers agree between peers (unlike :func:`schedule`).
+    """
+    kept = [
+        Round(
+            tuple(s for s in r.sends if s.count > 0),
+            tuple(v for v in r.recvs if v.count > 0),
+            tuple(c for c in r.copies if c.count > 0),
+        )
+        for r in rounds
+    ]
+    while kept and not (kept[-1].sends or kept[-1].recvs or kept[-1].copies):
+        kept.pop()
+    return Schedule(tuple(kept), name)
+
+
+def first_copies(rounds: Sequence[Round], *copies: Copy) -> list[Round]:
+    """``rounds`` with ``copies`` done at the start of the first round (one is added if none)."""
+    if not rounds:
+        return [Round(copies=copies)]
+    head = rounds[0]
+    return [Round(head.sends, head.recvs, copies + head.copies), *rounds[1:]]
+
+
+def last_copies(rounds: Sequence[Round], *copies: Copy) -> list[Round]:
+    """``rounds`` followed by a round of ``copies`` (they run after every message completed)."""
+    return [*rounds, Round(copies=copies)] if copies else list(rounds)
+
+
+def _overlap(a: tuple[str, int, int], b: tuple[str, int, int]) -> bool:
+    return a[0] == b[0] and a[1] < b[2] and b[1] < a[2] and a[1] < a[2] and b[1] < b[2]
+
+
+def check_hazards(sched: Schedule, rank: int = -1) -> None:
+    """Check one rank's rounds for ranges the engine could read and write at once.
+
+    Within a round: nothing is written into ``"in"``; no receive overlaps a send or another
+    receive; no copy destination overlaps another copy's source or destination. Raises
+    AssertionError (schedules are code, not user input).
+    """
+    for k, r in enumerate(sched.rounds):
+        where = f"rank {rank} round {k}"
+        written = [(v.buf, v.start, v.stop) for v in r.recvs]
+        sent = [(s.buf, s.start, s.stop) for s in r.sends]
+        assert all(w[0] != "in" for w in written), f"{where}: receives into 'in'"
+        for i, w in enumerate(written):
+            assert not any(_overlap(w, s) for s in sent), f"{where}: receives into {w}, also sent"
+            assert not any(_overlap(w, o) for o in written[i + 1 :]), f"{where}: overlapping recvs"
+        dsts = [(c.dst_buf, c.dst, c.dst + c.count) for c in r.copies]
+        srcs = [(c.src_buf, c.src, c.src + c.count) for c in r.copies]
+        assert all(d[0] != "in" for d in dsts), f"{where}: copies into 'in'"
+        for i, d in enumerate(dsts):
+            others = dsts[:i] + dsts[i + 1 :] + srcs[:i] + srcs[i + 1 :]
+            assert not any(_overlap(d, o) for o in others), f"{where}: copies overlap at {d}"
+
+
+def check_aligned(schedules: Sequence[Schedule]) -> None:
+    """Check that every message is sent and received in rounds of the same number.
+
+    The engine's frames carry the round number, so a peer one round ahead is a mismatch.
+    Raises AssertionError.
+    """
+    sent: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    got: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for rank, sched in enumerate(schedules):
+        for k, rnd in enumerate(sched.rounds):
+            for s in rnd.sends:
+                sent.setdefault((rank, s.peer), []).append((k, s.count))
+            for v in rnd.recvs:
+                got.setdefault((v.peer, rank), []).append((k, v.count))
+    assert sent == got, f"(round, length) of sends and receives differ: {sent} != {got}"

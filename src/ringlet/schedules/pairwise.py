@@ -1,0 +1,35 @@
+"""Pairwise exchange all-to-all: in step k every rank sends to rank+k and receives from rank-k.
+
+Each rank has one message in and one out per step, so no link or receiver is oversubscribed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .base import Copy, Recv, Round, Schedule, Send, first_copies, offsets, timeline
+
+
+def pairwise_all_to_all(
+    rank: int, size: int, send_counts: Sequence[int], recv_counts: Sequence[int]
+) -> Schedule:
+    """Copy own block, then p-1 steps of send to rank+k / receive from rank-k.
+
+    Steps: p-1. Sent per rank: its whole input except its own block.
+    Raises ValueError if the rank's own send and receive counts differ.
+    """
+    if send_counts[rank] != recv_counts[rank]:
+        raise ValueError(
+            f"all_to_all on rank {rank}: sends itself {send_counts[rank]} elements but expects "
+            f"{recv_counts[rank]}; send_counts[rank] and recv_counts[rank] must be equal"
+        )
+    give, take = offsets(send_counts), offsets(recv_counts)
+    rounds = [
+        Round(
+            (Send((rank + k) % size, *give[(rank + k) % size], buf="in"),),  # block for rank+k
+            (Recv((rank - k) % size, *take[(rank - k) % size]),),  # block from rank-k, in place
+        )
+        for k in range(1, size)
+    ]
+    own = Copy(give[rank][0], take[rank][0], send_counts[rank], "in", "out")
+    return timeline(first_copies(rounds, own), "pairwise_all_to_all")

@@ -1,0 +1,131 @@
+"""Ring algorithms: each rank talks only to its neighbours, each step moves 1/p of the data.
+
+Bandwidth-optimal for large messages (each rank sends about (p-1)/p of the vector per phase);
+latency grows linearly with p, so small messages go to the doubling and tree algorithms.
+Each chunk is reduced along one path around the ring and then copied, so every rank gets the
+same bits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .base import (
+    Buf,
+    Copy,
+    Recv,
+    Round,
+    Schedule,
+    Send,
+    even_chunks,
+    first_copies,
+    offsets,
+    timeline,
+)
+from .tree import binomial_scatter_rounds
+
+
+def ring_reduce_scatter_rounds(
+    rank: int, size: int, chunk: Sequence[tuple[int, int]], buf: Buf = "out"
+) -> list[Round]:
+    """p-1 steps after which rank r holds the reduction of ``chunk[(r + 1) % p]`` in ``buf``."""
+    right, left = (rank + 1) % size, (rank - 1) % size
+    rounds: list[Round] = []
+    for s in range(size - 1):
+        give, take = chunk[(rank - s) % size], chunk[(rank - s - 1) % size]
+        rounds.append(
+            Round(
+                (Send(right, *give, buf=buf),),  # our partial sum of one chunk goes right
+                (Recv(left, *take, reduce=True, buf=buf),),  # the left one's, folded into ours
+            )
+        )
+    return rounds
+
+
+def ring_all_gather_rounds(
+    rank: int, size: int, chunk: Sequence[tuple[int, int]], buf: Buf = "out", shift: int = 0
+) -> list[Round]:
+    """p-1 steps passing finished chunks right; rank r starts with ``chunk[(r + shift) % p]``."""
+    right, left = (rank + 1) % size, (rank - 1) % size
+    return [
+        Round(
+            (Send(right, *chunk[(rank + shift - s) % size], buf=buf),),
+            (Recv(left, *chunk[(rank + shift - s - 1) % size], buf=buf),),
+        )
+        for s in range(size - 1)  # forward the chunk that arrived last step
+    ]
+
+
+def ring_all_reduce(rank: int, size: int, count: int) -> Schedule:
+    """Reduce-scatter then all-gather around the ring, on ``out``.
+
+    Steps: 2(p-1). Sent per rank: 2(p-1)/p·n elements (the bandwidth optimum).
+    """
+    chunk = even_chunks(count, size)
+    rounds = ring_reduce_scatter_rounds(rank, size, chunk)  # rank r ends with chunk r+1 reduced
+    rounds += ring_all_gather_rounds(rank, size, chunk, shift=1)  # circulate the finished chunks
+    return timeline(rounds, "ring_all_reduce")
+
+
+def ring_all_gather(rank: int, size: int, counts: Sequence[int]) -> Schedule:
+    """Copy own block into place, then pass blocks right p-1 times.
+
+    Steps: p-1. Sent per rank: the n - n_r elements of the other blocks (n = sum of counts).
+    """
+    block = offsets(counts)
+    rounds = ring_all_gather_rounds(rank, size, block)  # each step forwards the newest block
+    own = Copy(0, block[rank][0], counts[rank], "in", "out")  # own block into its place first
+    return timeline(first_copies(rounds, own), "ring_all_gather")
+
+
+def ring_reduce_scatter(rank: int, size: int, counts: Sequence[int]) -> Schedule:
+    """Working copy of ``in`` in ``tmp``; ring reduce-scatter; the last step lands in ``out``.
+
+    Steps: p-1. Sent per rank: n - n_r elements (about (p-1)/p·n).
+    """
+    block = offsets(counts)
+    total, (lo, hi) = sum(counts), block[rank]
+    # Shift chunk indices by one so that rank r finishes with its own block r.
+    rounds = ring_reduce_scatter_rounds(
+        rank, size, [block[(i - 1) % size] for i in range(size)], "tmp"
+    )
+    if rounds:  # the last step reduces straight into the result
+        last = rounds[-1]
+        rounds[-1] = Round(last.sends, (Recv((rank - 1) % size, 0, hi - lo, reduce=True),))
+    copies = (
+        Copy(0, 0, lo, "in", "tmp"),  # the blocks we add into and pass on
+        Copy(hi, hi, total - hi, "in", "tmp"),
+        Copy(lo, 0, hi - lo, "in", "out"),  # own block's contribution waits in the result
+    )
+    return timeline(first_copies(rounds, *copies), "ring_reduce_scatter")
+
+
+def ring_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
+    """Ring reduce-scatter on ``out``, then every rank sends its finished chunk to root.
+
+    Steps: p. Sent per rank: about n elements; root receives about 2(p-1)/p·n.
+    """
+    chunk = even_chunks(count, size)
+    rounds = ring_reduce_scatter_rounds(rank, size, chunk)  # rank r ends with chunk r+1 reduced
+    mine = chunk[(rank + 1) % size]
+    if rank != root:  # hand the finished chunk to root
+        rounds.append(Round(sends=(Send(root, *mine),)))
+    else:
+        others = [r for r in range(size) if r != root]
+        rounds.append(Round(recvs=tuple(Recv(r, *chunk[(r + 1) % size]) for r in others)))
+    return timeline(rounds, "ring_reduce")
+
+
+def scatter_ring_broadcast(rank: int, size: int, count: int, root: int) -> Schedule:
+    """Van de Geijn: binomial scatter of p chunks from root, then a ring all-gather, on ``out``.
+
+    Chunk w belongs to virtual rank w = (rank - root) mod p, so subtrees own contiguous ranges.
+    Steps: ceil(log2 p) + p-1. Sent per rank: about (p-1)/p·n in the ring plus its children's
+    subtree chunks (root: 2(p-1)/p·n in all), versus ceil(log2 p)·n from a tree's root.
+    """
+    chunk = even_chunks(count, size)
+    pos = [lo for lo, _ in chunk] + [count]
+    rounds = binomial_scatter_rounds(rank, size, root, pos, 0, "out")  # v ends with chunk v
+    by_rank = [chunk[(r - root) % size] for r in range(size)]
+    rounds += ring_all_gather_rounds(rank, size, by_rank)  # circulate every chunk
+    return timeline(rounds, "scatter_ring_broadcast")

@@ -1,0 +1,162 @@
+"""Which algorithm runs each collective: the registry, the size thresholds, and a builder.
+
+Small messages are latency-bound, so they take the log2 p-step algorithms (doubling, trees);
+large ones are bandwidth-bound and take the ring (or Rabenseifner in between). The thresholds
+are initial guesses from the alpha-beta model, to be measured on real transports and tuned.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .base import Schedule
+from .doubling import (
+    bruck_all_gather,
+    dissemination_barrier,
+    halving_doubling_all_reduce,
+    halving_reduce_scatter,
+    recursive_doubling_all_reduce,
+)
+from .linear import linear_broadcast, linear_gather, linear_scatter
+from .pairwise import pairwise_all_to_all
+from .ring import (
+    ring_all_gather,
+    ring_all_reduce,
+    ring_reduce,
+    ring_reduce_scatter,
+    scatter_ring_broadcast,
+)
+from .tree import binomial_broadcast, binomial_gather, binomial_reduce, binomial_scatter
+
+#: op -> algorithm name -> schedule function. Every function of one op takes the same keywords.
+ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
+    "all_reduce": {
+        "ring": ring_all_reduce,
+        "doubling": recursive_doubling_all_reduce,
+        "halving_doubling": halving_doubling_all_reduce,
+    },
+    "broadcast": {
+        "tree": binomial_broadcast,
+        "linear": linear_broadcast,
+        "scatter_ring": scatter_ring_broadcast,
+    },
+    "reduce": {"tree": binomial_reduce, "ring": ring_reduce},
+    "all_gather": {"ring": ring_all_gather, "bruck": bruck_all_gather},
+    "gather": {"tree": binomial_gather, "linear": linear_gather},
+    "scatter": {"tree": binomial_scatter, "linear": linear_scatter},
+    "reduce_scatter": {"ring": ring_reduce_scatter, "halving": halving_reduce_scatter},
+    "all_to_all": {"pairwise": pairwise_all_to_all},
+    "barrier": {"dissemination": dissemination_barrier},
+}
+
+#: The keyword arguments (after rank and size) each op's schedule functions take.
+PARAMS: dict[str, tuple[str, ...]] = {
+    "all_reduce": ("count",),
+    "broadcast": ("count", "root"),
+    "reduce": ("count", "root"),
+    "all_gather": ("counts",),
+    "gather": ("counts", "root"),
+    "scatter": ("counts", "root"),
+    "reduce_scatter": ("counts",),
+    "all_to_all": ("send_counts", "recv_counts"),
+    "barrier": (),
+}
+
+# Thresholds in bytes of the whole vector (see `select`). Initial, to be measured.
+ALL_REDUCE_DOUBLING_MAX = 16 << 10  # below: recursive doubling (log p steps, n·log p bytes)
+ALL_REDUCE_HALVING_MAX = 1 << 20  # below: Rabenseifner; above: ring (only neighbour links)
+BROADCAST_TREE_MAX = 256 << 10  # below: binomial tree; above: scatter + ring all-gather
+REDUCE_TREE_MAX = 256 << 10  # below: binomial tree; above: ring reduce-scatter + gather
+ALL_GATHER_BRUCK_MAX = 256 << 10  # below: Bruck (log p steps); above: ring
+GATHER_TREE_MAX = 64 << 10  # below: binomial tree; above: flat (root receives n anyway)
+SCATTER_TREE_MAX = 64 << 10  # below: binomial tree; above: flat (root sends n anyway)
+REDUCE_SCATTER_HALVING_MAX = 256 << 10  # below: recursive halving; above: ring
+SMALL_WORLD = 2  # at most this many ranks: every algorithm is one exchange, take the simplest
+
+#: (threshold, algorithm at or below it, algorithm above it) per op with a choice.
+_RULES: dict[str, tuple[tuple[int, str], ...]] = {
+    "all_reduce": (
+        (ALL_REDUCE_DOUBLING_MAX, "doubling"),
+        (ALL_REDUCE_HALVING_MAX, "halving_doubling"),
+    ),
+    "broadcast": ((BROADCAST_TREE_MAX, "tree"),),
+    "reduce": ((REDUCE_TREE_MAX, "tree"),),
+    "all_gather": ((ALL_GATHER_BRUCK_MAX, "bruck"),),
+    "gather": ((GATHER_TREE_MAX, "tree"),),
+    "scatter": ((SCATTER_TREE_MAX, "tree"),),
+    "reduce_scatter": ((REDUCE_SCATTER_HALVING_MAX, "halving"),),
+}
+_LARGE = {
+    "all_reduce": "ring",
+    "broadcast": "scatter_ring",
+    "reduce": "ring",
+    "all_gather": "ring",
+    "gather": "linear",
+    "scatter": "linear",
+    "reduce_scatter": "ring",
+}
+
+
+def select(op: str, size: int, nbytes: int, override: str | None = None) -> str:
+    """The algorithm name for ``op`` over ``size`` ranks moving a vector of ``nbytes``.
+
+    ``nbytes`` is the size of the whole vector: the reduced vector (all_reduce, reduce,
+    broadcast), the concatenated result (all_gather, gather) or input (scatter,
+    reduce_scatter), or one rank's input (all_to_all). ``override`` (for example from
+    RINGLET_ALGO) wins if it names an algorithm of ``op``. Raises ValueError for an unknown op
+    or override, naming the choices.
+    """
+    choices = algorithms(op)
+    if override is not None:
+        if override not in choices:
+            raise ValueError(
+                f"{op}: no algorithm named {override!r} (from RINGLET_ALGO or the caller); "
+                f"choose one of {', '.join(sorted(choices))}"
+            )
+        return override
+    if op not in _RULES:
+        return next(iter(choices))  # only one algorithm
+    if size <= SMALL_WORLD:
+        return _RULES[op][0][1]
+    for limit, algo in _RULES[op]:
+        if nbytes <= limit:
+            return algo
+    return _LARGE[op]
+
+
+def algorithms(op: str) -> dict[str, Callable[..., Schedule]]:
+    """The algorithms of ``op`` by name. Raises ValueError for an unknown op."""
+    if op not in ALGORITHMS:
+        raise ValueError(f"no collective named {op!r}; choose one of {', '.join(ALGORITHMS)}")
+    return ALGORITHMS[op]
+
+
+def build(op: str, algo: str, rank: int, size: int, **kw: Any) -> Schedule:
+    """Rank ``rank``'s schedule of ``op`` by algorithm ``algo``; ``kw`` as in :data:`PARAMS`.
+
+    Raises ValueError for an unknown op or algorithm, missing or unexpected keywords, counts of
+    the wrong length or negative, or a root or rank out of range.
+    """
+    select(op, size, 0, override=algo)  # raises for an unknown op or algorithm
+    fn = ALGORITHMS[op][algo]
+    if sorted(kw) != sorted(PARAMS[op]):
+        raise ValueError(f"{op} takes {', '.join(PARAMS[op]) or 'no arguments'}, got {sorted(kw)}")
+    _check_args(op, rank, size, kw)
+    return fn(rank, size, **kw)
+
+
+def _check_args(op: str, rank: int, size: int, kw: dict[str, Any]) -> None:
+    """Ranges of rank, root and counts (the schedule functions trust them)."""
+    if size < 1 or not 0 <= rank < size:
+        raise ValueError(f"{op}: rank {rank} is not in a world of {size} ranks")
+    if "root" in kw and not 0 <= kw["root"] < size:
+        raise ValueError(f"{op} on rank {rank}: root {kw['root']} is not in 0..{size - 1}")
+    if kw.get("count", 0) < 0:
+        raise ValueError(f"{op} on rank {rank}: negative count {kw['count']}")
+    for name in ("counts", "send_counts", "recv_counts"):
+        counts: Sequence[int] | None = kw.get(name)
+        if counts is not None and (len(counts) != size or min(counts) < 0):
+            raise ValueError(
+                f"{op} on rank {rank}: {name} must be {size} non-negative numbers, got {counts}"
+            )
