@@ -107,12 +107,12 @@ def init(
 
 def finalize(world: World) -> None:
     """Close every communicator of this process; rank 0 keeps the store up until the others closed."""
+    if world.finalized:
+        return
+    world.finalized = True  # first: closing the world communicator calls finalize again
     for comm in list(world.comms):
         with contextlib.suppress(Exception):
             comm.close()
-    if world.finalized:
-        return
-    world.finalized = True
     with contextlib.suppress(Exception):
         count = world.store.add("w/closed", 1)
         end = time.monotonic() + CLOSE_WAIT
