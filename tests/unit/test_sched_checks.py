@@ -18,6 +18,7 @@ from ringlet.schedules.base import (
     Send,
     check_aligned,
     check_hazards,
+    extent,
     timeline,
     validate,
 )
@@ -230,3 +231,23 @@ def test_schedule_modules_stay_small_and_import_only_the_vocabulary() -> None:
                 if isinstance(node, ast.ImportFrom) and node.level == 0:
                     assert node.module in ("__future__", "collections.abc", "itertools", "typing")
                 assert not isinstance(node, ast.Import), f"{path.name} imports a module"
+
+
+# -- memory the engine must provide -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 5, 8])
+def test_scratch_stays_within_what_each_algorithm_needs(size: int) -> None:
+    counts = [3 + r for r in range(size)]
+    for r in range(size):
+        flat = build("gather", "linear", r, size, counts=counts, root=0)
+        assert r == 0 or (extent(flat, "out"), extent(flat, "tmp")) == (0, 0)
+        for op, algo in [
+            (o, a) for o in ("all_reduce", "broadcast", "reduce") for a in ALGORITHMS[o]
+        ]:
+            s = build(op, algo, r, size, **even_args(op, size, 100))
+            assert extent(s, "out") <= 100, (op, algo)  # in place: never beyond the vector
+            assert extent(s, "in") == 0, (op, algo)  # the engine's input lives in out
+        assert extent(build("all_gather", "bruck", 0, size, counts=counts), "tmp") == 0
+        tree = build("gather", "tree", r, size, counts=counts, root=size - 1)
+        assert extent(tree, "tmp") <= sum(counts)
