@@ -42,24 +42,21 @@ class Engine:
         for k, rnd in enumerate(sched.rounds):
             for c in rnd.copies:
                 bufs[c.dst_buf][c.dst : c.dst + c.count] = bufs[c.src_buf][c.src : c.src + c.count]
-            if not (rnd.sends or rnd.recvs):
-                continue
-            if any(v.reduce for v in rnd.recvs):
-                assert op is not None, "a reducing schedule needs a reduce op"
-                self._reducing_round(rnd, bufs, op, Tag(seq, sig, k), deadline)
-            else:
-                self.transport.exchange(
-                    [(s.peer, as_bytes(bufs[s.buf][s.start : s.stop])) for s in rnd.sends],
-                    [(v.peer, as_bytes(bufs[v.buf][v.start : v.stop])) for v in rnd.recvs],
-                    Tag(seq, sig, k),
-                    deadline,
-                )
+            if rnd.sends or rnd.recvs:
+                assert op is not None or not any(v.reduce for v in rnd.recvs), "reduce needs an op"
+                self._round(rnd, bufs, op, Tag(seq, sig, k), deadline)
 
-    def _reducing_round(
-        self, rnd: Round, bufs: dict[str, np.ndarray], op: ReduceOp, tag: Tag, deadline: float
+    def _round(
+        self,
+        rnd: Round,
+        bufs: dict[str, np.ndarray],
+        op: ReduceOp | None,
+        tag: Tag,
+        deadline: float,
     ) -> None:
-        """Cut the round into segments; each reducing receive lands in scratch, then combines."""
-        dtype = bufs["out"].dtype
+        """Cut the round's messages into segments (by length alone, so both sides cut alike);
+        a reducing receive lands each segment in scratch, then combines it."""
+        dtype = next(iter(bufs.values())).dtype
         seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
         longest = max([s.count for s in rnd.sends] + [v.count for v in rnd.recvs])
         scratch = {v.peer: np.empty(min(seg, v.count), dtype) for v in rnd.recvs if v.reduce}
@@ -82,4 +79,4 @@ class Engine:
                     recvs.append((v.peer, as_bytes(dest)))
             self.transport.exchange(sends, recvs, Tag(tag.seq, tag.sig, tag.round, s), deadline)
             for dest, landing in reduces:
-                combine(op, dest, landing)
+                combine(op, dest, landing)  # type: ignore[arg-type]

@@ -125,9 +125,17 @@ def _recv_exact(sock: socket.socket, n: int) -> bytes:
 
 
 def connect(
-    address: tuple[str, int], secret: bytes, comm: int, rank: int, deadline: float
+    address: tuple[str, int],
+    secret: bytes,
+    comm: int,
+    rank: int,
+    deadline: float,
+    poll: Callable[[], None] | None = None,
 ) -> socket.socket:
-    """Open an authenticated connection to a peer's listener, retrying until the deadline."""
+    """Open an authenticated connection to a peer's listener, retrying until the deadline.
+
+    ``poll`` runs between attempts, so a job-wide failure ends the retrying at once.
+    """
     delay = 0.01
     while True:
         left = deadline - time.monotonic()
@@ -139,6 +147,8 @@ def connect(
                 raise
             time.sleep(min(delay, max(left, 0.0)))
             delay = min(delay * 2, 0.5)
+            if poll is not None:
+                poll()
     try:
         authenticate(sock, secret, initiator=True, timeout=max(left, 1.0), context=AUTH_CONTEXT)
         sock.sendall(HELLO.pack(comm, rank))
@@ -190,13 +200,21 @@ class TcpTransport:
         self._poll = poll
         self._socks: dict[int, socket.socket] = {}
         self._partial: set[int] = set()  # peers holding a frame we only half sent
+        self._connecting = threading.Lock()  # send and recv threads may both want a new peer
 
     # -- connections -------------------------------------------------------------------------
     def _sock(self, peer: int, deadline: float) -> socket.socket:
         sock = self._socks.get(peer)
-        if sock is None:
+        if sock is not None:
+            return sock
+        with self._connecting:
+            sock = self._socks.get(peer)
+            if sock is not None:
+                return sock
             if self.rank < peer:
-                sock = connect(self._addresses[peer], self._secret, self.comm, self.rank, deadline)
+                sock = connect(
+                    self._addresses[peer], self._secret, self.comm, self.rank, deadline, self._poll
+                )
             else:
                 sock = self._listener.take(self.comm, peer, deadline, self._poll)
             sock.setblocking(False)

@@ -1,0 +1,172 @@
+"""Asynchronous calls (Work), split into colours used concurrently, dup, send/recv by tag."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import numpy as np
+import pytest
+import spmd
+
+import ringlet
+
+TRANSPORTS = ["tcp", "auto"]
+
+
+def _env(transport: str) -> dict[str, str]:
+    if transport == "auto":
+        pytest.importorskip("ringlet.transport.shm")
+    return {"RINGLET_TRANSPORT": transport}
+
+
+def many_outstanding(comm) -> list[str]:  # type: ignore[no-untyped-def]
+    """Issue many async ops at once, compute meanwhile, then check each result in issue order."""
+    n, me = comm.size, comm.rank
+    bufs = [np.full(1000 + i, me + i, np.float64) for i in range(20)]
+    works = [comm.all_reduce(b, async_op=True) for b in bufs]
+    gathered = comm.all_gather(np.array([me]), async_op=True)
+    busy = sum(float(np.sin(np.arange(20_000)).sum()) for _ in range(5))  # compute meanwhile
+    bad = []
+    for i, (w, b) in enumerate(zip(works, bufs)):
+        assert w.wait() is b
+        if not w.done() or w.exception() is not None:
+            bad.append(f"work {i} state")
+        if not np.array_equal(b, np.full(1000 + i, sum(r + i for r in range(n)), np.float64)):
+            bad.append(f"all_reduce {i}")
+    if gathered.wait().tolist() != list(range(n)):
+        bad.append("all_gather")
+    # a synchronous call after async ones runs after them (issue order is execution order)
+    x = np.ones(3)
+    w = comm.broadcast(np.full(3, 7.0) if me == 0 else x, root=0, async_op=True)
+    y = comm.all_reduce(np.ones(3))
+    if not (w.done() and (y == n).all()):
+        bad.append("order")
+    return bad if busy == busy else ["nan"]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("n", [2, 3, 5])
+def test_many_outstanding_async_ops(n: int, transport: str) -> None:
+    assert spmd.run(many_outstanding, n, env=_env(transport)) == [[]] * n
+
+
+def overlap(comm) -> tuple[float, float, float]:  # type: ignore[no-untyped-def]
+    """Time comm alone, compute alone, and both with async_op; the third is below the sum."""
+    x = np.ones(4_000_000, np.float32)
+
+    def compute() -> None:
+        a = np.random.default_rng(0).standard_normal((400, 400))
+        for _ in range(15):
+            a = np.tanh(a @ a.T / 400)
+
+    comm.barrier()
+    t = time.perf_counter()
+    comm.all_reduce(x)
+    t_comm = time.perf_counter() - t
+    t = time.perf_counter()
+    compute()
+    t_comp = time.perf_counter() - t
+    comm.barrier()
+    t = time.perf_counter()
+    w = comm.all_reduce(x, async_op=True)
+    compute()
+    w.wait()
+    return t_comm, t_comp, time.perf_counter() - t
+
+
+def test_async_runs_while_the_caller_computes() -> None:
+    """The work proceeds on the progress thread: the caller is not blocked while it runs."""
+    res = spmd.run(overlap, 2, env={"RINGLET_TRANSPORT": "tcp"})
+    # Not a speed assertion: the async call returned before the communication finished, so the
+    # caller's compute started while it was in flight (both together < comm + compute alone).
+    assert all(both < comm_t + comp_t for comm_t, comp_t, both in res), res
+
+
+def split_concurrently(comm) -> list[str]:  # type: ignore[no-untyped-def]
+    """Split into 2 and 3 colours; use both sub-communicators and the parent at once from threads."""
+    n, me = comm.size, comm.rank
+    halves = comm.split(me % 2, key=me)
+    thirds = comm.split(me % 3, key=-me)
+    none = comm.split(None if me == 0 else 1)
+    bad: list[str] = []
+    if (me == 0) != (none is None):
+        bad.append("color None")
+    if none is not None and none.size != n - 1:
+        bad.append("none size")
+
+    def use(sub, color: int, nc: int, key_sign: int) -> None:  # type: ignore[no-untyped-def]
+        members = sorted((r for r in range(n) if r % nc == color), key=lambda r: key_sign * r)
+        if sub.size != len(members) or sub.rank != members.index(me):
+            bad.append(f"split {nc}: rank {sub.rank}/{sub.size}")
+        for i in range(30):
+            got = sub.all_reduce(np.array([me + i], np.int64))
+            if got[0] != sum(members) + i * len(members):
+                bad.append(f"split {nc} round {i}")
+            if sub.all_gather(np.array([me])).tolist() != members:
+                bad.append(f"split {nc} gather")
+
+    threads = [
+        threading.Thread(target=use, args=(halves, me % 2, 2, 1)),
+        threading.Thread(target=use, args=(thirds, me % 3, 3, -1)),
+    ]
+    for t in threads:
+        t.start()
+    for i in range(30):  # the parent keeps working at the same time
+        if comm.all_reduce(np.array([1]))[0] != n:
+            bad.append(f"parent {i}")
+    for t in threads:
+        t.join()
+    twin = comm.dup()
+    if (twin.rank, twin.size) != (me, n) or twin.all_reduce(np.array([me]))[0] != n * (n - 1) // 2:
+        bad.append("dup")
+    return bad
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("n", [4, 5])
+def test_split_two_and_three_colours_concurrently(n: int, transport: str) -> None:
+    assert spmd.run(split_concurrently, n, env=_env(transport)) == [[]] * n
+
+
+def point_to_point(comm) -> list[str]:  # type: ignore[no-untyped-def]
+    """A ring of send/recv with tags, dtypes and sizes; both directions at once with async_op."""
+    n, me = comm.size, comm.rank
+    right, left = (me + 1) % n, (me - 1) % n
+    bad = []
+    for count, dtype in [(0, "float32"), (1, "int8"), (1000, "float64"), (3_000_000, "int32")]:
+        mine = (np.arange(count) * (me + 1)).astype(dtype)
+        s = comm.send(mine, right, tag=count % 7, async_op=True)
+        got = comm.recv(None, left, tag=count % 7)
+        s.wait()
+        if not np.array_equal(got, (np.arange(count) * (left + 1)).astype(dtype)):
+            bad.append(f"ring {count} {dtype}")
+    into = np.empty((2, 3), np.float32)
+    if me == 0:
+        comm.send(np.ones((2, 3), np.float32), 1, tag=5)
+    elif me == 1:
+        if comm.recv(into, 0, tag=5) is not into or not (into == 1).all():
+            bad.append("recv into")
+    comm.barrier()
+    return bad
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_send_recv_ring(n: int) -> None:
+    assert spmd.run(point_to_point, n, env={"RINGLET_TRANSPORT": "tcp"}) == [[]] * n
+
+
+def wrong_tag(comm) -> str:  # type: ignore[no-untyped-def]
+    if comm.rank == 0:
+        comm.send(np.ones(2), 1, tag=1)
+        return "sent"
+    try:
+        comm.recv(None, 0, tag=2)
+    except ringlet.MismatchError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_recv_with_a_different_tag_is_a_mismatch() -> None:
+    out = spmd.run(wrong_tag, 2, env={"RINGLET_TRANSPORT": "tcp"})
+    assert "tag 1" in out[1] and "tag 2" in out[1]
