@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 import pytest
-import spmd
 
 import ringlet
+import spmd
 
 TRANSPORTS = ["tcp", "auto"]
 
@@ -28,7 +28,7 @@ def many_outstanding(comm) -> list[str]:  # type: ignore[no-untyped-def]
     gathered = comm.all_gather(np.array([me]), async_op=True)
     busy = sum(float(np.sin(np.arange(20_000)).sum()) for _ in range(5))  # compute meanwhile
     bad = []
-    for i, (w, b) in enumerate(zip(works, bufs)):
+    for i, (w, b) in enumerate(zip(works, bufs, strict=True)):
         assert w.wait() is b
         if not w.done() or w.exception() is not None:
             bad.append(f"work {i} state")
@@ -144,9 +144,8 @@ def point_to_point(comm) -> list[str]:  # type: ignore[no-untyped-def]
     into = np.empty((2, 3), np.float32)
     if me == 0:
         comm.send(np.ones((2, 3), np.float32), 1, tag=5)
-    elif me == 1:
-        if comm.recv(into, 0, tag=5) is not into or not (into == 1).all():
-            bad.append("recv into")
+    elif me == 1 and (comm.recv(into, 0, tag=5) is not into or not (into == 1).all()):
+        bad.append("recv into")
     comm.barrier()
     return bad
 
