@@ -1,0 +1,84 @@
+"""Layers depend one way only: cli/launch/bench/torch → comm → schedules, engine → transport → ops/arrays/errors.
+
+The test parses every module's imports (module level and inside functions) and checks them against
+what each layer may use, and that importing ringlet does not import torch, matplotlib or rich.
+"""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PKG = Path(__file__).resolve().parents[2] / "src" / "ringlet"
+
+#: layer of a module → ringlet modules (prefixes) it must never import
+FORBIDDEN = {
+    "schedules": ("ringlet.transport", "ringlet.engine", "ringlet.core", "ringlet.comm", "ringlet.rendezvous",
+                  "ringlet.collectives", "ringlet.torch", "ringlet.launch", "ringlet.bench"),
+    "transport": ("ringlet.schedules", "ringlet.engine", "ringlet.core", "ringlet.comm",
+                  "ringlet.collectives", "ringlet.p2p", "ringlet.objects", "ringlet.world",
+                  "ringlet.torch", "ringlet.launch", "ringlet.bench", "ringlet.cli"),
+    "rendezvous": ("ringlet.schedules", "ringlet.engine", "ringlet.core", "ringlet.comm",
+                   "ringlet.transport", "ringlet.torch", "ringlet.launch", "ringlet.bench"),
+    "engine": ("ringlet.core", "ringlet.comm", "ringlet.collectives", "ringlet.rendezvous",
+               "ringlet.transport.tcp", "ringlet.transport.shm", "ringlet.torch", "ringlet.launch"),
+    "ops": ("ringlet.",),
+    "arrays": ("ringlet.",),
+    "errors": ("ringlet.",),
+    "core": ("ringlet.torch", "ringlet.launch", "ringlet.bench", "ringlet.cli"),
+    "collectives": ("ringlet.torch", "ringlet.launch", "ringlet.bench", "ringlet.cli"),
+    "comm": ("ringlet.torch", "ringlet.launch", "ringlet.bench", "ringlet.cli"),
+}
+ALLOWED_FROM_BOTTOM = {"ops": ("ringlet.errors",), "arrays": ("ringlet.errors", "ringlet.ops")}
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of the ringlet modules ``path`` imports."""
+    module = "ringlet." + ".".join(path.relative_to(PKG).with_suffix("").parts)
+    package = module.rsplit(".", 1)[0] if path.name != "__init__.py" else module.removesuffix(".__init__")
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - node.level + 1]
+                name = ".".join(base + ([node.module] if node.module else []))
+            else:
+                name = node.module or ""
+            found.add(name)
+    return {f for f in found if f.startswith("ringlet")}
+
+
+def _layer(path: Path) -> str:
+    rel = path.relative_to(PKG)
+    return rel.parts[0] if len(rel.parts) > 1 else rel.stem
+
+
+@pytest.mark.parametrize("path", sorted(PKG.rglob("*.py")), ids=lambda p: str(p.relative_to(PKG)))
+def test_module_imports_respect_the_layers(path: Path) -> None:
+    layer = _layer(path)
+    allowed = ALLOWED_FROM_BOTTOM.get(layer, ())
+    for name in _imports(path):
+        for bad in FORBIDDEN.get(layer, ()):
+            if name.startswith(bad) and not name.startswith(allowed or ("\0",)) and name != "ringlet":
+                pytest.fail(f"{path.relative_to(PKG)} ({layer}) imports {name}")
+
+
+def test_importing_ringlet_loads_no_optional_dependency() -> None:
+    code = ("import sys, ringlet; "
+            "print(sorted(m for m in ('torch', 'matplotlib', 'rich', 'mpi4py') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+def test_no_module_is_too_long() -> None:
+    """The budget in STYLE.md: no module over ~400 lines (a little slack for docstrings)."""
+    long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 450}
+    assert not long, long
