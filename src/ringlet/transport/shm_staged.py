@@ -1,0 +1,291 @@
+"""Collectives through the staging buffers of the segment, one chunk per step, double-buffered.
+
+Every algorithm here writes the data of step t into its own staging buffer of parity t % 2 before
+publishing t, and after the wait of step t reads the peers' buffers of that parity (see
+shm_channel). Memory stays at 2 x stage_bytes per rank whatever the message size. With one
+step these are the small-message ("flat") paths: the first step is the call's arrival.
+
+Chunks are counted in elements; a staging buffer of ``stage_bytes`` holds ``stage_bytes //
+itemsize`` of them, or is split into sub-slots, one per receiving peer, for the ops where each
+rank sends different data to different peers (scatter, reduce_scatter, all_to_all).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from .shm_channel import Binary, Channel, fold
+
+ALIGN = 64
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _displacements(counts: Sequence[int]) -> list[int]:
+    out, total = [], 0
+    for c in counts:
+        out.append(total)
+        total += c
+    return out
+
+
+def _sub_slot(stage_bytes: int, slots: int, itemsize: int) -> int:
+    """Elements per sub-slot when a staging buffer is split ``slots`` ways (64-byte aligned)."""
+    return max(stage_bytes // max(slots, 1) // ALIGN * ALIGN // itemsize, 1)
+
+
+def _virtual(writer: int, reader: int) -> int:
+    """Index of ``reader``'s sub-slot in ``writer``'s buffer: the peers in rank order, skipping
+    the writer itself."""
+    return reader if reader < writer else reader - 1
+
+
+def _piece(j: int, per_step: int, count: int) -> tuple[int, int]:
+    """Element range of step ``j`` in a block of ``count`` elements sent ``per_step`` at a time."""
+    return min(j * per_step, count), min((j + 1) * per_step, count)
+
+
+def flat_reduce(
+    ch: Channel,
+    buf: np.ndarray,
+    out: np.ndarray | None,
+    f: Binary,
+    sig: int,
+    deadline: float,
+    kind: str,
+) -> None:
+    """One step: every rank stages all of ``buf``; each rank with an ``out`` folds all stages in
+    rank order (all_reduce: every rank, out is buf; reduce: the root)."""
+    views = ch.flat_views(buf.dtype, buf.size)[ch.parity]
+    np.copyto(views[ch.rank], buf)
+    ch.arrive(kind, sig, buf.size, deadline)
+    if out is not None:
+        fold(f, views, out)
+
+
+def _reduce_chunk(stage_bytes: int, size: int, itemsize: int) -> tuple[int, int]:
+    """Elements per chunk of the pipelined reduction, and where the results start in a stage
+    (in elements): the chunk itself, then (64-byte aligned) one reduced piece."""
+    chunk = max((stage_bytes - 2 * ALIGN) * size // ((size + 1) * itemsize), size)
+    while True:
+        results = _ceil_div(chunk * itemsize, ALIGN) * ALIGN // itemsize
+        if (results + _ceil_div(chunk, size)) * itemsize <= stage_bytes:
+            return chunk, results
+        chunk -= size
+
+
+def pipelined_reduce(
+    ch: Channel,
+    buf: np.ndarray,
+    out: np.ndarray | None,
+    f: Binary,
+    sig: int,
+    deadline: float,
+    kind: str,
+) -> None:
+    """Reduce-scatter then all-gather, chunk by chunk: at step j each rank stages chunk j, folds
+    its piece of chunk j - 1's... of chunk j into its next buffer's result area, and copies every
+    rank's reduced piece of chunk j - 1 into ``out`` (when it has one). K chunks take K + 1 steps;
+    per chunk of c bytes a rank writes about 2c + c/N bytes."""
+    r, n, size, dt = ch.rank, buf.size, ch.size, buf.dtype
+    chunk, results = _reduce_chunk(ch.stage_bytes, size, dt.itemsize)
+    chunks = _ceil_div(n, chunk)
+    for j in range(chunks + 1):
+        p = ch.parity
+        start, stop = min(j * chunk, n), min((j + 1) * chunk, n)
+        if j < chunks:
+            np.copyto(ch.stage(r, p, dt, 0, stop - start), buf[start:stop])
+        if j == 0:
+            ch.arrive(kind, sig, n, deadline)
+        else:
+            ch.advance(deadline)
+        if j > 0 and out is not None:  # gather the reduced pieces of the previous chunk
+            prev = (j - 1) * chunk
+            piece = _ceil_div(min(chunk, n - prev), size)
+            for q in range(size):
+                a, b = _piece(q, piece, min(chunk, n - prev))
+                if b > a:
+                    np.copyto(out[prev + a : prev + b], ch.stage(q, p, dt, results, b - a))
+        if j < chunks:  # fold this rank's piece of this chunk, for everyone to copy next step
+            a, b = _piece(r, _ceil_div(stop - start, size), stop - start)
+            if b > a:
+                sources = [ch.stage(q, p, dt, a, b - a) for q in range(size)]
+                fold(f, sources, ch.stage(r, p ^ 1, dt, results, b - a))
+
+
+def broadcast(ch: Channel, buf: np.ndarray, root: int, sig: int, deadline: float) -> None:
+    """Root stages chunk j at step j; the others copy it out."""
+    r, n, dt = ch.rank, buf.size, buf.dtype
+    chunk = ch.stage_bytes // dt.itemsize
+    for j in range(max(_ceil_div(n, chunk), 1)):
+        p = ch.parity
+        start, stop = _piece(j, chunk, n)
+        if r == root:
+            np.copyto(ch.stage(r, p, dt, 0, stop - start), buf[start:stop])
+        if j == 0:
+            ch.arrive("broadcast", sig, n, deadline)
+        else:
+            ch.advance(deadline)
+        if r != root:
+            np.copyto(buf[start:stop], ch.stage(root, p, dt, 0, stop - start))
+
+
+def gather(
+    ch: Channel,
+    inp: np.ndarray,
+    out: np.ndarray | None,
+    counts: Sequence[int],
+    root: int | None,
+    sig: int,
+    layout: int,
+    deadline: float,
+) -> None:
+    """Every rank stages piece j of its input at step j; the root (or, with root None, every
+    rank: all_gather) copies the peers' pieces into place in ``out``."""
+    r, size, dt = ch.rank, ch.size, inp.dtype
+    chunk = ch.stage_bytes // dt.itemsize
+    displs = _displacements(counts)
+    kind = "all_gather" if root is None else "gather"
+    readers = range(size) if root is None else (root,)
+    for j in range(max(_ceil_div(max(counts, default=0), chunk), 1)):
+        p = ch.parity
+        start, stop = _piece(j, chunk, counts[r])
+        if r != root and stop > start:
+            np.copyto(ch.stage(r, p, dt, 0, stop - start), inp[start:stop])
+        if j == 0:
+            ch.arrive(kind, sig, layout, deadline)
+        else:
+            ch.advance(deadline)
+        if r in readers and out is not None:
+            for q in range(size):
+                a, b = _piece(j, chunk, counts[q])
+                if q != r and b > a:
+                    np.copyto(out[displs[q] + a : displs[q] + b], ch.stage(q, p, dt, 0, b - a))
+    if r in readers and out is not None:
+        np.copyto(out[displs[r] : displs[r] + counts[r]], inp)
+
+
+def scatter(
+    ch: Channel,
+    inp: np.ndarray | None,
+    out: np.ndarray,
+    counts: Sequence[int],
+    root: int,
+    sig: int,
+    layout: int,
+    deadline: float,
+) -> None:
+    """Root stages piece j of every other rank's part at step j, one sub-slot each."""
+    r, size, dt = ch.rank, ch.size, out.dtype
+    per_step = _sub_slot(ch.stage_bytes, size - 1, dt.itemsize)
+    displs = _displacements(counts)
+    steps = max([_ceil_div(c, per_step) for q, c in enumerate(counts) if q != root] + [1])
+    for j in range(steps):
+        p = ch.parity
+        if r == root and inp is not None:
+            for q in range(size):
+                a, b = _piece(j, per_step, counts[q])
+                if q != root and b > a:
+                    slot = _virtual(root, q) * per_step
+                    np.copyto(ch.stage(r, p, dt, slot, b - a), inp[displs[q] + a : displs[q] + b])
+        if j == 0:
+            ch.arrive("scatter", sig, layout, deadline)
+        else:
+            ch.advance(deadline)
+        a, b = _piece(j, per_step, counts[r])
+        if r != root and b > a:
+            np.copyto(out[a:b], ch.stage(root, p, dt, _virtual(root, r) * per_step, b - a))
+    if r == root and inp is not None:
+        np.copyto(out, inp[displs[r] : displs[r] + counts[r]])
+
+
+def reduce_scatter(
+    ch: Channel,
+    inp: np.ndarray,
+    out: np.ndarray,
+    counts: Sequence[int],
+    f: Binary,
+    sig: int,
+    layout: int,
+    deadline: float,
+) -> None:
+    """Every rank stages piece j of each peer's part in that peer's sub-slot; each rank folds
+    its part's pieces from all ranks (its own straight from ``inp``) into ``out``."""
+    r, size, dt = ch.rank, ch.size, inp.dtype
+    per_step = _sub_slot(ch.stage_bytes, size - 1, dt.itemsize)
+    displs = _displacements(counts)
+    for j in range(max(_ceil_div(max(counts, default=0), per_step), 1)):
+        p = ch.parity
+        for q in range(size):
+            a, b = _piece(j, per_step, counts[q])
+            if q != r and b > a:
+                slot = _virtual(r, q) * per_step
+                np.copyto(ch.stage(r, p, dt, slot, b - a), inp[displs[q] + a : displs[q] + b])
+        if j == 0:
+            ch.arrive("reduce_scatter", sig, layout, deadline)
+        else:
+            ch.advance(deadline)
+        a, b = _piece(j, per_step, counts[r])
+        if b > a:
+            sources = [
+                inp[displs[r] + a : displs[r] + b]
+                if q == r
+                else ch.stage(q, p, dt, _virtual(q, r) * per_step, b - a)
+                for q in range(size)
+            ]
+            fold(f, sources, out[a:b])
+
+
+def all_to_all(
+    ch: Channel, inp: np.ndarray, out: np.ndarray, sends: np.ndarray, sig: int, deadline: float
+) -> None:
+    """Block q -> r travels in q's sub-slot for r, piece j at step j. ``sends[q, r]`` counts the
+    elements q sends r, for every pair; the caller published it before and checked it after the
+    arrival, which here is the first step."""
+    r, size, dt = ch.rank, ch.size, inp.dtype
+    per_step = _sub_slot(ch.stage_bytes, size - 1, dt.itemsize)
+    send_displs = _displacements(sends[r].tolist())
+    recv_counts = sends[:, r].tolist()
+    recv_displs = _displacements(recv_counts)
+    steps = max(_ceil_div(int(sends.max(initial=0)), per_step), 1)
+    for j in range(steps):
+        if j > 0:  # step 0 was staged before the arrival, by stage_first_all_to_all
+            _stage_all_to_all(ch, inp, sends[r].tolist(), send_displs, per_step, j, ch.parity)
+            ch.advance(deadline)
+        p = ch.step & 1
+        for q in range(size):
+            a, b = _piece(j, per_step, recv_counts[q])
+            if q != r and b > a:
+                stage = ch.stage(q, p, dt, _virtual(q, r) * per_step, b - a)
+                np.copyto(out[recv_displs[q] + a : recv_displs[q] + b], stage)
+    np.copyto(
+        out[recv_displs[r] : recv_displs[r] + recv_counts[r]],
+        inp[send_displs[r] : send_displs[r] + recv_counts[r]],
+    )
+
+
+def stage_first_all_to_all(ch: Channel, inp: np.ndarray, send_counts: Sequence[int]) -> None:
+    """Stage step 0 of :func:`all_to_all` (it needs only this rank's own counts)."""
+    per_step = _sub_slot(ch.stage_bytes, ch.size - 1, inp.dtype.itemsize)
+    _stage_all_to_all(ch, inp, send_counts, _displacements(send_counts), per_step, 0, ch.parity)
+
+
+def _stage_all_to_all(
+    ch: Channel,
+    inp: np.ndarray,
+    counts: Sequence[int],
+    displs: Sequence[int],
+    per_step: int,
+    j: int,
+    p: int,
+) -> None:
+    r, dt = ch.rank, inp.dtype
+    for q in range(ch.size):
+        a, b = _piece(j, per_step, counts[q])
+        if q != r and b > a:
+            slot = _virtual(r, q) * per_step
+            np.copyto(ch.stage(r, p, dt, slot, b - a), inp[displs[q] + a : displs[q] + b])
