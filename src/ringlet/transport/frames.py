@@ -50,8 +50,11 @@ class Header:
 
 
 def unpack(raw: bytes | bytearray | memoryview) -> Header:
-    """Parse a header; raises ValueError for a bad magic, version or kind."""
-    magic, version, kind, comm, seq, rnd, seg, sig, length = HEADER.unpack(raw)
+    """Parse a header; raises ValueError for a bad size, magic, version or kind."""
+    try:
+        magic, version, kind, comm, seq, rnd, seg, sig, length = HEADER.unpack(raw)
+    except struct.error:  # not a ValueError: callers catch ValueError only
+        raise ValueError(f"a frame header is {HEADER_SIZE} bytes, got {len(raw)}") from None
     if magic != MAGIC:
         raise ValueError(f"bad magic {magic!r} (not a ringlet frame)")
     if version != VERSION:
