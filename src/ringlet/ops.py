@@ -206,7 +206,6 @@ _UFUNCS: dict[ReduceOp, np.ufunc] = {
     ReduceOp.BOR: np.bitwise_or,
     ReduceOp.BXOR: np.bitwise_xor,
 }
-_NAN_ORDERED = (np.maximum, np.minimum)
 
 
 def combine(op: ReduceOp, acc: np.ndarray, incoming: np.ndarray) -> None:
@@ -215,13 +214,10 @@ def combine(op: ReduceOp, acc: np.ndarray, incoming: np.ndarray) -> None:
     Both arrays must have the same dtype and shape (``casting="no"`` makes a mix-up an error,
     not a silent conversion). Call :func:`check_op_dtype` once beforehand.
     """
-    ufunc = _UFUNCS[op]
-    if ufunc in _NAN_ORDERED and acc.dtype == BFLOAT16:
-        # ml_dtypes flags NaN in bfloat16 max/min as "invalid"; NaN propagation is the intent.
-        with np.errstate(invalid="ignore"):
-            ufunc(acc, incoming, out=acc, casting="no")
-    else:
-        ufunc(acc, incoming, out=acc, casting="no")
+    # Overflow to inf and NaN propagation are the data's business (as in MPI and Gloo), not a
+    # warning to print on every rank; ml_dtypes also flags NaN in bfloat16 max/min as "invalid".
+    with np.errstate(over="ignore", invalid="ignore"):
+        _UFUNCS[op](acc, incoming, out=acc, casting="no")
 
 
 def finish_mean(acc: np.ndarray, size: int) -> None:
