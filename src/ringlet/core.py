@@ -1,9 +1,11 @@
 """The communicator core: argument checks, call signatures, sequence numbers; picks and runs a schedule.
 
 Every public collective follows one path: check the arguments locally (ValueError / TypeError,
-before any data moves and without using a sequence number), describe the call, then run it —
-inline, or on the progress thread for ``async_op=True`` — through the node's shared memory when
-all ranks share a host, else through a schedule executed by the engine over TCP.
+before any data moves), describe the call, then run it — inline, or on the progress thread for
+``async_op=True`` — through the node's shared memory when all ranks share a host, else through a
+schedule executed by the engine over TCP. A call rejected for its arguments still takes its
+sequence number and is reported to the other ranks (failures.py), so none waits for it in vain.
+The flight recorder (recorder.py) keeps the last calls for the error report.
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ from .arrays import staged, to_numpy
 from .calls import Call
 from .engine import Engine
 from .errors import BrokenCommunicator, CollectiveTimeout, RingletError
-from .failures import Reporter
+from .failures import Reporter, rejected_call, rejections_reported
 from .ops import ReduceOp, check_dtype, check_op_dtype, finish_mean, parse_op
+from .recorder import Entry, FlightRecorder
 from .schedules import select
 from .schedules.base import Schedule, extent
 from .transport.tcp import Listener, TcpTransport
@@ -63,8 +66,29 @@ def _check_root(root: int, size: int, kind: str) -> int:
     return int(root)
 
 
+#: The collectives whose argument errors are reported to the other ranks (see failures.py).
+REPORTED_REJECTIONS = (
+    "barrier",
+    "broadcast",
+    "reduce",
+    "all_reduce",
+    "gather",
+    "all_gather",
+    "scatter",
+    "reduce_scatter",
+    "all_to_all",
+    "split",
+)
+
+
 class CommunicatorCore:
     """Plumbing shared by every collective, and the reducing and broadcasting ones."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in REPORTED_REJECTIONS:
+            if (method := getattr(cls, name, None)) is not None:
+                setattr(cls, name, rejections_reported(method))
 
     def __init__(self, world: World, comm_id: int, members: Sequence[int]) -> None:
         self._world = world
@@ -78,7 +102,15 @@ class CommunicatorCore:
         self.local_size = hosts.count(me)
         self.timeout = world.timeout
         self._prefix = f"c{comm_id:x}/"
-        self._reporter = Reporter(world.store, self._prefix, self.rank, self.size)
+        self._recorder = FlightRecorder(self.rank, self.size, comm_id, world.rank, world.job)
+        self._reporter = Reporter(
+            world.store,
+            self._prefix,
+            self.rank,
+            self.size,
+            self._recorder,
+            self.members.index(0) if 0 in self.members else None,
+        )
         self._current: Call | None = None
         self._transport = TcpTransport(
             comm_id,
@@ -156,7 +188,7 @@ class CommunicatorCore:
         self, call: Call, body: Callable[[float], Any], async_op: bool, timeout: float | None
     ) -> Any:
         """Run ``body(deadline)`` in issue order: inline when nothing is pending, else queued."""
-        run = functools.partial(self._execute, call, body, timeout)
+        run = functools.partial(self._execute, call, body, timeout, self._recorder.issue(call))
         if async_op:
             return self._worker.submit(run, call.desc)
         with self._lock:
@@ -164,23 +196,38 @@ class CommunicatorCore:
                 return run()
         return self._worker.submit(run, call.desc).wait()
 
-    def _execute(self, call: Call, body: Callable[[float], Any], timeout: float | None) -> Any:
+    def _execute(
+        self, call: Call, body: Callable[[float], Any], timeout: float | None, entry: Entry
+    ) -> Any:
         with self._lock:
             self._check_usable()
             self._current = call
+            self._recorder.begin(entry)
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             try:
-                return body(deadline)
-            except (ValueError, TypeError):
+                result = body(deadline)
+                entry.finish()
+                return result
+            except (ValueError, TypeError) as exc:
+                entry.finish(exc)
                 raise  # argument errors every rank of the call finds alike (e.g. scatter's root input)
             except Exception as exc:
                 if isinstance(exc, TimeoutError) and not isinstance(exc, CollectiveTimeout):
                     exc = CollectiveTimeout(f"{call.desc}: {exc}")
                 err = self._reporter.report(call, exc)
+                entry.finish(err)
+                self._recorder.dump(err, entry, "shm" if self._shm is not None else "tcp")
                 self._fail(err)
                 raise err from (exc if err is not exc else None)
             finally:
                 self._current = None
+
+    def _reject(self, kind: str, exc: BaseException) -> None:
+        """This rank refused a call's arguments: take its sequence number, tell the other ranks."""
+        call = rejected_call(kind, self._seq, exc)
+        self._seq += 1
+        self._recorder.reject(call, exc)
+        self._reporter.reject(call)
 
     def _fail(self, err: BaseException) -> None:
         """Mark the communicator broken and tell connected peers, so nobody waits on us."""
@@ -204,7 +251,9 @@ class CommunicatorCore:
         **kw: Any,
     ) -> dict[str, np.ndarray]:
         """Build (cached) and execute the schedule of ``op`` on the given buffers over TCP."""
-        sched = _schedule(op, self._algo(op, nbytes, algo), self.rank, self.size, **kw)
+        chosen = self._algo(op, nbytes, algo)
+        sched = _schedule(op, chosen, self.rank, self.size, **kw)
+        self._recorder.note(chosen, sched)
         dtype = next(iter(bufs.values())).dtype
         for name in ("out", "tmp"):
             need = extent(sched, name)  # type: ignore[arg-type]

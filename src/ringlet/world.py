@@ -18,6 +18,8 @@ from .transport.tcp import Listener
 log = logging.getLogger("ringlet")
 #: How long rank 0, which hosts the store, waits at close for the other ranks to close too.
 CLOSE_WAIT = 10.0
+#: The same wait after one of its communicators failed: a rank that died never closes.
+FAILED_CLOSE_WAIT = 2.0
 
 
 def _host_id() -> str:
@@ -115,7 +117,8 @@ def finalize(world: World) -> None:
             comm.close()
     with contextlib.suppress(Exception):
         count = world.store.add("w/closed", 1)
-        end = time.monotonic() + CLOSE_WAIT
+        failed = any(comm._broken is not None for comm in world.comms)
+        end = time.monotonic() + (FAILED_CLOSE_WAIT if failed else CLOSE_WAIT)
         while world.server is not None and count < world.size and time.monotonic() < end:
             time.sleep(0.02)
             count = world.store.add("w/closed", 0)
