@@ -178,7 +178,7 @@ class Reporter:
         if self.size == 1:
             return
         try:
-            self._publish_desc(call)
+            self._publish_desc(call, final=False)
             info = {"rank": self.rank, "desc": call.desc}
             self.store.set(self._key(f"reject/{call.seq}"), json.dumps(info).encode())
             self.store.add(self._key("events"), 1)
@@ -186,8 +186,11 @@ class Reporter:
             pass  # the store's host left; the others learn of it from their transports
 
     # -- building the job-wide error -----------------------------------------------------------
-    def _publish_desc(self, call: Call | None) -> None:
-        """Publish where this rank is and what it passed in its last calls (flight recorder)."""
+    def _publish_desc(self, call: Call | None, final: bool = True) -> None:
+        """Publish where this rank is and what it passed in its last calls (flight recorder).
+
+        ``final`` marks a description given after the failure, the one the others wait for.
+        """
         recent: dict[int, str] = {}
         if self.recorder is not None:
             for entry in list(self.recorder.entries)[-HISTORY:]:
@@ -195,28 +198,29 @@ class Reporter:
         if call is not None:
             recent[call.seq] = call.desc
         seq = call.seq if call is not None else max(recent, default=-1)
-        value = {"seq": seq, "calls": {str(k): v for k, v in recent.items()}}
+        value = {"seq": seq, "final": final, "calls": {str(k): v for k, v in recent.items()}}
         self.store.set(self._key(f"desc/{self.rank}"), json.dumps(value).encode())
 
-    def _descriptions(self, seq: int) -> dict[int, dict[int, str]]:
-        """The recent calls of every rank that reached call ``seq``, waiting briefly for the rest."""
-        found: dict[int, dict[int, str]] = {}
+    def _descriptions(self, seq: int) -> tuple[dict[int, dict[int, str]], list[int]]:
+        """Every rank's recent calls, waiting briefly for ranks yet to describe them after the
+        failure; and the ranks that reached call ``seq``."""
+        found: dict[int, dict[str, Any]] = {}
         end = time.monotonic() + GATHER_SECONDS
-        while True:
-            for r in range(self.size):
-                if r in found:
-                    continue
-                try:
-                    raw = self.store.try_get(self._key(f"desc/{r}"))
-                except (OSError, RingletError):
-                    return found
-                if raw is not None:
-                    d = json.loads(raw)
-                    if d["seq"] >= seq:
-                        found[r] = {int(k): v for k, v in d["calls"].items()}
-            if len(found) == self.size or time.monotonic() > end:
-                return found
-            time.sleep(0.02)
+        try:
+            while True:
+                for r in range(self.size):
+                    if r not in found or not found[r]["final"]:
+                        raw = self.store.try_get(self._key(f"desc/{r}"))
+                        if raw is not None:
+                            found[r] = json.loads(raw)
+                complete = len(found) == self.size and all(d["final"] for d in found.values())
+                if complete or time.monotonic() > end:
+                    break
+                time.sleep(0.02)
+        except (OSError, RingletError):
+            pass  # the store's host left: make do with what arrived
+        calls = {r: {int(k): v for k, v in d["calls"].items()} for r, d in found.items()}
+        return calls, sorted(r for r, d in found.items() if d["seq"] >= seq)
 
     def _error(
         self, first: dict[str, Any], call: Call | None, own: BaseException | None = None
@@ -226,7 +230,7 @@ class Reporter:
             f"{call.desc} (call #{call.seq}) on rank {self.rank}" if call else f"rank {self.rank}"
         )
         if kind in ("mismatch", "timeout"):
-            descs = self._descriptions(seq)
+            descs, arrived = self._descriptions(seq)
             differ = _first_difference(descs)
             if differ is not None:
                 return self._mismatch(where, *differ)
@@ -237,7 +241,7 @@ class Reporter:
                     f"ranks agree on the call: {', '.join(sorted(agreed)) or first['call']}). Check "
                     "that every rank uses the same ringlet version and RINGLET_* settings."
                 )
-            return self._timeout(where, first, sorted(descs), call)
+            return self._timeout(where, first, arrived, call)
         blame = first.get("blame", origin)
         if blame != origin:
             seen = "" if origin == self.rank else f" (seen by rank {origin} in call #{seq})"

