@@ -1,0 +1,320 @@
+"""ringlet's DistributedDataParallel: bucketed gradient averaging that overlaps backward.
+
+Gradients are packed into flat buckets in reverse registration order (roughly the order backward
+produces them). A post-accumulate-grad hook copies each gradient into its bucket as soon as
+autograd has it; when a bucket's last gradient arrives, its averaging starts asynchronously
+(buckets start in index order on every rank, so every rank issues the same calls in the same
+order). A callback queued on the autograd engine runs when backward ends: it waits for every
+bucket and writes the averages back into ``param.grad``, so when ``loss.backward()`` returns the
+gradients are those of the global batch and any optimizer can step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+import ringlet
+
+from .groups import communicator_for
+from .hooks import CommHook, allreduce_hook
+from .trace import BucketTiming, StepTrace
+
+__all__ = ["BucketTiming", "DistributedDataParallel", "StepTrace"]
+
+MB = 1024 * 1024
+
+
+@dataclass
+class _Bucket:
+    """A flat buffer holding the gradients of ``params`` at ``offsets``; averaged as one."""
+
+    index: int
+    params: list[nn.Parameter]
+    offsets: list[int]
+    buffer: torch.Tensor
+    pending: int = 0
+    future: torch.futures.Future[torch.Tensor] | None = None
+    timing: BucketTiming | None = None
+    ready: list[bool] = field(default_factory=list)
+
+    def slot(self, i: int) -> torch.Tensor:
+        p = self.params[i]
+        return self.buffer[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
+
+
+def _make_buckets(
+    params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int
+) -> list[_Bucket]:
+    """Buckets of at most ``cap_bytes`` (the first at most ``first_cap_bytes``), one dtype each."""
+    groups: list[list[nn.Parameter]] = []
+    open_group: dict[torch.dtype, tuple[list[nn.Parameter], int]] = {}
+    for p in reversed(params):  # backward produces the last layers' gradients first
+        members, used = open_group.get(p.dtype, ([], 0))
+        cap = first_cap_bytes if not groups or members is groups[0] else cap_bytes
+        nbytes = p.numel() * p.element_size()
+        if members and used + nbytes > cap:
+            members, used = [], 0
+        if not members:
+            groups.append(members)
+        members.append(p)
+        open_group[p.dtype] = (members, used + nbytes)
+    buckets = []
+    for index, members in enumerate(groups):
+        offsets = np.cumsum([0] + [p.numel() for p in members]).tolist()
+        buffer = torch.zeros(int(offsets[-1]), dtype=members[0].dtype)
+        buckets.append(_Bucket(index, members, [int(o) for o in offsets[:-1]], buffer))
+    return buckets
+
+
+def _reachable_params(outputs: Any) -> set[int]:
+    """ids of the parameters autograd can reach from ``outputs`` (AccumulateGrad nodes' variables)."""
+    roots: list[Any] = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
+    seen: set[Any] = set()
+    found: set[int] = set()
+    while roots:
+        node = roots.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            found.add(id(node.variable))
+        roots.extend(fn for fn, _ in node.next_functions)
+    return found
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, (list, tuple)):
+        for item in obj:
+            yield from _tensors(item)
+    elif isinstance(obj, dict):
+        for item in obj.values():
+            yield from _tensors(item)
+
+
+class DistributedDataParallel(nn.Module):
+    """Data parallelism over a ringlet communicator, with gradient averaging overlapped with backward.
+
+    Args:
+        module: the model; every rank must build the same one (rank 0's parameters win).
+        bucket_cap_mb: gradients are averaged in buckets of about this many MiB.
+        find_unused_parameters: allow parameters that get no gradient in a step (they count as
+            zero; parameters no rank used keep their ``grad``). Without it such a parameter is a
+            RuntimeError after the step's averaging.
+        gradient_as_bucket_view: make ``param.grad`` a view into its bucket, saving a copy each way.
+        comm_hook: ``hook(comm, bucket) -> Future[Tensor]`` that averages a bucket (see
+            :mod:`ringlet.torch.hooks`); default :func:`allreduce_hook`.
+        comm: the ringlet communicator; default: the one behind torch.distributed's default group
+            (backend "ringlet").
+        broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) to all before each forward.
+        first_bucket_cap_mb: a smaller first bucket, so communication starts early in backward.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        bucket_cap_mb: float = 25.0,
+        find_unused_parameters: bool = False,
+        gradient_as_bucket_view: bool = False,
+        comm_hook: CommHook | None = None,
+        comm: ringlet.Communicator | None = None,
+        broadcast_buffers: bool = True,
+        first_bucket_cap_mb: float = 1.0,
+    ) -> None:
+        super().__init__()
+        if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0:
+            raise ValueError(
+                f"bucket_cap_mb and first_bucket_cap_mb must be > 0, got "
+                f"{bucket_cap_mb} and {first_bucket_cap_mb}"
+            )
+        self.module = module
+        self.comm = comm if comm is not None else communicator_for(None)
+        self.comm_hook: CommHook = comm_hook or allreduce_hook
+        self.find_unused_parameters = find_unused_parameters
+        self.gradient_as_bucket_view = gradient_as_bucket_view
+        self.broadcast_buffers = broadcast_buffers
+        self.require_sync = True
+        self.last_trace: StepTrace | None = None
+        unique = {id(p): p for p in module.parameters() if p.requires_grad}
+        self._params = list(unique.values())
+        self._names = {id(p): name for name, p in module.named_parameters()}
+        self._sync_module_states()
+        self._buckets = _make_buckets(
+            self._params, int(bucket_cap_mb * MB), int(min(first_bucket_cap_mb, bucket_cap_mb) * MB)
+        )
+        self._where = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
+        self._step: StepTrace | None = None
+        self._next_bucket = 0
+        self._unused: set[int] = set()
+        self._reset_step()
+        self._hooks = [
+            p.register_post_accumulate_grad_hook(self._grad_ready)  # type: ignore[no-untyped-call]
+            for p in self._params
+        ]
+        if gradient_as_bucket_view:
+            for b in self._buckets:
+                for i, p in enumerate(b.params):
+                    if p.grad is not None:
+                        b.slot(i).copy_(p.grad)
+                    p.grad = b.slot(i)
+
+    # -- setup ---------------------------------------------------------------------------------
+    def _broadcast_coalesced(self, tensors: list[torch.Tensor]) -> None:
+        """Copy rank 0's ``tensors`` to every rank: one broadcast per dtype, of their concatenation."""
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            self.comm.broadcast(flat, 0)
+            with torch.no_grad():
+                for t, part in zip(
+                    group, torch.split(flat, [t.numel() for t in group]), strict=True
+                ):
+                    t.copy_(part.view_as(t))
+
+    def _sync_module_states(self) -> None:
+        if self.comm.size > 1:
+            self._broadcast_coalesced([*self.module.parameters(), *self.module.buffers()])
+
+    # -- forward and the hooks -----------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._step is not None:
+            if any(b.future is not None for b in self._buckets):
+                raise RuntimeError(
+                    f"DistributedDataParallel on rank {self.comm.rank}: the previous backward "
+                    "started averaging gradients but never finished (did backward fail?); "
+                    "every rank must finish each backward before the next forward"
+                )
+            self._reset_step()
+        syncing = torch.is_grad_enabled() and self.require_sync
+        buffers = list(self.module.buffers())
+        if syncing and self.broadcast_buffers and buffers and self.comm.size > 1:
+            self._broadcast_coalesced(buffers)
+        out = self.module(*args, **kwargs)
+        self._unused = set()
+        if syncing and self.find_unused_parameters:
+            reachable = _reachable_params(out)
+            self._unused = {id(p) for p in self._params if id(p) not in reachable}
+        return out
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally; the first backward after the block averages the sum."""
+        previous, self.require_sync = self.require_sync, False
+        try:
+            yield
+        finally:
+            self.require_sync = previous
+
+    def _grad_ready(self, param: torch.Tensor) -> None:
+        """Post-accumulate-grad hook: pack ``param.grad``; start every bucket that is now complete."""
+        if not self.require_sync:
+            return
+        if self._step is None:
+            self._begin_step()
+        self._mark_ready(param, param.grad)
+
+    def _begin_step(self) -> None:
+        self._step = StepTrace(time.perf_counter())
+        torch.autograd.Variable._execution_engine.queue_callback(self._finish_step)
+        for p in self._params:
+            if id(p) in self._unused:
+                self._mark_ready(p, None)
+
+    def _mark_ready(self, param: torch.Tensor, grad: torch.Tensor | None) -> None:
+        bucket, i = self._where[id(param)]
+        if bucket.ready[i]:
+            raise RuntimeError(
+                f"DistributedDataParallel on rank {self.comm.rank}: parameter "
+                f"{self._names.get(id(param), '?')} got a gradient twice in one backward; "
+                "this is not supported (several backward passes per forward need no_sync())"
+            )
+        bucket.ready[i] = True
+        slot = bucket.slot(i)
+        if grad is None:
+            slot.zero_()
+        elif grad.data_ptr() != slot.data_ptr():
+            slot.copy_(grad)
+        bucket.pending -= 1
+        while (
+            self._next_bucket < len(self._buckets) and self._buckets[self._next_bucket].pending == 0
+        ):
+            self._launch(self._buckets[self._next_bucket])
+            self._next_bucket += 1
+
+    def _launch(self, bucket: _Bucket) -> None:
+        assert self._step is not None
+        timing = BucketTiming(
+            bucket.index,
+            bucket.buffer.numel() * bucket.buffer.element_size(),
+            time.perf_counter() - self._step.start,
+        )
+        self._step.buckets.append(timing)
+        bucket.timing = timing
+        bucket.future = self.comm_hook(self.comm, bucket.buffer)
+        start = self._step.start
+        bucket.future.add_done_callback(
+            lambda _: setattr(timing, "finished", time.perf_counter() - start)
+        )
+
+    # -- end of backward -----------------------------------------------------------------------
+    def _finish_step(self) -> None:
+        """Queued on the autograd engine: wait for every bucket, then write the averages to ``.grad``."""
+        step = self._step
+        assert step is not None
+        step.backward_end = time.perf_counter() - step.start
+        missing = [p for b in self._buckets for i, p in enumerate(b.params) if not b.ready[i]]
+        for p in missing:  # zeros keep every rank's calls aligned even when this is an error
+            self._mark_ready(p, None)
+        unused = self._unused | {id(p) for p in missing}
+        used_flags = None
+        if self.find_unused_parameters:
+            local = [0 if id(p) in unused else 1 for p in self._params]
+            used_flags = self.comm.all_reduce(np.array(local, np.uint8), "max", async_op=True)
+        for bucket in self._buckets:
+            assert bucket.future is not None
+            averaged = bucket.future.wait()
+            if averaged is not bucket.buffer:
+                bucket.buffer.copy_(averaged)
+        step.synced = time.perf_counter() - step.start
+        globally_used = used_flags.wait() if used_flags is not None else None
+        for k, p in enumerate(self._params):
+            if globally_used is None or globally_used[k]:
+                self._write_grad(p)
+        self.last_trace = step
+        self._reset_step()
+        if missing and not self.find_unused_parameters:
+            names = ", ".join(self._names.get(id(p), "?") for p in missing[:8])
+            raise RuntimeError(
+                f"DistributedDataParallel on rank {self.comm.rank}: parameters got no gradient in "
+                f"this backward ({names}); pass find_unused_parameters=True if that is intended"
+            )
+
+    def _write_grad(self, p: nn.Parameter) -> None:
+        bucket, i = self._where[id(p)]
+        slot = bucket.slot(i)
+        if self.gradient_as_bucket_view:
+            p.grad = slot
+        elif p.grad is None:
+            p.grad = slot.clone()
+        elif p.grad.data_ptr() != slot.data_ptr():
+            p.grad.copy_(slot)
+
+    def _reset_step(self) -> None:
+        self._step = None
+        self._next_bucket = 0
+        for b in self._buckets:
+            b.pending = len(b.params)
+            b.ready = [False] * len(b.params)
+            b.future = None
+            b.timing = None

@@ -1,0 +1,180 @@
+"""torch Works and Futures over ringlet's asynchronous calls, and torch's reduce ops in ringlet's terms.
+
+A torch.distributed call on backend "ringlet" issues one or more ringlet calls with
+``async_op=True`` (issue order is execution order, so every rank runs them alike) and returns a
+:class:`RingletWork`. Its torch Future completes on ringlet's progress thread once the last of
+those calls finished and an optional ``finish`` step (copying results into torch's output
+tensors) ran; its value is what torch's own backends return: the list of output tensors.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+import ringlet
+from ringlet.errors import PeerError, RingletError
+
+__all__ = ["RingletWork", "as_future", "completed", "reduce_op", "torch_error"]
+
+
+def torch_error(exc: BaseException) -> BaseException:
+    """ringlet's errors as torch's: PeerError → DistNetworkError, others → DistBackendError.
+
+    Argument errors (ValueError, TypeError) are already what torch raises and pass unchanged; the
+    original error stays attached as ``__cause__``.
+    """
+    if not isinstance(exc, RingletError):
+        return exc
+    kind = dist.DistNetworkError if isinstance(exc, PeerError) else dist.DistBackendError
+    err = kind(f"ringlet: {exc}")
+    err.__cause__ = exc
+    return err
+
+
+class RingletWork(dist.Work):  # type: ignore[misc]
+    """The torch Work of a ringlet call: ``wait()`` raises the call's error, ``get_future()`` chains."""
+
+    def __init__(self, future: torch.futures.Future[Any], desc: str = "") -> None:
+        super().__init__()
+        self._future = future
+        self._desc = desc
+        self._done = threading.Event()
+        future.add_done_callback(lambda _: self._done.set())
+
+    def wait(self, timeout: timedelta = timedelta(0)) -> bool:
+        """Block until the call finished (or ``timeout`` passed, if not zero); raise its error."""
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout or 0)
+        if seconds > 0 and not self._done.wait(seconds):
+            raise dist.DistBackendError(
+                f"ringlet: {self._desc or 'the call'} did not finish within {seconds} s of waiting; "
+                "a rank may be late or stuck (the call itself keeps its own deadline)"
+            )
+        self._future.wait()  # raises the call's error
+        return True
+
+    def get_future(self) -> torch.futures.Future[Any]:
+        return self._future
+
+    def is_completed(self) -> bool:
+        return self._done.is_set()
+
+    def is_success(self) -> bool:
+        return self._done.is_set() and self.exception() is None
+
+    def exception(self) -> BaseException | None:
+        if not self._done.is_set():
+            return None
+        try:
+            self._future.wait()
+        except BaseException as exc:
+            return exc
+        return None
+
+    def result(self) -> Any:
+        return self._future.wait()
+
+    def synchronize(self) -> None:
+        """CPU tensors have no streams to synchronize."""
+
+    def __repr__(self) -> str:
+        return f"<RingletWork {self._desc} {'done' if self.is_completed() else 'pending'}>"
+
+
+def as_future(
+    works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any]
+) -> torch.futures.Future[Any]:
+    """A torch Future resolved with ``finish(results)`` once every work finished, or with the first error.
+
+    ``finish`` runs on the thread that finished the last work (ringlet's progress thread), or
+    right here when ``works`` is empty or already done.
+    """
+    future: torch.futures.Future[Any] = torch.futures.Future()
+    remaining = [len(works)]
+    lock = threading.Lock()
+
+    def settle() -> None:
+        for work in works:
+            if (exc := work.exception()) is not None:
+                future.set_exception(torch_error(exc))
+                return
+        try:
+            value = finish([work.wait() for work in works])
+        except BaseException as exc:
+            future.set_exception(torch_error(exc))
+            return
+        future.set_result(value)
+
+    def one_done(_: ringlet.Work) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            settle()
+
+    if not works:
+        settle()
+    for work in works:
+        work.add_done_callback(one_done)
+    return future
+
+
+def completed(
+    works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any], desc: str
+) -> RingletWork:
+    """The torch Work of ``works`` (see :func:`as_future`)."""
+    return RingletWork(as_future(works, finish), desc)
+
+
+_OPS: dict[Any, str] = {
+    dist.ReduceOp.SUM: "sum",
+    dist.ReduceOp.AVG: "mean",
+    dist.ReduceOp.PRODUCT: "prod",
+    dist.ReduceOp.MIN: "min",
+    dist.ReduceOp.MAX: "max",
+    dist.ReduceOp.BAND: "band",
+    dist.ReduceOp.BOR: "bor",
+    dist.ReduceOp.BXOR: "bxor",
+}
+
+
+def reduce_op(op: Any, call: str) -> tuple[str, float | torch.Tensor | None]:
+    """torch's ReduceOp (or its RedOpType) as ringlet's op name, plus PREMUL_SUM's factor (else None).
+
+    PREMUL_SUM(f) is run as ``sum`` of the inputs scaled by ``f``. Raises ValueError for an op
+    ringlet has no equivalent of.
+    """
+    kind = getattr(op, "op", op)
+    if kind == dist.ReduceOp.PREMUL_SUM:
+        factor = op.factor
+        if factor is None:
+            raise ValueError(
+                f"{call}: ReduceOp.PREMUL_SUM needs a factor "
+                "(build it with torch.distributed._make_nccl_premul_sum(factor))"
+            )
+        return "sum", factor
+    for member, name in _OPS.items():
+        if kind == member:
+            return name, None
+    raise ValueError(
+        f"{call}: reduce op {op!r} is not supported by backend 'ringlet'; use SUM, "
+        "AVG, PRODUCT, MIN, MAX, BAND, BOR, BXOR or PREMUL_SUM"
+    )
+
+
+def premultiply(
+    tensor: torch.Tensor, factor: float | torch.Tensor, call: str, *, in_place: bool
+) -> torch.Tensor:
+    """``tensor * factor`` for PREMUL_SUM (floating dtypes only), in place or as a new tensor."""
+    if not (tensor.is_floating_point() or tensor.is_complex()):
+        raise ValueError(
+            f"{call}: ReduceOp.PREMUL_SUM needs a floating-point tensor, not {tensor.dtype}"
+        )
+    if in_place:
+        return tensor.detach().mul_(factor)
+    return tensor.detach() * factor
