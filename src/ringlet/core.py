@@ -53,9 +53,40 @@ class World:
     finalized: bool = False
 
 
+@functools.lru_cache(maxsize=4096)
+def _signature(
+    kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str, root: int
+) -> tuple[int, str]:
+    """A call's signature and description, cached: the fast path pays a dict lookup, not a hash."""
+    return calls.signature(kind, dtype, shape, op, root), calls.describe(
+        kind, dtype, shape, op, root
+    )
+
+
+@functools.lru_cache(maxsize=1024)
+def _checked(op: str | ReduceOp, dtype: np.dtype, kind: str) -> ReduceOp:
+    """Parse the reduce op and check it suits the dtype (cached; raises ValueError/TypeError)."""
+    rop = parse_op(op, call=kind)
+    check_dtype(dtype, call=kind)
+    check_op_dtype(rop, dtype, call=kind)
+    return rop
+
+
 @functools.lru_cache(maxsize=512)
 def _schedule(op: str, algo: str, rank: int, size: int, **kw: Any) -> Schedule:
     return select.build(op, algo, rank, size, **kw)
+
+
+def _env_algo(op: str) -> str | None:
+    """RINGLET_ALGO: ``op=name,op=name`` per op, or one name used by every op that has it."""
+    value = os.environ.get("RINGLET_ALGO", "")
+    for item in filter(None, value.split(",")):
+        name, _, algo = item.partition("=")
+        if algo and name.strip() == op:
+            return algo.strip()
+        if not algo and name.strip() in select.ALGORITHMS.get(op, {}):
+            return name.strip()
+    return None
 
 
 def _check_root(root: int, size: int, kind: str) -> int:
@@ -172,8 +203,8 @@ class CommunicatorCore:
         self._check_usable()
         seq = self._seq
         self._seq += 1
-        sig = calls.signature(kind, dtype, shape, op, root)
-        return Call(kind, seq, sig, calls.describe(kind, dtype, shape, op, root))
+        sig, desc = _signature(kind, dtype, shape, op, root)
+        return Call(kind, seq, sig, desc)
 
     def _check_usable(self) -> None:
         if self._closed:
@@ -188,13 +219,14 @@ class CommunicatorCore:
         self, call: Call, body: Callable[[float], Any], async_op: bool, timeout: float | None
     ) -> Any:
         """Run ``body(deadline)`` in issue order: inline when nothing is pending, else queued."""
-        run = functools.partial(self._execute, call, body, timeout, self._recorder.issue(call))
-        if async_op:
-            return self._worker.submit(run, call.desc)
-        with self._lock:
-            if self._worker.idle:
-                return run()
-        return self._worker.submit(run, call.desc).wait()
+        entry = self._recorder.issue(call)
+        if not async_op:
+            with self._lock:
+                if self._worker.idle:
+                    return self._execute(call, body, timeout, entry)
+        run = functools.partial(self._execute, call, body, timeout, entry)
+        work = self._worker.submit(run, call.desc)
+        return work if async_op else work.wait()
 
     def _execute(
         self, call: Call, body: Callable[[float], Any], timeout: float | None, entry: Entry
@@ -237,7 +269,7 @@ class CommunicatorCore:
             self._shm.abort(f"rank {self.rank}: {err}")
 
     def _algo(self, op: str, nbytes: int, algo: str | None) -> str:
-        return select.select(op, self.size, nbytes, algo or os.environ.get("RINGLET_ALGO") or None)
+        return select.select(op, self.size, nbytes, algo or _env_algo(op))
 
     def _run(
         self,
@@ -392,10 +424,12 @@ class CommunicatorCore:
 
     def _reducible(self, x: Any, op: str | ReduceOp, kind: str) -> tuple[np.ndarray, ReduceOp]:
         arr = to_numpy(x, call=kind, writable=True)
-        rop = parse_op(op, call=kind)
-        check_dtype(arr.dtype, call=kind)
-        check_op_dtype(rop, arr.dtype, call=kind)
-        return arr, rop
+        try:
+            return arr, _checked(op, arr.dtype, kind)
+        except TypeError:
+            if isinstance(op, str | ReduceOp):
+                raise
+            return arr, _checked.__wrapped__(op, arr.dtype, kind)  # unhashable op: a clear error
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:
