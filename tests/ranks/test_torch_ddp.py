@@ -7,6 +7,7 @@ after a few steps with the reference it computes itself.
 
 from __future__ import annotations
 
+import gc
 import os
 from datetime import timedelta
 from typing import Any
@@ -183,6 +184,16 @@ def ddp_cases(comm: Any, port: int) -> list[str]:
                 _reference(n, "sgd"),
                 tol,
             )
+        # a dropped wrapper stops averaging: the bare module's gradients stay local
+        net = Net(seed=0)
+        rt.DistributedDataParallel(net, find_unused_parameters=True)
+        gc.collect()
+        x, y = _batch(0)
+        _loss(net, x[me::n], y[me::n], me, False).backward()
+        local = Net(seed=0)
+        _loss(local, x[me::n], y[me::n], me, False).backward()
+        if not torch.equal(net.head.weight.grad, local.head.weight.grad):
+            bad.append("a dropped ringlet DDP wrapper still averaged gradients")
         # without find_unused_parameters an unused parameter is an error, after a full sync
         ddp = rt.DistributedDataParallel(Net(seed=0))
         try:

@@ -88,8 +88,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         op, factor = reduce_op(opts.reduceOp, "allreduce_coalesced")
         if len({t.dtype for t in tensors}) > 1:
             works = [self.allreduce([t], opts) for t in tensors]
-            futures = torch.futures.collect_all([w.get_future() for w in works])
-            return RingletWork(futures.then(lambda _: tensors), "allreduce_coalesced")
+            return self._chain(works, tensors, "allreduce_coalesced")
         joined = torch.cat([flat(t) for t in tensors]) if tensors else torch.empty(0)
         if factor is not None:
             premultiply(joined, factor, "allreduce_coalesced", in_place=True)
@@ -177,30 +176,28 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         opts = opts or dist.GatherOptions()
         inp, root = one(inputs, "gather"), opts.rootRank
         outs = one(outputs, "gather") if self.comm.rank == root else []
-        if self.comm.rank == root:
-            self._check_parts("gather", outs, inp)
         work = self.comm.gather(flat(inp), root, async_op=True, timeout=seconds(opts))
-        return self._done(
-            [work], lambda res: self._split_into("gather", res[0], outs) if outs else [], "gather"
-        )
+
+        def finish(res: list[Any]) -> list[torch.Tensor]:
+            if self.comm.rank != root:
+                return []
+            self._check_parts("gather", outs, inp)  # after the data moved: only root can know
+            return self._split_into("gather", res[0], outs)
+
+        return self._done([work], finish, "gather")
 
     def scatter(
         self, outputs: list[torch.Tensor], inputs: list[list[torch.Tensor]], opts: Any = None
     ) -> RingletWork:
         opts = opts or dist.ScatterOptions()
         out, root = one(outputs, "scatter"), opts.rootRank
-        parts = None
-        if self.comm.rank == root:
-            parts = [flat(p) for p in one(inputs, "scatter")]
-            if len(parts) != self.comm.size:
-                raise ValueError(
-                    f"scatter: root passed {len(parts)} tensors for {self.comm.size} ranks"
-                )
-            same_dtype("scatter", out.dtype, parts)
+        # ringlet checks root's list (one tensor per rank, one dtype) and tells every rank
+        parts = [flat(p) for p in one(inputs, "scatter")] if self.comm.rank == root else None
         work = self.comm.scatter(parts, root, async_op=True, timeout=seconds(opts))
 
         def finish(res: list[Any]) -> list[torch.Tensor]:
             got = tensor_of(res[0], out)
+            same_dtype("scatter", got.dtype, [out])
             if got.numel() != out.numel():
                 raise ValueError(
                     f"scatter: rank {self.comm.rank} received {got.numel()} "

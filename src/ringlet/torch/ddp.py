@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -156,8 +157,15 @@ class DistributedDataParallel(nn.Module):
         self._next_bucket = 0
         self._unused: set[int] = set()
         self._reset_step()
+        # The hooks hold this wrapper weakly, so dropping it stops them (the module lives on).
+        ready = weakref.WeakMethod(self._grad_ready)
+
+        def hook(param: torch.Tensor) -> None:
+            if (method := ready()) is not None:
+                method(param)
+
         self._hooks = [
-            p.register_post_accumulate_grad_hook(self._grad_ready)  # type: ignore[no-untyped-call]
+            p.register_post_accumulate_grad_hook(hook)  # type: ignore[no-untyped-call]
             for p in self._params
         ]
         if gradient_as_bucket_view:
@@ -274,25 +282,27 @@ class DistributedDataParallel(nn.Module):
         assert step is not None
         step.backward_end = time.perf_counter() - step.start
         missing = [p for b in self._buckets for i, p in enumerate(b.params) if not b.ready[i]]
-        for p in missing:  # zeros keep every rank's calls aligned even when this is an error
-            self._mark_ready(p, None)
-        unused = self._unused | {id(p) for p in missing}
-        used_flags = None
-        if self.find_unused_parameters:
-            local = [0 if id(p) in unused else 1 for p in self._params]
-            used_flags = self.comm.all_reduce(np.array(local, np.uint8), "max", async_op=True)
-        for bucket in self._buckets:
-            assert bucket.future is not None
-            averaged = bucket.future.wait()
-            if averaged is not bucket.buffer:
-                bucket.buffer.copy_(averaged)
-        step.synced = time.perf_counter() - step.start
-        globally_used = used_flags.wait() if used_flags is not None else None
-        for k, p in enumerate(self._params):
-            if globally_used is None or globally_used[k]:
-                self._write_grad(p)
-        self.last_trace = step
-        self._reset_step()
+        try:
+            for p in missing:  # zeros keep every rank's calls aligned even when this is an error
+                self._mark_ready(p, None)
+            unused = self._unused | {id(p) for p in missing}
+            used_flags = None
+            if self.find_unused_parameters:
+                local = [0 if id(p) in unused else 1 for p in self._params]
+                used_flags = self.comm.all_reduce(np.array(local, np.uint8), "max", async_op=True)
+            for bucket in self._buckets:
+                assert bucket.future is not None
+                averaged = bucket.future.wait()
+                if averaged is not bucket.buffer:
+                    bucket.buffer.copy_(averaged)
+            step.synced = time.perf_counter() - step.start
+            globally_used = used_flags.wait() if used_flags is not None else None
+            for k, p in enumerate(self._params):
+                if globally_used is None or globally_used[k]:
+                    self._write_grad(p)
+            self.last_trace = step
+        finally:
+            self._reset_step()  # a failed step leaves no half state; the communicator reports it
         if missing and not self.find_unused_parameters:
             names = ", ".join(self._names.get(id(p), "?") for p in missing[:8])
             raise RuntimeError(
