@@ -7,7 +7,7 @@ backward with gradient averaging, optimizer step); the table shows the median ov
 step. "local" is the same step without any communication: the floor.
 
 Run (2 ranks):
-    ringlet run -n 2 python benchmarks/ddp_step.py
+    ringlet run -n 2 benchmarks/ddp_step.py
     python benchmarks/ddp_step.py            # starts 2 ranks itself
 Options: --layers, --hidden, --batch, --steps, --rounds, --threads, --bucket-cap-mb, --json FILE.
 """
@@ -105,7 +105,8 @@ def report(
         f"DDP step, {params / 1e6:.1f}M parameters ({params * 4 / 2**20:.0f} MiB of gradients), "
         f"batch {args.batch}/rank, {comm.size} ranks, {args.threads} torch thread(s)/rank, "
         f"ringlet transport {os.environ.get('RINGLET_TRANSPORT', 'auto')}, "
-        f"{len(steps['local'])} timed steps per configuration"
+        f"{len(steps['local'])} timed steps per configuration, "
+        f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
     print(f"{'configuration':<24}{'median step':>14}{'gloo / this':>14}")
     for name in CONFIGS:
