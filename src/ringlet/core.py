@@ -25,7 +25,7 @@ from .arrays import staged, to_numpy
 from .calls import Call
 from .engine import Engine
 from .errors import BrokenCommunicator, CollectiveTimeout, RingletError
-from .failures import Reporter, rejected_call, rejections_reported
+from .failures import Reporter, report_rejections
 from .ops import ReduceOp, check_dtype, check_op_dtype, finish_mean, parse_op
 from .recorder import Entry, FlightRecorder
 from .schedules import select
@@ -97,29 +97,12 @@ def _check_root(root: int, size: int, kind: str) -> int:
     return int(root)
 
 
-#: The collectives whose argument errors are reported to the other ranks (see failures.py).
-REPORTED_REJECTIONS = (
-    "barrier",
-    "broadcast",
-    "reduce",
-    "all_reduce",
-    "gather",
-    "all_gather",
-    "scatter",
-    "reduce_scatter",
-    "all_to_all",
-    "split",
-)
-
-
 class CommunicatorCore:
     """Plumbing shared by every collective, and the reducing and broadcasting ones."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        for name in REPORTED_REJECTIONS:
-            if (method := getattr(cls, name, None)) is not None:
-                setattr(cls, name, rejections_reported(method))
+        report_rejections(cls)  # a call this rank refuses still counts, and the others hear of it
 
     def __init__(self, world: World, comm_id: int, members: Sequence[int]) -> None:
         self._world = world
@@ -253,13 +236,6 @@ class CommunicatorCore:
                 raise err from (exc if err is not exc else None)
             finally:
                 self._current = None
-
-    def _reject(self, kind: str, exc: BaseException) -> None:
-        """This rank refused a call's arguments: take its sequence number, tell the other ranks."""
-        call = rejected_call(kind, self._seq, exc)
-        self._seq += 1
-        self._recorder.reject(call, exc)
-        self._reporter.reject(call)
 
     def _fail(self, err: BaseException) -> None:
         """Mark the communicator broken and tell connected peers, so nobody waits on us."""

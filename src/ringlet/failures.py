@@ -321,6 +321,18 @@ def rejected_call(kind: str, seq: int, exc: BaseException) -> Call:
     return Call(kind, seq, 0, f"{kind}{REJECTED_MARK}{why})")
 
 
+#: The collectives whose argument errors are reported to the other ranks.
+REPORTED_REJECTIONS = ("barrier", "broadcast", "reduce", "all_reduce", "gather", "all_gather",
+                       "scatter", "reduce_scatter", "all_to_all", "split")  # fmt: skip
+
+
+def report_rejections(cls: type) -> None:
+    """Wrap the collectives of a communicator class with :func:`rejections_reported`."""
+    for name in REPORTED_REJECTIONS:
+        if (method := getattr(cls, name, None)) is not None:
+            setattr(cls, name, rejections_reported(method))
+
+
 def rejections_reported(method: F) -> F:
     """Wrap a collective so an argument it rejects before taking a sequence number is reported.
 
@@ -331,13 +343,16 @@ def rejections_reported(method: F) -> F:
         return method
 
     @functools.wraps(method)
-    def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        seq = self._seq
+    def wrapper(comm: Any, *args: Any, **kwargs: Any) -> Any:
+        seq = comm._seq
         try:
-            return method(self, *args, **kwargs)
+            return method(comm, *args, **kwargs)
         except (ValueError, TypeError) as exc:
-            if self._seq == seq and not self._closed and self._broken is None:
-                self._reject(method.__name__, exc)
+            if comm._seq == seq and not comm._closed and comm._broken is None:
+                call = rejected_call(method.__name__, seq, exc)
+                comm._seq += 1
+                comm._recorder.reject(call, exc)
+                comm._reporter.reject(call)
             raise
 
     wrapper.__ringlet_rejections__ = True  # type: ignore[attr-defined]
