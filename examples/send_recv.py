@@ -8,10 +8,8 @@ import numpy as np
 import ringlet
 
 with ringlet.init() as comm:
-    if comm.rank == 0:
-        x = np.arange(4, dtype=np.float32)
-    else:
-        x = comm.recv(None, src=comm.rank - 1, tag=7)  # allocates the received array
+    # rank 0 produces; the others receive from the previous rank (recv allocates the array)
+    x = np.arange(4, dtype=np.float32) if comm.rank == 0 else comm.recv(None, src=comm.rank - 1, tag=7)
     x = x * 2
     if comm.rank + 1 < comm.size:
         comm.send(x, dst=comm.rank + 1, tag=7)

@@ -12,7 +12,8 @@ import numpy as np
 
 from .arrays import from_numpy_like, staged, to_numpy
 from .calls import Call
-from .core import CommunicatorCore, _check_root
+from .core import _check_root
+from .inplace import InPlaceCollectives
 from .ops import ReduceOp, check_dtype, dtype_code, dtype_from_code, finish_mean
 from .work import Work
 
@@ -34,7 +35,7 @@ def _rows(arr: np.ndarray) -> np.ndarray:
     return arr.reshape(1) if arr.ndim == 0 else arr
 
 
-class Collectives(CommunicatorCore):
+class Collectives(InPlaceCollectives):
     """gather, all_gather, scatter, reduce_scatter, all_to_all."""
 
     def _exchange_counts(self, call: Call, rows: int, deadline: float) -> list[int]:

@@ -74,6 +74,10 @@ class Worker:
     def idle(self) -> bool:
         return self._pending == 0
 
+    def on_worker_thread(self) -> bool:
+        """True inside a call or a done-callback that runs on this worker's thread."""
+        return self._thread is not None and threading.current_thread() is self._thread
+
     def submit(self, fn: Callable[[], Any], desc: str) -> Work:
         work = Work(desc)
         with self._lock:

@@ -161,3 +161,22 @@ def wrong_tag(comm) -> str:  # type: ignore[no-untyped-def]
 def test_recv_with_a_different_tag_is_a_mismatch() -> None:
     out = spmd.run(wrong_tag, 2, env={"RINGLET_TRANSPORT": "tcp"})
     assert "tag 1" in out[1] and "tag 2" in out[1]
+
+
+def blocking_call_in_callback(comm) -> list[int]:  # type: ignore[no-untyped-def]
+    """A done-callback (like a DDP comm hook's) makes a blocking call while other work is queued."""
+    comm._worker.submit(lambda: time.sleep(0.3), "hold the progress thread")  # callbacks run there
+    seen: list[int] = []
+    w1 = comm.all_reduce(np.ones(10), async_op=True)
+    w1.add_done_callback(lambda w: seen.append(int(comm.all_reduce(np.array([1]))[0])))
+    w2 = comm.all_reduce(np.ones(1000), async_op=True)
+    w2.wait(timeout=20)
+    w1.wait(timeout=20)
+    return seen
+
+
+def test_blocking_call_from_a_done_callback_does_not_deadlock() -> None:
+    assert spmd.run(blocking_call_in_callback, 2, env={"RINGLET_TRANSPORT": "tcp"}, timeout=60) == [
+        [2],
+        [2],
+    ]

@@ -20,4 +20,4 @@ def test_example_runs(script: Path) -> None:
     proc = subprocess.run([sys.executable, "-m", "ringlet", "run", "-n", n, str(script)],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "[r0]" in proc.stdout
+    assert "[r" in proc.stdout  # ranks printed, with their prefix

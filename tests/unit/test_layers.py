@@ -1,4 +1,4 @@
-"""Layers depend one way only: cli/launch/bench/torch → comm → schedules, engine → transport → ops/arrays/errors.
+"""Layers depend one way only: cli/launch/bench/torch → comm → schedules, engine → transport → ops.
 
 The test parses every module's imports (module level and inside functions) and checks them against
 what each layer may use, and that importing ringlet does not import torch, matplotlib or rich.
