@@ -8,7 +8,9 @@ for a rank that rejected its arguments to the call it is waiting in. Each rank t
 description of the failed call — from its flight recorder if it has already left it — and raises
 an error built from the first record, so all ranks raise the same class: a MismatchError that
 names what each rank passed, a CollectiveTimeout that names the ranks that never arrived, or a
-PeerError that names the rank that died.
+PeerError that names the rank that died. A rank that has waited a second in a call also checks,
+once, that the first other rank to wait that long waits in the same call, which turns ranks
+deadlocked in different collectives into a MismatchError long before the timeout.
 """
 
 from __future__ import annotations
