@@ -14,7 +14,7 @@ from .arrays import from_numpy_like, staged, to_numpy
 from .calls import Call
 from .core import _check_root
 from .inplace import InPlaceCollectives
-from .ops import ReduceOp, check_dtype, dtype_code, dtype_from_code, finish_mean
+from .ops import ReduceOp, check_dtype, dtype_code, dtype_from_code, finish_mean, wire_op
 from .work import Work
 
 #: Signature bit of the row-count exchange that precedes a gather's data.
@@ -28,6 +28,8 @@ _SCATTER_ERRORS = {
     4: "the dtype is not supported",
     5: f"arrays with more than {MAX_TRAILING + 1} dimensions are not supported",
 }
+
+_MEAN = ReduceOp.MEAN
 
 
 def _rows(arr: np.ndarray) -> np.ndarray:
@@ -278,12 +280,10 @@ class Collectives(InPlaceCollectives):
         def body(deadline: float) -> Any:
             out = np.empty((arr.shape[0] // self.size, *arr.shape[1:]), arr.dtype)
             flat_in, _ = staged(arr)
-            wire_op = ReduceOp.SUM if rop is ReduceOp.MEAN else rop
+            sent = wire_op(rop)
             counts = [block] * self.size
             if self._shm is not None:
-                self._shm.reduce_scatter(
-                    flat_in, out.reshape(-1), counts, wire_op, call.sig, deadline
-                )
+                self._shm.reduce_scatter(flat_in, out.reshape(-1), counts, sent, call.sig, deadline)
             elif self.size > 1:
                 self._run(
                     call,
@@ -291,13 +291,13 @@ class Collectives(InPlaceCollectives):
                     algo,
                     flat_in.nbytes,
                     {"in": flat_in, "out": out.reshape(-1)},
-                    wire_op,
+                    sent,
                     deadline,
                     counts=tuple(counts),
                 )
             else:
                 out.reshape(-1)[:] = flat_in
-            if rop is ReduceOp.MEAN:
+            if rop is _MEAN:
                 finish_mean(out.reshape(-1), self.size)
             return from_numpy_like(x, out)
 

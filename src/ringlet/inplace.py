@@ -11,8 +11,10 @@ import numpy as np
 
 from .arrays import staged, to_numpy
 from .core import CommunicatorCore, _check_root, _checked
-from .ops import ReduceOp, check_dtype, finish_mean
+from .ops import ReduceOp, check_dtype, finish_mean, wire_op
 from .work import Work
+
+_MEAN = ReduceOp.MEAN
 
 
 class InPlaceCollectives(CommunicatorCore):
@@ -82,9 +84,9 @@ class InPlaceCollectives(CommunicatorCore):
 
         def body(deadline: float) -> Any:
             flat, writeback = staged(arr)
-            wire_op = ReduceOp.SUM if rop is ReduceOp.MEAN else rop
+            sent = wire_op(rop)
             if self._shm is not None:
-                self._shm.all_reduce(flat, wire_op, call.sig, deadline)
+                self._shm.all_reduce(flat, sent, call.sig, deadline)
             elif self.size > 1:
                 self._run(
                     call,
@@ -92,11 +94,11 @@ class InPlaceCollectives(CommunicatorCore):
                     algo,
                     flat.nbytes,
                     {"out": flat},
-                    wire_op,
+                    sent,
                     deadline,
                     count=flat.size,
                 )
-            if rop is ReduceOp.MEAN:
+            if rop is _MEAN:
                 finish_mean(flat, self.size)
             writeback()
             return x
@@ -120,10 +122,10 @@ class InPlaceCollectives(CommunicatorCore):
 
         def body(deadline: float) -> Any:
             flat, writeback = staged(arr)
-            wire_op = ReduceOp.SUM if rop is ReduceOp.MEAN else rop
+            sent = wire_op(rop)
             result = flat if self.rank == root else None
             if self._shm is not None:
-                self._shm.reduce(flat, result, root, wire_op, call.sig, deadline)
+                self._shm.reduce(flat, result, root, sent, call.sig, deadline)
             elif self.size > 1:
                 work = flat if self.rank == root else flat.copy()
                 self._run(
@@ -132,13 +134,13 @@ class InPlaceCollectives(CommunicatorCore):
                     algo,
                     flat.nbytes,
                     {"out": work},
-                    wire_op,
+                    sent,
                     deadline,
                     count=flat.size,
                     root=root,
                 )
             if result is not None:
-                if rop is ReduceOp.MEAN:
+                if rop is _MEAN:
                     finish_mean(result, self.size)
                 writeback()
             return x

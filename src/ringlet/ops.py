@@ -208,6 +208,15 @@ _UFUNCS: dict[ReduceOp, np.ufunc] = {
 }
 
 
+#: What travels instead of an op (a dict lookup: enum attribute access is slow on the fast path).
+_WIRE: dict[ReduceOp, ReduceOp] = {ReduceOp.MEAN: ReduceOp.SUM}
+
+
+def wire_op(op: ReduceOp) -> ReduceOp:
+    """What travels for ``op``: mean moves as a sum, divided once at the end by :func:`finish_mean`."""
+    return _WIRE.get(op, op)
+
+
 def combine(op: ReduceOp, acc: np.ndarray, incoming: np.ndarray) -> None:
     """Fold ``incoming`` into ``acc`` in place: ``acc[...] = op(acc, incoming)``, no temporaries.
 
