@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import spmd
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+
+import spmd
 
 N = 3
 DTYPES = ["float32", "float64", "int16", "uint8", "int64", "bool"]
