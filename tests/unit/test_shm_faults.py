@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import threading
 import time
 from typing import Any
 
@@ -18,6 +19,7 @@ from test_shm_spmd import leftovers, run_group
 
 from ringlet.errors import CollectiveTimeout, MismatchError, PeerError, RingletError
 from ringlet.transport.shm import ShmGroup, ShmTuning
+from ringlet.transport.shm_tuning import OPS
 
 SIG = 0x1234
 
@@ -87,6 +89,20 @@ def _killed_mid_collective(group: ShmGroup, victim: int, nbytes: int) -> Any:
             group.all_reduce(x, "sum", SIG, _deadline(30))
     except PeerError as exc:
         return ("PeerError", time.monotonic() - start, exc.rank, str(exc))
+    return "no error"
+
+
+def _killed_by_timer(group: ShmGroup, victim: int) -> Any:
+    x = np.ones(1 << 17)  # 1 MiB: the kill lands inside copies as often as between calls
+    if group.rank == victim:
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGKILL)).start()
+    last_ok = time.monotonic()
+    try:
+        for _ in range(100_000):
+            group.all_reduce(x, "sum", SIG, _deadline(30))  # type: ignore[arg-type]
+            last_ok = time.monotonic()
+    except PeerError as exc:
+        return ("PeerError", time.monotonic() - last_ok, exc.rank)
     return "no error"
 
 
@@ -194,6 +210,30 @@ def test_sigkill_mid_collective_gives_peer_error_and_no_leftover(nbytes: int) ->
         assert elapsed < 1.5, f"took {elapsed:.2f}s to notice"
         assert "rank 1 (pid" in message and "died" in message
     assert leftovers(job) == []
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tuning", ["default", "cma"])
+def test_sigkill_at_a_random_moment_gives_peer_error(tuning: str) -> None:
+    job = f"kill{secrets.token_hex(3)}"
+    outcomes = run_group(
+        _killed_by_timer, 3, 2, expect_errors=True, job=job, tuning=FAULT_TUNINGS[tuning]
+    )
+    assert outcomes[2].status == "killed by signal 9"
+    for o in outcomes[:2]:
+        assert o.status == "ok", o.detail
+        label, elapsed, rank = o.value
+        assert (label, rank) == ("PeerError", 2)
+        assert elapsed < 1.5, f"took {elapsed:.2f}s to notice"
+    assert leftovers(job) == []
+
+
+FAULT_TUNINGS = {
+    "default": ShmTuning(),
+    "cma": ShmTuning(
+        flat_reduce_bytes=0, cma_min_bytes=dict.fromkeys(OPS, 0)
+    ),
+}
 
 
 @pytest.mark.timeout(60)

@@ -21,6 +21,7 @@ import pytest
 from test_shm_spmd import run_group
 
 from ringlet.transport.shm import ShmGroup, ShmTuning
+from ringlet.transport.shm_tuning import OPS
 
 DTYPES = [
     np.dtype(np.float32),
@@ -51,7 +52,7 @@ TUNINGS = {
         stage_bytes=4096,
         flat_reduce_bytes=0,
         scratch_bytes=1024,
-        cma_min_bytes=dict.fromkeys(ShmTuning().cma_min_bytes, 0),
+        cma_min_bytes=dict.fromkeys(OPS, 0),
     ),
 }
 

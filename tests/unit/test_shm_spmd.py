@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from ringlet.transport.shm import ShmGroup
+from ringlet.transport.shm import ShmGroup, ShmTuning
 
 
 class FileExchange:
@@ -222,7 +222,7 @@ def test_harness_reports_every_rank() -> None:
 
 @pytest.mark.timeout(30)
 def test_use_cma_false_is_honoured() -> None:
-    outcomes = run_group(_describe, 2, use_cma=False)
+    outcomes = run_group(_describe, 2, tuning=ShmTuning(use_cma=False))
     assert [o.value["cma"] for o in outcomes] == [False, False]
 
 

@@ -18,6 +18,8 @@ import numpy as np
 
 from ringlet.errors import PeerError, RingletError
 
+from .shm_wait import process_start_time
+
 _PR_SET_PTRACER = 0x59616D61
 _PR_SET_PTRACER_ANY = ctypes.c_ulong(-1 & 0xFFFFFFFFFFFFFFFF)
 _YAMA_SCOPE = "/proc/sys/kernel/yama/ptrace_scope"
@@ -97,7 +99,7 @@ class CrossMemory:
             err = ctypes.get_errno()
             if n < 0 and err == errno.EINTR:
                 continue
-            if n < 0 and err == errno.ESRCH:
+            if (n < 0 and err == errno.ESRCH) or process_start_time(self.pids[peer]) is None:
                 raise PeerError(
                     f"rank {self.rank}: rank {peer} (pid {self.pids[peer]}) exited during a "
                     "shared-memory copy from its memory",

@@ -1,98 +1,31 @@
 """Collectives between the ranks of one host through a shared-memory segment.
 
 :class:`ShmGroup` is what the communicator calls when every rank of a communicator is on this
-host. Small messages go through the segment in one step (each rank stages its data, publishes
-its arrival, and reads what it needs); large ones either through the segment in pipelined,
-double-buffered chunks, or, where Linux cross-memory attach works, straight from the peers' own
-buffers with one kernel copy. The size where the second kicks in is a named threshold per op,
-chosen from benchmarks/shm_micro.py. The protocol is described in shm_channel.
+host. Messages move through the segment's staging buffers (shm_staged): small ones in one step
+(each rank stages its data, publishes its arrival, and reads what it needs), large ones in
+pipelined, double-buffered chunks. Where Linux cross-memory attach works, some large messages
+are instead copied straight from the peers' own buffers with one kernel copy (shm_cma); which,
+from what size, is a named threshold per op in shm_tuning, chosen from measurements. The
+protocol under both is described in shm_channel.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ringlet.errors import RingletError
+from ringlet.errors import PeerError, RingletError
 from ringlet.ops import ReduceOp
 
 from . import shm_cma, shm_staged
-from .cma import CrossMemory, allow_peers
+from .cma import CrossMemory
 from .shm_channel import MASK64, Channel, SignatureMismatch, binary
-from .shm_segment import Segment
-from .shm_wait import PeerWatch, Waiter, process_start_time
+from .shm_setup import ShmUnavailable, join
+from .shm_tuning import ShmTuning
+from .shm_wait import Waiter
 
-__all__ = ["ShmGroup", "ShmTuning", "SignatureMismatch"]
-
-#: Bytes per staging buffer (two per rank); also the largest message that moves in one step.
-STAGE_BYTES = 1 << 20
-#: all_reduce / reduce up to this many bytes: every rank folds all ranks' data in one step.
-FLAT_REDUCE_BYTES = 16 << 10
-#: Message bytes from which each op copies straight between buffers (when the kernel allows).
-CMA_MIN_BYTES: dict[str, int] = {
-    "all_reduce": 256 << 10,
-    "reduce": 256 << 10,
-    "broadcast": 64 << 10,
-    "all_gather": 64 << 10,
-    "gather": 64 << 10,
-    "scatter": 64 << 10,
-    "reduce_scatter": 256 << 10,
-    "all_to_all": 64 << 10,
-}
-#: Scratch bytes per reduction buffer on the cross-memory path.
-SCRATCH_BYTES = 256 << 10
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ValueError(f"{name}={raw!r} is not an integer number of bytes") from None
-
-
-@dataclass(frozen=True)
-class ShmTuning:
-    """Sizes and thresholds that pick the paths; every rank uses rank 0's, so they agree."""
-
-    stage_bytes: int = STAGE_BYTES
-    flat_reduce_bytes: int = FLAT_REDUCE_BYTES
-    cma_min_bytes: dict[str, int] = field(default_factory=lambda: dict(CMA_MIN_BYTES))
-    scratch_bytes: int = SCRATCH_BYTES
-    use_cma: bool = True
-
-    @classmethod
-    def from_env(cls) -> ShmTuning:
-        """Defaults, overridden by RINGLET_SHM_STAGE_BYTES, RINGLET_SHM_FLAT_REDUCE_BYTES,
-        RINGLET_SHM_CMA_MIN_BYTES (every op), RINGLET_SHM_SCRATCH_BYTES and RINGLET_SHM_CMA=0."""
-        cma_min = {
-            kind: _env_int("RINGLET_SHM_CMA_MIN_BYTES", v) for kind, v in CMA_MIN_BYTES.items()
-        }
-        return cls(
-            stage_bytes=_env_int("RINGLET_SHM_STAGE_BYTES", STAGE_BYTES),
-            flat_reduce_bytes=_env_int("RINGLET_SHM_FLAT_REDUCE_BYTES", FLAT_REDUCE_BYTES),
-            cma_min_bytes=cma_min,
-            scratch_bytes=_env_int("RINGLET_SHM_SCRATCH_BYTES", SCRATCH_BYTES),
-            use_cma=os.environ.get("RINGLET_SHM_CMA", "1").lower() not in ("0", "false", "no"),
-        )
-
-    def check(self) -> None:
-        """ValueError when a size cannot work."""
-        if self.stage_bytes < 4096 or self.stage_bytes % 64:
-            raise ValueError(
-                f"shm: stage_bytes={self.stage_bytes} must be a multiple of 64, at least 4096"
-            )
-        if self.scratch_bytes < 64:
-            raise ValueError(f"shm: scratch_bytes={self.scratch_bytes} must be at least 64")
-        missing = set(CMA_MIN_BYTES) - set(self.cma_min_bytes)
-        if missing:
-            raise ValueError(f"shm: cma_min_bytes lacks {sorted(missing)}")
+__all__ = ["ShmGroup", "ShmTuning", "ShmUnavailable", "SignatureMismatch"]
 
 
 def _layout(counts: Sequence[int]) -> int:
@@ -122,6 +55,7 @@ class ShmGroup:
         self.tuning = tuning
         self._ch = channel
         self._cma = cma
+        assert tuning.cma_min_bytes is not None and tuning.flat_reduce_bytes is not None
         self._cma_min = tuning.cma_min_bytes
         self._flat_reduce_bytes = min(tuning.flat_reduce_bytes, tuning.stage_bytes)
         self._scratch = shm_cma.Scratch(tuning.scratch_bytes)
@@ -153,47 +87,8 @@ class ShmGroup:
         tuning = tuning or ShmTuning.from_env()
         tuning.check()
         if size == 1:
-            return cls(rank, size, None, None, tuning)
-        pid = os.getpid()
-        seg = Segment.create(job, size, tuning.stage_bytes) if rank == 0 else None
-        try:
-            me = {
-                "name": seg.name if seg else "",
-                "pid": pid,
-                "start": process_start_time(pid),
-                "tuning": asdict(tuning),
-            }
-            infos = [json.loads(b) for b in exchange(json.dumps(me).encode())]
-            tuning = ShmTuning(**infos[0]["tuning"])
-            if seg is None:
-                seg = Segment.attach(infos[0]["name"], size)
-            if tuning.use_cma:
-                allow_peers()
-            addresses = [json.loads(b) for b in exchange(json.dumps(seg.address).encode())]
-            if rank == 0:
-                seg.unlink()  # everyone attached: from now on a crash leaves nothing behind
-            pids = [int(i["pid"]) for i in infos]
-            cma: CrossMemory | None = CrossMemory(rank, pids) if tuning.use_cma else None
-            problem = None
-            if cma is not None:
-                for q in range(size):
-                    if q != rank:
-                        problem = problem or cma.probe(q, addresses[q], 64)
-            verdicts = [json.loads(b) for b in exchange(json.dumps(problem).encode())]
-            if any(v is not None for v in verdicts):
-                cma = None
-            watch = PeerWatch(
-                [
-                    (p, i["start"] if process_start_time(p) == i["start"] else None)
-                    for p, i in zip(pids, infos, strict=True)
-                ]
-            )
-        except BaseException:
-            if seg is not None:
-                if rank == 0:
-                    seg.unlink()
-                seg.close()
-            raise
+            return cls(rank, size, None, None, tuning.fitted(1))
+        seg, cma, watch, tuning = join(rank, size, job, exchange, tuning)
         waiter = Waiter(seg, rank, size, watch, poll)
         return cls(rank, size, Channel(seg, rank, size, waiter, cma), cma, tuning)
 
@@ -468,6 +363,11 @@ class ShmGroup:
     def _fail(self, exc: BaseException) -> None:
         if self._broken is None:
             self._broken = exc
+        ch = self._ch
+        # A death this rank saw first: tell the ranks still waiting, before it perhaps exits too.
+        dead = exc.rank if isinstance(exc, PeerError) else None
+        if dead is not None and ch is not None and ch.seg.set_abort(str(exc), dead_rank=dead):
+            ch.waiter.wake_all()
 
     def _check_root(self, root: int, kind: str) -> None:
         if not 0 <= root < self.size:

@@ -42,7 +42,7 @@ SLEEPING = 10  # 1 while the rank may be blocked in a futex wait on its doorbell
 SLOT_WORDS = 16
 
 # Header words (uint64).
-H_MAGIC, H_VERSION, H_SIZE, H_STAGE, H_ABORT, H_REASON_LEN = range(6)
+H_MAGIC, H_VERSION, H_SIZE, H_STAGE, H_ABORT, H_REASON_LEN, H_ABORT_RANK = range(7)
 REASON_OFFSET = 64
 REASON_MAX = PAGE - REASON_OFFSET
 
@@ -172,16 +172,23 @@ class Segment:
         start = self.layout.tables + parity * self.layout.table_bytes
         return self.bytes[start : start + self.layout.table_bytes].view(np.int64).reshape(2, n, n)
 
-    def set_abort(self, reason: str) -> bool:
-        """Record the first abort and its reason; False when the segment was aborted already."""
+    def set_abort(self, reason: str, dead_rank: int | None = None) -> bool:
+        """Record the first abort, its reason and the rank that died (if that is the cause);
+        False when the segment was aborted already."""
         h = self.header
         if h[H_ABORT]:
             return False
         raw = reason.encode("utf-8", "replace")[:REASON_MAX]
         self.bytes[REASON_OFFSET : REASON_OFFSET + len(raw)] = np.frombuffer(raw, np.uint8)
         h[H_REASON_LEN] = len(raw)
+        h[H_ABORT_RANK] = 0 if dead_rank is None else dead_rank + 1
         h[H_ABORT] = 1  # last: readers see the reason complete
         return True
+
+    def abort_rank(self) -> int | None:
+        """The rank whose death caused the abort, if that was the cause."""
+        value = int(self.header[H_ABORT_RANK])
+        return value - 1 if value else None
 
     @property
     def aborted(self) -> bool:

@@ -67,17 +67,6 @@ def flat_reduce(
         fold(f, views, out)
 
 
-def _reduce_chunk(stage_bytes: int, size: int, itemsize: int) -> tuple[int, int]:
-    """Elements per chunk of the pipelined reduction, and where the results start in a stage
-    (in elements): the chunk itself, then (64-byte aligned) one reduced piece."""
-    chunk = max((stage_bytes - 2 * ALIGN) * size // ((size + 1) * itemsize), size)
-    while True:
-        results = _ceil_div(chunk * itemsize, ALIGN) * ALIGN // itemsize
-        if (results + _ceil_div(chunk, size)) * itemsize <= stage_bytes:
-            return chunk, results
-        chunk -= size
-
-
 def pipelined_reduce(
     ch: Channel,
     buf: np.ndarray,
@@ -87,34 +76,51 @@ def pipelined_reduce(
     deadline: float,
     kind: str,
 ) -> None:
-    """Reduce-scatter then all-gather, chunk by chunk: at step j each rank stages chunk j, folds
-    its piece of chunk j - 1's... of chunk j into its next buffer's result area, and copies every
-    rank's reduced piece of chunk j - 1 into ``out`` (when it has one). K chunks take K + 1 steps;
-    per chunk of c bytes a rank writes about 2c + c/N bytes."""
+    """Reduce-scatter then all-gather, one chunk per step. A chunk is cut into N pieces; rank r
+    reduces piece r. At step j a rank stages the other ranks' pieces of chunk j (one sub-slot
+    each), folds piece r of chunk j from those sub-slots and its own ``buf`` into the result
+    sub-slot of its other buffer (published with step j + 1) and into ``out``, and copies the
+    others' results of chunk j - 1 into ``out``. ``out`` is None on reduce's non-roots (``buf``
+    stays unchanged) and may be ``buf``. K chunks take K + 1 steps; per chunk of c bytes a rank
+    copies about 2c bytes and reads c from the fold."""
     r, n, size, dt = ch.rank, buf.size, ch.size, buf.dtype
-    chunk, results = _reduce_chunk(ch.stage_bytes, size, dt.itemsize)
+    per_slot = _sub_slot(ch.stage_bytes, size, dt.itemsize)
+    result_slot = (size - 1) * per_slot  # after the N - 1 incoming pieces
+    chunk = per_slot * size
     chunks = _ceil_div(n, chunk)
     for j in range(chunks + 1):
         p = ch.parity
         start, stop = min(j * chunk, n), min((j + 1) * chunk, n)
+        piece = _ceil_div(stop - start, size)
         if j < chunks:
-            np.copyto(ch.stage(r, p, dt, 0, stop - start), buf[start:stop])
+            for q in range(size):
+                a, b = _piece(q, piece, stop - start)
+                if q != r and b > a:
+                    stage = ch.stage(r, p, dt, _virtual(r, q) * per_slot, b - a)
+                    np.copyto(stage, buf[start + a : start + b])
         if j == 0:
             ch.arrive(kind, sig, n, deadline)
         else:
             ch.advance(deadline)
-        if j > 0 and out is not None:  # gather the reduced pieces of the previous chunk
+        if j > 0 and out is not None:  # the others' reduced pieces of the previous chunk
             prev = (j - 1) * chunk
-            piece = _ceil_div(min(chunk, n - prev), size)
+            length = min(chunk, n - prev)
             for q in range(size):
-                a, b = _piece(q, piece, min(chunk, n - prev))
-                if b > a:
-                    np.copyto(out[prev + a : prev + b], ch.stage(q, p, dt, results, b - a))
-        if j < chunks:  # fold this rank's piece of this chunk, for everyone to copy next step
-            a, b = _piece(r, _ceil_div(stop - start, size), stop - start)
-            if b > a:
-                sources = [ch.stage(q, p, dt, a, b - a) for q in range(size)]
-                fold(f, sources, ch.stage(r, p ^ 1, dt, results, b - a))
+                a, b = _piece(q, _ceil_div(length, size), length)
+                if q != r and b > a:
+                    np.copyto(out[prev + a : prev + b], ch.stage(q, p, dt, result_slot, b - a))
+        a, b = _piece(r, piece, stop - start)
+        if j < chunks and b > a:  # fold this rank's piece; the others copy it next step
+            sources = [
+                buf[start + a : start + b]
+                if q == r
+                else ch.stage(q, p, dt, _virtual(q, r) * per_slot, b - a)
+                for q in range(size)
+            ]
+            result = ch.stage(r, p ^ 1, dt, result_slot, b - a)
+            fold(f, sources, result)
+            if out is not None:
+                np.copyto(out[start + a : start + b], result)
 
 
 def broadcast(ch: Channel, buf: np.ndarray, root: int, sig: int, deadline: float) -> None:

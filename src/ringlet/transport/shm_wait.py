@@ -219,18 +219,20 @@ class Waiter:
     def aborted_error(self) -> PeerError:
         reason = self.seg.abort_reason() or "no reason given"
         return PeerError(
-            f"rank {self.rank}: {self.what()} stopped because the job was aborted: {reason}"
+            f"rank {self.rank}: {self.what()} stopped because the job was aborted: {reason}",
+            rank=self.seg.abort_rank(),
         )
 
     def _check_alive(self, ranks: list[int]) -> None:
         dead = self._watch.dead(ranks)
         if dead:
-            r = dead[0]
-            pid = self._watch.identities[r][0]
+            if self.seg.aborted:  # a peer that saw the death first may have left already
+                raise self.aborted_error()
+            who = ", ".join(f"rank {r} (pid {self._watch.identities[r][0]})" for r in dead)
             raise PeerError(
-                f"rank {self.rank}: {self.what()}: rank {r} (pid {pid}) died while this rank "
-                f"waited for it; the job cannot continue, restart it",
-                rank=r,
+                f"rank {self.rank}: {self.what()}: {who} died while this rank waited for it; "
+                "the job cannot continue, restart it",
+                rank=dead[0],
             )
 
     def _timeout(self, word: int, target: int, step: str) -> None:
