@@ -11,6 +11,7 @@ The flight recorder (recorder.py) keeps the last calls for the error report.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import threading
 import time
@@ -31,6 +32,8 @@ from .schedules import select
 from .schedules.base import Schedule, extent
 from .transport.tcp import Listener, TcpTransport
 from .work import Worker
+
+log = logging.getLogger("ringlet")
 
 
 @dataclass
@@ -146,11 +149,12 @@ class CommunicatorCore:
         if transport not in ("auto", "tcp", "shm"):
             raise ValueError(f"RINGLET_TRANSPORT={transport!r}: use tcp, shm or auto")
         if self.size > 1 and transport != "tcp" and len(set(hosts)) == 1:
-            self._open_shm()
+            self._open_shm(required=transport == "shm")
 
     # -- plumbing -----------------------------------------------------------------------------
-    def _open_shm(self) -> None:
-        from .transport.shm import ShmGroup
+    def _open_shm(self, required: bool) -> None:
+        """Join the host's shared segment; if the host forbids it, every rank falls back to TCP."""
+        from .transport.shm import ShmGroup, ShmUnavailable
 
         rounds = iter(range(1 << 30))
 
@@ -161,14 +165,19 @@ class CommunicatorCore:
                 self._world.store.get(f"{key}{r}", timeout=self.timeout) for r in range(self.size)
             ]
 
-        self._shm = ShmGroup.open(
-            self.rank,
-            self.size,
-            job=f"{self._world.job}-{self.id:x}",
-            exchange=exchange,
-            timeout=self.timeout,
-            poll=self._poll,
-        )
+        try:
+            self._shm = ShmGroup.open(
+                self.rank,
+                self.size,
+                job=f"{self._world.job}-{self.id:x}",
+                exchange=exchange,
+                timeout=self.timeout,
+                poll=self._poll,
+            )
+        except ShmUnavailable as exc:
+            if required:
+                raise
+            log.warning("ringlet: shared memory unavailable (%s); rank %d uses TCP", exc, self.rank)
 
     def _poll(self) -> None:
         self._reporter.poll(self._current)
