@@ -62,7 +62,7 @@ def _splits_differ_on(group: ShmGroup, odd: int) -> Any:
 
 def _one_rank_absent(group: ShmGroup, absent: int) -> Any:
     if group.rank == absent:
-        time.sleep(1.5)  # never calls; stays alive so this is a timeout, not a death
+        time.sleep(1.0)  # never calls; stays alive so this is a timeout, not a death
         return "absent"
     start = time.monotonic()
     try:
@@ -130,7 +130,7 @@ def _many_small(group: ShmGroup, iterations: int) -> Any:
 
 def _poll_raises(group: ShmGroup) -> Any:
     if group.rank == 1:
-        time.sleep(2.0)
+        time.sleep(1.0)
         return "late"
     try:
         group.barrier(SIG, _deadline(30))
@@ -191,7 +191,7 @@ def test_timeout_error_names_missing_ranks() -> None:
 
 def _absent_with_error(group: ShmGroup, absent: int) -> Any:
     if group.rank == absent:
-        time.sleep(1.2)
+        time.sleep(0.8)
         return "absent"
     group.barrier(SIG, time.monotonic() + 0.3)
     return "no error"
@@ -230,9 +230,7 @@ def test_sigkill_at_a_random_moment_gives_peer_error(tuning: str) -> None:
 
 FAULT_TUNINGS = {
     "default": ShmTuning(),
-    "cma": ShmTuning(
-        flat_reduce_bytes=0, cma_min_bytes=dict.fromkeys(OPS, 0)
-    ),
+    "cma": ShmTuning(flat_reduce_bytes=0, cma_min_bytes=dict.fromkeys(OPS, 0)),
 }
 
 

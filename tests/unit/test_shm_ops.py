@@ -44,7 +44,7 @@ UFUNCS = {
     "bxor": np.bitwise_xor,
 }
 SIZES = [0, 1, 7, 1000, 5003]
-BIG = 1 << 20  # elements of float32: 4 MiB
+BIG = (3 << 20) // 4 + 3  # elements of float32: 3 MiB and an odd remainder
 TUNINGS = {
     "default": ShmTuning(),
     "staged": ShmTuning(stage_bytes=4096, use_cma=False),
@@ -278,11 +278,40 @@ def mismatches(
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("tuning", list(TUNINGS))
-@pytest.mark.parametrize("size", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize(
+    ("size", "tuning"),
+    [(1, "default")] + [(n, t) for n in (2, 3, 4, 5) for t in TUNINGS],
+)
 def test_every_op_dtype_size_and_root_matches_numpy(size: int, tuning: str) -> None:
     # A few MiB with the default tuning; with the 4 KiB stages 80 KB already takes dozens of steps.
     big = BIG if tuning == "default" else 20011
     outcomes = run_group(run_batch, size, big, tuning=TUNINGS[tuning], timeout=110)
     bad = list(mismatches(size, big, [o.value for o in outcomes]))
+    assert not bad, f"{len(bad)} mismatches, first: " + "\n".join(bad[:10])
+
+
+def few(size: int, big: int) -> list[Case]:
+    """A smaller batch for 8 ranks: two dtypes, three sizes, every op."""
+    keep = (np.dtype(np.float32), np.dtype(np.int64))
+    return [c for c in cases(size, big) if c.dtype in keep and c.n in (0, 7, 1000, big)]
+
+
+def run_few(group: ShmGroup, big: int) -> list[tuple[bytes | None, bytes | None]]:
+    return [run_case(group, case) for case in few(group.size, big)]
+
+
+@pytest.mark.timeout(120)
+def test_eight_ranks() -> None:
+    # 4 KiB stages: the one-step paths for the tiny sizes, many pipelined steps for the rest.
+    big = 20011
+    outcomes = run_group(run_few, 8, big, tuning=TUNINGS["staged"], timeout=110)
+    results = [o.value for o in outcomes]
+    batch = few(8, big)
+    bad = [
+        f"{case} rank {rank}"
+        for i, case in enumerate(batch)
+        for rank in range(8)
+        if results[rank][i][0] != expected(case, 8, rank)[0]
+        and not (inexact(case) and close(case, results[rank][i][0], expected(case, 8, rank)[0]))
+    ]
     assert not bad, f"{len(bad)} mismatches, first: " + "\n".join(bad[:10])

@@ -20,16 +20,13 @@ from ringlet.ops import ReduceOp
 
 from . import shm_cma, shm_staged
 from .cma import CrossMemory
-from .shm_channel import MASK64, Channel, SignatureMismatch, binary
+from .shm_channel import Binary, Channel, SignatureMismatch, binary
+from .shm_plan import Plan, check_root
 from .shm_setup import ShmUnavailable, join
 from .shm_tuning import ShmTuning
 from .shm_wait import Waiter
 
 __all__ = ["ShmGroup", "ShmTuning", "ShmUnavailable", "SignatureMismatch"]
-
-
-def _layout(counts: Sequence[int]) -> int:
-    return hash(tuple(int(c) for c in counts)) & MASK64
 
 
 class ShmGroup:
@@ -59,6 +56,8 @@ class ShmGroup:
         self._cma_min = tuning.cma_min_bytes
         self._flat_reduce_bytes = min(tuning.flat_reduce_bytes, tuning.stage_bytes)
         self._scratch = shm_cma.Scratch(tuning.scratch_bytes)
+        self._binaries: dict[tuple[ReduceOp, np.dtype], Binary] = {}
+        self._plans: dict[tuple[int, ...], Plan] = {}
         self._broken: BaseException | None = None
         self._closed = False
 
@@ -126,6 +125,23 @@ class ShmGroup:
         assert self._ch is not None
         return self._ch
 
+    def _plan(self, kind: str, counts: Sequence[int]) -> Plan:
+        """The checked, digested form of ``counts`` (cached: callers repeat their splits)."""
+        key = tuple(counts)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= 64:
+                self._plans.clear()
+            plan = self._plans[key] = Plan(kind, key, self.size)
+        return plan
+
+    def _binary(self, op: ReduceOp, dtype: np.dtype) -> Binary:
+        key = (op, dtype)
+        f = self._binaries.get(key)
+        if f is None:
+            f = self._binaries[key] = binary(op, dtype)
+        return f
+
     def _cma_for(self, kind: str, nbytes: int) -> CrossMemory | None:
         if self._cma is not None and nbytes >= self._cma_min[kind]:
             return self._cma
@@ -137,7 +153,7 @@ class ShmGroup:
             return
         ch = self._channel()
         try:
-            f = binary(op, buf.dtype)
+            f = self._binary(op, buf.dtype)
             if buf.nbytes <= self._flat_reduce_bytes:
                 shm_staged.flat_reduce(ch, buf, buf, f, sig, deadline, "all_reduce")
             elif (cma := self._cma_for("all_reduce", buf.nbytes)) is not None:
@@ -159,7 +175,7 @@ class ShmGroup:
     ) -> None:
         """Reduce ``buf`` over all ranks into ``out`` on ``root`` (may be ``buf``); other
         ranks' ``buf`` stays unchanged."""
-        self._check_root(root, "reduce")
+        check_root("reduce", root, self.size)
         if self.rank == root and out is None:
             raise ValueError(f"shm reduce: the root (rank {root}) needs an output array")
         result = out if self.rank == root else None
@@ -169,7 +185,7 @@ class ShmGroup:
             return
         ch = self._channel()
         try:
-            f = binary(op, buf.dtype)
+            f = self._binary(op, buf.dtype)
             if buf.nbytes <= self._flat_reduce_bytes:
                 shm_staged.flat_reduce(ch, buf, result, f, sig, deadline, "reduce")
             elif (cma := self._cma_for("reduce", buf.nbytes)) is not None:
@@ -182,7 +198,7 @@ class ShmGroup:
 
     def broadcast(self, buf: np.ndarray, root: int, sig: int, deadline: float) -> None:
         """Copy ``root``'s ``buf`` into ``buf`` on every rank."""
-        self._check_root(root, "broadcast")
+        check_root("broadcast", root, self.size)
         if self.size == 1:
             return
         ch = self._channel()
@@ -211,7 +227,7 @@ class ShmGroup:
         deadline: float,
     ) -> None:
         """Like all_gather, but only ``root`` receives (into ``out``)."""
-        self._check_root(root, "gather")
+        check_root("gather", root, self.size)
         self._gather(inp, out if self.rank == root else None, counts, root, sig, deadline)
 
     def _gather(
@@ -224,11 +240,10 @@ class ShmGroup:
         deadline: float,
     ) -> None:
         kind = "all_gather" if root is None else "gather"
-        self._check_counts(kind, counts, own=inp.size)
-        if out is not None and out.size != sum(counts):
-            raise ValueError(
-                f"shm {kind}: out has {out.size} elements, counts sum to {sum(counts)}"
-            )
+        plan = self._plan(kind, counts)
+        plan.check_own(kind, self.rank, inp.size)
+        if out is not None:
+            plan.check_total(kind, "out", out.size)
         if (root is None or root == self.rank) and out is None:
             raise ValueError(f"shm {kind}: rank {self.rank} needs an output array")
         if self.size == 1:
@@ -237,11 +252,14 @@ class ShmGroup:
             return
         ch = self._channel()
         try:
-            layout = _layout(counts)
-            if (cma := self._cma_for(kind, sum(counts) * inp.itemsize)) is not None:
-                shm_cma.gather(ch, cma, inp, out, counts, root, sig, layout, deadline)
+            if plan.largest * inp.itemsize <= ch.stage_bytes:
+                shm_staged.flat_gather(
+                    ch, inp, out, plan.counts, plan.displs, root, sig, plan.layout, deadline
+                )
+            elif (cma := self._cma_for(kind, plan.total * inp.itemsize)) is not None:
+                shm_cma.gather(ch, cma, inp, out, counts, root, sig, plan.layout, deadline)
             else:
-                shm_staged.gather(ch, inp, out, counts, root, sig, layout, deadline)
+                shm_staged.gather(ch, inp, out, counts, root, sig, plan.layout, deadline)
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -256,21 +274,26 @@ class ShmGroup:
         deadline: float,
     ) -> None:
         """Rank q receives elements ``counts[:q].sum() …`` of ``root``'s ``inp`` into ``out``."""
-        self._check_root(root, "scatter")
-        self._check_counts("scatter", counts, own=out.size)
-        if self.rank == root and (inp is None or inp.size != sum(counts)):
-            raise ValueError(f"shm scatter: the root's input must hold {sum(counts)} elements")
+        check_root("scatter", root, self.size)
+        plan = self._plan("scatter", counts)
+        plan.check_own("scatter", self.rank, out.size)
+        if self.rank == root and (inp is None or inp.size != plan.total):
+            raise ValueError(f"shm scatter: the root's input must hold {plan.total} elements")
         if self.size == 1:
             assert inp is not None
             np.copyto(out, inp)
             return
         ch = self._channel()
         try:
-            layout = _layout(counts)
-            if (cma := self._cma_for("scatter", sum(counts) * out.itemsize)) is not None:
-                shm_cma.scatter(ch, cma, inp, out, counts, root, sig, layout, deadline)
+            nbytes = plan.total * out.itemsize
+            if nbytes <= ch.stage_bytes:
+                shm_staged.flat_scatter(
+                    ch, inp, out, plan.displs, plan.total, root, sig, plan.layout, deadline
+                )
+            elif (cma := self._cma_for("scatter", nbytes)) is not None:
+                shm_cma.scatter(ch, cma, inp, out, plan.counts, root, sig, plan.layout, deadline)
             else:
-                shm_staged.scatter(ch, inp, out, counts, root, sig, layout, deadline)
+                shm_staged.scatter(ch, inp, out, plan.counts, root, sig, plan.layout, deadline)
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -285,24 +308,25 @@ class ShmGroup:
         deadline: float,
     ) -> None:
         """``out`` = this rank's part (``counts[rank]`` elements) of the reduction of ``inp``."""
-        self._check_counts("reduce_scatter", counts, own=out.size)
-        if inp.size != sum(counts):
-            raise ValueError(
-                f"shm reduce_scatter: inp has {inp.size} elements, counts sum to {sum(counts)}"
-            )
+        plan = self._plan("reduce_scatter", counts)
+        plan.check_own("reduce_scatter", self.rank, out.size)
+        plan.check_total("reduce_scatter", "inp", inp.size)
         if self.size == 1:
             np.copyto(out, inp)
             return
         ch = self._channel()
         try:
-            f = binary(op, inp.dtype)
-            layout = _layout(counts)
-            if (cma := self._cma_for("reduce_scatter", inp.nbytes)) is not None:
+            f = self._binary(op, inp.dtype)
+            if inp.nbytes <= min(ch.stage_bytes, self._flat_reduce_bytes):
+                shm_staged.flat_reduce_scatter(
+                    ch, inp, out, plan.displs, f, sig, plan.layout, deadline
+                )
+            elif (cma := self._cma_for("reduce_scatter", inp.nbytes)) is not None:
                 shm_cma.reduce_scatter(
-                    ch, cma, inp, out, counts, f, sig, layout, deadline, self._scratch
+                    ch, cma, inp, out, plan.counts, f, sig, plan.layout, deadline, self._scratch
                 )
             else:
-                shm_staged.reduce_scatter(ch, inp, out, counts, f, sig, layout, deadline)
+                shm_staged.reduce_scatter(ch, inp, out, plan.counts, f, sig, plan.layout, deadline)
         except BaseException as exc:
             self._fail(exc)
             raise
@@ -318,28 +342,17 @@ class ShmGroup:
     ) -> None:
         """Block q of ``inp`` (``send_counts[q]`` elements) goes to rank q; ``out`` receives
         the blocks for this rank in rank order (``recv_counts[q]`` from rank q)."""
-        self._check_counts("all_to_all", send_counts, total=inp.size)
-        self._check_counts("all_to_all", recv_counts, total=out.size)
+        Plan("all_to_all", send_counts, self.size).check_total("all_to_all", "inp", inp.size)
+        Plan("all_to_all", recv_counts, self.size).check_total("all_to_all", "out", out.size)
         if self.size == 1:
             np.copyto(out, inp)
             return
         ch = self._channel()
         try:
-            table = ch.seg.table((ch.seq + 1) & 1)
-            table[0, self.rank] = send_counts
-            table[1, self.rank] = recv_counts
             shm_staged.stage_first_all_to_all(ch, inp, send_counts)
-            ch.arrive("all_to_all", sig, 0, deadline, addr_a=_address_or_zero(inp))
-            sends = table[0].copy()
-            expected = table[1].T
-            if not np.array_equal(sends, expected):
-                q, r = (int(i) for i in np.argwhere(sends != expected)[0])
-                raise SignatureMismatch(
-                    f"rank {self.rank}: {ch.describe()}: the ranks' split sizes do not match: "
-                    f"rank {q} sends {sends[q, r]} elements to rank {r}, which expects "
-                    f"{expected[q, r]} from it",
-                    tuple((q, sig) for q in range(self.size)),
-                )
+            sends = ch.arrive_with_splits(
+                "all_to_all", sig, send_counts, recv_counts, deadline, _address_or_zero(inp)
+            )
             if (cma := self._cma_for("all_to_all", int(sends.sum()) * inp.itemsize)) is not None:
                 shm_cma.all_to_all(ch, cma, inp, out, sends, deadline)
             else:
@@ -368,29 +381,6 @@ class ShmGroup:
         dead = exc.rank if isinstance(exc, PeerError) else None
         if dead is not None and ch is not None and ch.seg.set_abort(str(exc), dead_rank=dead):
             ch.waiter.wake_all()
-
-    def _check_root(self, root: int, kind: str) -> None:
-        if not 0 <= root < self.size:
-            raise ValueError(
-                f"shm {kind}: root {root} is not a rank of this group (0..{self.size - 1})"
-            )
-
-    def _check_counts(
-        self, kind: str, counts: Sequence[int], own: int | None = None, total: int | None = None
-    ) -> None:
-        if len(counts) != self.size or any(c < 0 for c in counts):
-            raise ValueError(
-                f"shm {kind}: counts must be {self.size} non-negative numbers, got {list(counts)}"
-            )
-        if own is not None and counts[self.rank] != own:
-            raise ValueError(
-                f"shm {kind}: rank {self.rank} passes {own} elements but "
-                f"counts[{self.rank}] = {counts[self.rank]}"
-            )
-        if total is not None and sum(counts) != total:
-            raise ValueError(
-                f"shm {kind}: counts sum to {sum(counts)} but the array has {total} elements"
-            )
 
 
 def _address_or_zero(a: np.ndarray) -> int:

@@ -16,7 +16,7 @@ readers compare against the number they wait for.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
 import numpy as np
@@ -27,8 +27,6 @@ from ringlet.ops import BFLOAT16, ReduceOp
 from .cma import CrossMemory
 from .shm_segment import ADDR_A, ADDR_B, LAYOUT, SEQ, SIG, SLOT_WORDS, STEP, Segment
 from .shm_wait import Waiter
-
-MASK64 = (1 << 64) - 1
 
 Binary = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
 
@@ -107,7 +105,9 @@ class Channel:
         self.kind = ""  # the current call's name, for messages
         self.stage_bytes = seg.layout.stage_bytes
         self._stages = [[seg.stage(q, p) for q in range(size)] for p in (0, 1)]
-        self._flat: dict[tuple[np.dtype, int], tuple[list[np.ndarray], list[np.ndarray]]] = {}
+        Views = tuple[list[np.ndarray], list[np.ndarray]]
+        self._flat: dict[tuple[np.dtype, int, int], Views] = {}
+        self._parts: dict[tuple[np.dtype, tuple[int, ...]], Views] = {}
         waiter.what = self.describe
 
     def describe(self) -> str:
@@ -125,14 +125,36 @@ class Channel:
 
     def flat_views(self, dtype: np.dtype, count: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
         """Every rank's staging buffer as ``count`` elements of ``dtype``, per parity (cached)."""
-        key = (dtype, count)
+        return self.part_views(dtype, 0, count)
+
+    def part_views(
+        self, dtype: np.dtype, start: int, count: int
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Elements ``[start, start + count)`` of every rank's staging buffer, per parity (cached:
+        the one-step paths reuse them call after call)."""
+        key = (dtype, start, count)
         views = self._flat.get(key)
         if views is None:
             if len(self._flat) >= 64:
                 self._flat.clear()
             views = self._flat[key] = (
-                [self.stage(q, 0, dtype, 0, count) for q in range(self.size)],
-                [self.stage(q, 1, dtype, 0, count) for q in range(self.size)],
+                [self.stage(q, 0, dtype, start, count) for q in range(self.size)],
+                [self.stage(q, 1, dtype, start, count) for q in range(self.size)],
+            )
+        return views
+
+    def flat_parts(
+        self, dtype: np.dtype, counts: tuple[int, ...]
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Rank q's staging buffer as ``counts[q]`` elements of ``dtype``, per parity (cached)."""
+        key = (dtype, counts)
+        views = self._parts.get(key)
+        if views is None:
+            if len(self._parts) >= 64:
+                self._parts.clear()
+            views = self._parts[key] = (
+                [self.stage(q, 0, dtype, 0, c) for q, c in enumerate(counts)],
+                [self.stage(q, 1, dtype, 0, c) for q, c in enumerate(counts)],
             )
         return views
 
@@ -160,6 +182,34 @@ class Channel:
         for q in self.bases:
             if slots[q + SIG + p] != sig or slots[q + LAYOUT + p] != layout:
                 self._mismatch(p)
+
+    def arrive_with_splits(
+        self,
+        kind: str,
+        sig: int,
+        send_counts: Sequence[int],
+        recv_counts: Sequence[int],
+        deadline: float,
+        addr_a: int = 0,
+    ) -> np.ndarray:
+        """:meth:`arrive` for all_to_all: every rank also publishes what it sends each peer and
+        expects from each; returns ``sends[q, r]``, the elements rank q sends rank r, after
+        checking on every rank that each rank expects what is sent to it."""
+        table = self.seg.table((self.seq + 1) & 1)  # the call's parity, like its signature
+        table[0, self.rank] = send_counts
+        table[1, self.rank] = recv_counts
+        self.arrive(kind, sig, 0, deadline, addr_a=addr_a)
+        sends: np.ndarray = table[0].copy()
+        expected = table[1].T
+        if not np.array_equal(sends, expected):
+            q, r = (int(i) for i in np.argwhere(sends != expected)[0])
+            raise SignatureMismatch(
+                f"rank {self.rank}: {self.describe()}: the ranks' split sizes do not match: "
+                f"rank {q} sends {sends[q, r]} elements to rank {r}, which expects "
+                f"{expected[q, r]} from it",
+                tuple((q, sig) for q in range(self.size)),
+            )
+        return sends
 
     def advance(self, deadline: float, what: str = "step") -> int:
         """Publish the next step and wait until every rank published it; returns its parity."""

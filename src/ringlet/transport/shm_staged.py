@@ -140,6 +140,28 @@ def broadcast(ch: Channel, buf: np.ndarray, root: int, sig: int, deadline: float
             np.copyto(buf[start:stop], ch.stage(root, p, dt, 0, stop - start))
 
 
+def flat_gather(
+    ch: Channel,
+    inp: np.ndarray,
+    out: np.ndarray | None,
+    counts: tuple[int, ...],
+    displs: Sequence[int],
+    root: int | None,
+    sig: int,
+    layout: int,
+    deadline: float,
+) -> None:
+    """:func:`gather` when every rank's input fits a staging buffer: one step, cached views."""
+    r = ch.rank
+    views = ch.flat_parts(inp.dtype, counts)[ch.parity]
+    if r != root:
+        np.copyto(views[r], inp)
+    ch.arrive("all_gather" if root is None else "gather", sig, layout, deadline)
+    if out is not None:
+        for q, view in enumerate(views):
+            np.copyto(out[displs[q] : displs[q] + counts[q]], inp if q == r else view)
+
+
 def gather(
     ch: Channel,
     inp: np.ndarray,
@@ -175,6 +197,28 @@ def gather(
         np.copyto(out[displs[r] : displs[r] + counts[r]], inp)
 
 
+def flat_scatter(
+    ch: Channel,
+    inp: np.ndarray | None,
+    out: np.ndarray,
+    displs: Sequence[int],
+    total: int,
+    root: int,
+    sig: int,
+    layout: int,
+    deadline: float,
+) -> None:
+    """:func:`scatter` when the root's whole input fits a staging buffer: one step."""
+    r, dt, p = ch.rank, out.dtype, ch.parity
+    if r == root and inp is not None:
+        np.copyto(ch.flat_views(dt, total)[p][r], inp)
+    ch.arrive("scatter", sig, layout, deadline)
+    if r == root and inp is not None:
+        np.copyto(out, inp[displs[r] : displs[r] + out.size])
+    else:
+        np.copyto(out, ch.part_views(dt, displs[r], out.size)[p][root])
+
+
 def scatter(
     ch: Channel,
     inp: np.ndarray | None,
@@ -207,6 +251,24 @@ def scatter(
             np.copyto(out[a:b], ch.stage(root, p, dt, _virtual(root, r) * per_step, b - a))
     if r == root and inp is not None:
         np.copyto(out, inp[displs[r] : displs[r] + counts[r]])
+
+
+def flat_reduce_scatter(
+    ch: Channel,
+    inp: np.ndarray,
+    out: np.ndarray,
+    displs: Sequence[int],
+    f: Binary,
+    sig: int,
+    layout: int,
+    deadline: float,
+) -> None:
+    """:func:`reduce_scatter` when a whole input fits a staging buffer: every rank stages all of
+    it and folds its own part from every stage, in one step."""
+    r, dt, p = ch.rank, inp.dtype, ch.parity
+    np.copyto(ch.flat_views(dt, inp.size)[p][r], inp)
+    ch.arrive("reduce_scatter", sig, layout, deadline)
+    fold(f, ch.part_views(dt, displs[r], out.size)[p], out)
 
 
 def reduce_scatter(
