@@ -14,6 +14,7 @@ import ctypes
 import os
 import time
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 from ringlet.errors import CollectiveTimeout, PeerError
 
@@ -121,7 +122,6 @@ class Waiter:
         self._watch = watch
         self._poll = poll
         self._peer_bases = [q * SLOT_WORDS for q in range(size) if q != rank]
-        self._all_bases = [q * SLOT_WORDS for q in range(size)]
         self._bell_addresses = [seg.address + seg.layout.doorbells + q * LINE for q in range(size)]
         self._my_bell = rank * (LINE // 4)
         self._my_sleeping = rank * SLOT_WORDS + SLEEPING
@@ -235,12 +235,16 @@ class Waiter:
                 rank=dead[0],
             )
 
-    def _timeout(self, word: int, target: int, step: str) -> None:
+    def _timeout(self, word: int, target: int, step: str) -> NoReturn:
         missing = tuple(self._pending(word, target))
-        where = f" ({step})" if step else ""
+        ranks = ", ".join(map(str, missing))
+        if step == "arrival":
+            what = f"rank(s) {ranks}, which have not arrived at this call"
+        else:
+            what = f"rank(s) {ranks}, which arrived at this call but stopped in it ({step})"
         raise CollectiveTimeout(
-            f"rank {self.rank}: {self.what()} timed out{where} waiting for rank(s) "
-            f"{', '.join(map(str, missing))}, which did not arrive; they may be stuck, busy in "
-            "other work, or in a different collective. Raise the timeout if they are just slow.",
+            f"rank {self.rank}: {self.what()} timed out waiting for {what}; they may be stuck, "
+            "busy in other work, or in a different collective. Raise the timeout if they are "
+            "just slow.",
             missing=missing,
         )
