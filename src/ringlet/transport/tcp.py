@@ -270,7 +270,9 @@ class TcpTransport:
         while by_fd_in or by_fd_out:
             now = time.monotonic()
             if now >= deadline:
-                waiting = sorted({i.peer for i in by_fd_in.values()} | {o.peer for o in by_fd_out.values()})
+                waiting = sorted(
+                    {i.peer for i in by_fd_in.values()} | {o.peer for o in by_fd_out.values()}
+                )
                 raise TimeoutError(f"still waiting for ranks {waiting}")
             if now >= next_poll:
                 self._poll()
