@@ -126,7 +126,17 @@ def point_to_point(comm) -> list[str]:  # type: ignore[no-untyped-def]
     n, me = comm.size, comm.rank
     right, left = (me + 1) % n, (me - 1) % n
     bad = []
-    for count, dtype in [(0, "float32"), (1, "int8"), (1000, "float64"), (3_000_000, "int32")]:
+    sizes = [
+        (0, "float32"),
+        (1, "int8"),
+        (7, "bool"),
+        (1000, "float64"),
+        (1001, "uint16"),
+        (333, "complex64"),
+        (3_000_000, "int32"),
+        (16 << 20, "float32"),
+    ]  # the last is 64 MiB
+    for count, dtype in sizes:
         mine = (np.arange(count) * (me + 1)).astype(dtype)
         s = comm.send(mine, right, tag=count % 7, async_op=True)
         got = comm.recv(None, left, tag=count % 7)
