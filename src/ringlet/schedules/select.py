@@ -63,7 +63,9 @@ PARAMS: dict[str, tuple[str, ...]] = {
     "barrier": (),
 }
 
-# Thresholds in bytes of the whole vector (see `select`). Initial, to be measured.
+# Thresholds in bytes of the whole vector (see `select`). Checked over TCP at 2 ranks with
+# benchmarks/algorithms.py (doubling fastest up to 16 KiB; halving-doubling and ring within noise of
+# each other above 64 KiB; tree and linear alike at 2 ranks); not yet re-measured at 4+ ranks.
 ALL_REDUCE_DOUBLING_MAX = 16 << 10  # below: recursive doubling (log p steps, n·log p bytes)
 ALL_REDUCE_HALVING_MAX = 1 << 20  # below: Rabenseifner; above: ring (only neighbour links)
 BROADCAST_TREE_MAX = 256 << 10  # below: binomial tree; above: scatter + ring all-gather
