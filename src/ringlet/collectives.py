@@ -27,9 +27,15 @@ _SCATTER_ERRORS = {
     3: "the list's arrays differ in dtype or in dimensions after the first",
     4: "the dtype is not supported",
     5: f"arrays with more than {MAX_TRAILING + 1} dimensions are not supported",
+    6: "it is neither an array (NumPy, torch, buffer) nor a list of arrays",
 }
 
 _MEAN = ReduceOp.MEAN
+
+
+def _phase(call: Call) -> Call:
+    """The same call under its own signature, for the small exchange that precedes its data."""
+    return Call(call.kind, call.seq, call.sig ^ COUNTS_PHASE, call.desc)
 
 
 def _rows(arr: np.ndarray) -> np.ndarray:
@@ -44,11 +50,10 @@ class Collectives(InPlaceCollectives):
         """All-gather every rank's row count (run inside a call, under its own signature)."""
         mine = np.array([rows], np.int64)
         out = np.empty(self.size, np.int64)
-        sig = call.sig ^ COUNTS_PHASE
+        phase = _phase(call)
         if self._shm is not None:
-            self._shm.all_gather(mine, out, [1] * self.size, sig, deadline)
+            self._shm.all_gather(mine, out, [1] * self.size, phase.sig, deadline)
         elif self.size > 1:
-            phase = Call(call.kind, call.seq, sig, call.desc)
             self._run(
                 phase,
                 "all_gather",
@@ -153,9 +158,9 @@ class Collectives(InPlaceCollectives):
             if isinstance(x, (list, tuple)):
                 if len(x) != self.size:
                     raise _Reject(2)
-                parts = [_rows(to_numpy(p, call="scatter")) for p in x]
+                parts = [_rows(_scatter_input(p)) for p in x]
             else:
-                whole = _rows(to_numpy(x, call="scatter"))
+                whole = _rows(_scatter_input(x))
                 if whole.shape[0] % self.size:
                     raise _Reject(1)
                 parts = list(np.split(whole, self.size)) if self.size > 1 else [whole]
@@ -238,11 +243,10 @@ class Collectives(InPlaceCollectives):
     def _broadcast_in_call(
         self, call: Call, header: np.ndarray, root: int, deadline: float
     ) -> None:
-        sig = call.sig ^ COUNTS_PHASE
+        phase = _phase(call)
         if self._shm is not None:
-            self._shm.broadcast(header, root, sig, deadline)
+            self._shm.broadcast(header, root, phase.sig, deadline)
         elif self.size > 1:
-            phase = Call(call.kind, call.seq, sig, call.desc)
             self._run(
                 phase,
                 "broadcast",
@@ -345,6 +349,14 @@ class Collectives(InPlaceCollectives):
 class _Reject(Exception):
     def __init__(self, code: int) -> None:
         self.code = code
+
+
+def _scatter_input(x: Any) -> np.ndarray:
+    """Root's input as an array, or a rejection every rank hears of (never a local-only error)."""
+    try:
+        return to_numpy(x, call="scatter")
+    except (TypeError, ValueError):
+        raise _Reject(6) from None
 
 
 __all__ = ["Collectives", "Work"]

@@ -86,6 +86,7 @@ def bad_arguments(comm) -> list[str]:  # type: ignore[no-untyped-def]
                 lambda: comm.scatter([x] + [np.ones(4)] * (n - 1) if me == 0 else None),
                 ValueError,
             ),
+            ("scatter root passes no array", lambda: comm.scatter(None), ValueError),
         ]
     bad = []
     for name, fn, cls in cases:
