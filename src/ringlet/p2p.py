@@ -17,7 +17,7 @@ import numpy as np
 from .arrays import from_numpy_like, staged, to_numpy
 from .collectives import Collectives
 from .engine import as_bytes
-from .errors import MismatchError, RingletError
+from .errors import CollectiveTimeout, MismatchError, PeerError, RingletError
 from .ops import check_dtype, dtype_code, dtype_from_code
 from .transport.base import Tag
 from .transport.tcp import TcpTransport
@@ -100,12 +100,8 @@ class PointToPoint(Collectives):
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
             tr, n = self._p2p_transport(), self._next("send", dst)
             try:
-                tr.exchange(
-                    [(dst, as_bytes(meta))], [], Tag(n, P2P_SIG, 0), deadline
-                )
-                tr.exchange(
-                    [(dst, as_bytes(flat))], [], Tag(n, P2P_SIG, 1), deadline
-                )
+                tr.exchange([(dst, as_bytes(meta))], [], Tag(n, P2P_SIG, 0), deadline)
+                tr.exchange([(dst, as_bytes(flat))], [], Tag(n, P2P_SIG, 1), deadline)
             except (RingletError, TimeoutError, OSError) as exc:
                 raise self._p2p_error(exc, f"send to rank {dst} (tag {tag})") from exc
 
@@ -129,9 +125,7 @@ class PointToPoint(Collectives):
             tr, n = self._p2p_transport(), self._next("recv", src)
             meta = np.zeros(3 + MAX_DIMS, np.int64)
             try:
-                tr.exchange(
-                    [], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline
-                )
+                tr.exchange([], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline)
                 dtype = dtype_from_code(int(meta[1]))
                 shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
                 if int(meta[0]) != tag or (
@@ -145,9 +139,7 @@ class PointToPoint(Collectives):
                     )
                 out = np.empty(shape, dtype) if arr is None else arr
                 flat, writeback = staged(out)
-                tr.exchange(
-                    [], [(src, as_bytes(flat))], Tag(n, P2P_SIG, 1), deadline
-                )
+                tr.exchange([], [(src, as_bytes(flat))], Tag(n, P2P_SIG, 1), deadline)
                 writeback()
             except (RingletError, TimeoutError, OSError) as exc:
                 raise self._p2p_error(exc, f"recv from rank {src} (tag {tag})") from exc
@@ -158,8 +150,6 @@ class PointToPoint(Collectives):
     def _p2p_error(self, exc: BaseException, what: str) -> RingletError:
         if isinstance(exc, RingletError):
             return exc
-        from .errors import CollectiveTimeout, PeerError
-
         if isinstance(exc, TimeoutError):
             return CollectiveTimeout(f"{what} on rank {self.rank} timed out after {self.timeout} s")
         return PeerError(f"{what} on rank {self.rank} failed: {exc}")

@@ -91,16 +91,14 @@ class Worker:
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
             fn, work = item
+            result, error = None, None
             try:
                 result = fn()
-            except BaseException as exc:
-                with self._lock:
-                    self._pending -= 1
-                work._finish(exc=exc)
-                continue
+            except BaseException as exc:  # carried to wait()
+                error = exc
             with self._lock:
                 self._pending -= 1
-            work._finish(result)
+            work._finish(result, error)
 
     def close(self) -> None:
         if self._thread is not None:
