@@ -1,10 +1,12 @@
 """barrier, broadcast and the reducing collectives that work in place: all_reduce and reduce.
 
-``mean`` travels as a sum and is divided once at the end, so it is exact for floats.
+``mean`` travels as a sum and is divided once at the end (over shared memory: each reduced piece,
+while it is in cache), so it is exact for floats.
 """
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -85,21 +87,23 @@ class InPlaceCollectives(CommunicatorCore):
         def body(deadline: float) -> Any:
             flat, writeback = staged(arr)
             sent = wire_op(rop)
-            if self._shm is not None:
-                self._shm.all_reduce(flat, sent, call.sig, deadline)
-            elif self.size > 1:
-                self._run(
-                    call,
-                    "all_reduce",
-                    algo,
-                    flat.nbytes,
-                    {"out": flat},
-                    sent,
-                    deadline,
-                    count=flat.size,
-                )
-            if rop is _MEAN:
-                finish_mean(flat, self.size)
+            finish = partial(finish_mean, size=self.size) if rop is _MEAN else None
+            if self._shm is not None:  # divides each reduced piece while it is in cache
+                self._shm.all_reduce(flat, sent, call.sig, deadline, finish)
+            else:
+                if self.size > 1:
+                    self._run(
+                        call,
+                        "all_reduce",
+                        algo,
+                        flat.nbytes,
+                        {"out": flat},
+                        sent,
+                        deadline,
+                        count=flat.size,
+                    )
+                if finish is not None:
+                    finish(flat)
             writeback()
             return x
 

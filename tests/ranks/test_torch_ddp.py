@@ -98,6 +98,38 @@ def _compare(bad: list[str], name: str, model: Any, want: dict[str, Any], tol: f
             bad.append(f"{name}: {key} differs from single-process training by {diff:.2e}")
 
 
+class Transposed(torch.nn.Module):
+    """A parameter that is a transposed view: its gradient is not contiguous either."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.w = torch.nn.Parameter(torch.randn(5, 3).t())
+
+    def forward(self, x: Any) -> Any:
+        return x @ self.w
+
+
+def _transposed_parameter(me: int, n: int) -> list[str]:
+    """A direct bucket whose gradient cannot be viewed flat is averaged through a spare buffer."""
+    import ringlet.torch as rt
+
+    def local_grad(rank: int) -> Any:
+        net = Transposed()
+        x = torch.randn(4, 3, generator=torch.Generator().manual_seed(rank))
+        (net(x) ** 2).sum().backward()
+        return net.w.grad
+
+    ddp = rt.DistributedDataParallel(Transposed(), direct_mb=1e-6)
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(me))
+    (ddp(x) ** 2).sum().backward()
+    want = sum(local_grad(r) for r in range(n)) / n
+    got = ddp.module.w.grad
+    if got is None or got.is_contiguous() or not torch.allclose(got, want, atol=1e-6):
+        return [f"transposed parameter: gradient {got} is not the average {want}"]
+    return []
+
+
 def ddp_cases(comm: Any, port: int) -> list[str]:
     import torch.distributed as dist
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
@@ -184,6 +216,29 @@ def ddp_cases(comm: Any, port: int) -> list[str]:
                 _reference(n, "sgd"),
                 tol,
             )
+        # gradients averaged in place in param.grad (direct buckets): every parameter direct,
+        # then a mix of direct and packed; with unused parameters, no_sync and a hook
+        for direct_mb, micro, branch, hook in (
+            (1e-6, 1, False, None),
+            (3e-4, 2, True, None),
+            (1e-6, 1, True, rt.fp16_compress_hook),
+        ):
+            ddp = rt.DistributedDataParallel(
+                Net(seed=me), find_unused_parameters=True, direct_mb=direct_mb, comm_hook=hook
+            )
+            kinds = {b.direct for b in ddp._buckets}
+            if kinds != ({True} if direct_mb < 1e-5 else {True, False}):
+                bad.append(f"direct_mb={direct_mb}: bucket kinds {kinds}")
+            _compare(
+                bad,
+                f"ringlet DDP direct_mb={direct_mb} micro={micro} branch={branch} hook={hook}",
+                _train(ddp, me, n, "momentum", branch=branch, micro=micro),
+                _reference(n, "momentum", branch=branch, micro=micro),
+                2e-3 if hook else 1e-5,
+            )
+            if ddp.module.never.weight.grad is not None:
+                bad.append(f"direct_mb={direct_mb}: a parameter no rank used got a gradient")
+        bad += _transposed_parameter(me, n)
         # a dropped wrapper stops averaging: the bare module's gradients stay local
         net = Net(seed=0)
         rt.DistributedDataParallel(net, find_unused_parameters=True)

@@ -14,12 +14,14 @@ import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import ml_dtypes
 import numpy as np
 import pytest
 from test_shm_spmd import run_group
 
+from ringlet.ops import ReduceOp, finish_mean
 from ringlet.transport.shm import ShmGroup, ShmTuning
 from ringlet.transport.shm_tuning import OPS
 
@@ -105,6 +107,8 @@ def cases(size: int, big: int = BIG) -> list[Case]:
             for op in (ops[0], ops[i % len(ops)]) if i % len(ops) else (ops[0],):
                 out.append(Case("all_reduce", dtype, n, op, seed=next(seed)))
             root = roots[i % len(roots)]
+            if dtype.kind != "b":  # sum, then each reduced piece divided before it is shared
+                out.append(Case("all_reduce", dtype, n, "mean", seed=next(seed)))
             out.append(Case("reduce", dtype, n, ops[(i + 1) % len(ops)], root, next(seed)))
             out.append(Case("broadcast", dtype, n, root=root, seed=next(seed)))
             out.append(Case("all_gather", dtype, n, seed=next(seed)))
@@ -115,6 +119,7 @@ def cases(size: int, big: int = BIG) -> list[Case]:
     f32 = np.dtype(np.float32)
     for kind in ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"):
         out.append(Case(kind, f32, big, root=size - 1, seed=next(seed)))
+    out.append(Case("all_reduce", f32, big, "mean", seed=next(seed)))
     out.append(Case("barrier", f32, 0))
     return out
 
@@ -155,6 +160,9 @@ def run_case(group: ShmGroup, case: Case) -> tuple[bytes | None, bytes | None]:
         return None, None
     if case.kind in ("all_reduce", "reduce", "broadcast"):
         x = make(case.seed, r, dt, n)
+        if case.kind == "all_reduce" and case.op == "mean":
+            group.all_reduce(x, ReduceOp.SUM, sig, deadline, partial(finish_mean, size=size))
+            return digest(x), None
         if case.kind == "all_reduce":
             group.all_reduce(x, case.op, sig, deadline)  # type: ignore[arg-type]
             return digest(x), None
@@ -213,7 +221,9 @@ def expected(case: Case, size: int, rank: int) -> tuple[bytes | None, bytes | No
         xs = [make(case.seed, q, dt, n) for q in range(size)]
         if case.kind == "broadcast":
             return digest(xs[case.root]), None
-        total = fold(UFUNCS[case.op], xs)
+        total = fold(UFUNCS["sum" if case.op == "mean" else case.op], xs)
+        if case.op == "mean":
+            return digest(mean_of(total, size)), None
         if case.kind == "all_reduce":
             return digest(total), None
         if rank == case.root:
@@ -241,6 +251,15 @@ def expected(case: Case, size: int, rank: int) -> tuple[bytes | None, bytes | No
         start = int(sends[q, :rank].sum())
         blocks.append(xs[q][start : start + sends[q, rank]])
     return digest(np.concatenate(blocks)), digest(xs[rank])
+
+
+def mean_of(total: np.ndarray, size: int) -> np.ndarray:
+    """The sum divided by the ranks, rounded once in its dtype (integers: floor division)."""
+    if total.dtype.kind in "iu":
+        return total // size
+    if total.dtype.kind == "c":
+        return (total.real / size + 1j * (total.imag / size)).astype(total.dtype)
+    return (total / size).astype(total.dtype)
 
 
 def inexact(case: Case) -> bool:

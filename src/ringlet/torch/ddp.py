@@ -1,8 +1,11 @@
 """ringlet's DistributedDataParallel: bucketed gradient averaging that overlaps backward.
 
-Gradients are packed into flat buckets in reverse registration order (roughly the order backward
-produces them). A post-accumulate-grad hook copies each gradient into its bucket as soon as
-autograd has it; when a bucket's last gradient arrives, its averaging starts asynchronously
+Gradients are grouped into buckets in reverse registration order (roughly the order backward
+produces them). Small gradients are packed into flat buckets: a post-accumulate-grad hook copies
+each into its bucket as soon as autograd has it. A gradient of at least ``direct_mb`` is a bucket
+of its own and is averaged where it lies, in ``param.grad``: no copy in or out, which on a CPU
+matters as much as the transfer (memory bandwidth is what both compete for). When a bucket's last
+gradient arrives, its averaging starts asynchronously
 (buckets start in index order on every rank, so every rank issues the same calls in the same
 order). A callback queued on the autograd engine runs when backward ends: it waits for every
 bucket and writes the averages back into ``param.grad``, so when ``loss.backward()`` returns the
@@ -31,47 +34,74 @@ from .trace import BucketTiming, StepTrace
 __all__ = ["BucketTiming", "DistributedDataParallel", "StepTrace"]
 
 MB = 1024 * 1024
+_EMPTY = torch.empty(0)
 
 
 @dataclass
 class _Bucket:
-    """A flat buffer holding the gradients of ``params`` at ``offsets``; averaged as one."""
+    """A flat buffer holding the gradients of ``params`` at ``offsets``; averaged as one.
+
+    A ``direct`` bucket has one parameter and no buffer of its own: each step ``buffer`` becomes a
+    flat view of that parameter's gradient (or, when the gradient cannot be viewed flat, a spare
+    buffer it is copied into).
+    """
 
     index: int
     params: list[nn.Parameter]
     offsets: list[int]
     buffer: torch.Tensor
+    direct: bool = False
     pending: int = 0
     future: torch.futures.Future[torch.Tensor] | None = None
     timing: BucketTiming | None = None
     ready: list[bool] = field(default_factory=list)
+    spare: torch.Tensor | None = None
 
     def slot(self, i: int) -> torch.Tensor:
         p = self.params[i]
         return self.buffer[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
 
+    def take(self, grad: torch.Tensor | None) -> None:
+        """Direct bucket: average ``grad`` where it lies (zeros when the parameter got none)."""
+        p = self.params[0]
+        if grad is not None and grad.is_contiguous() and grad.dtype == p.dtype:
+            self.buffer = grad.view(-1)
+            return
+        if self.spare is None:
+            self.spare = torch.empty(p.numel(), dtype=p.dtype)
+        self.buffer = self.spare
+        if grad is None:
+            self.buffer.zero_()
+        else:
+            self.slot(0).copy_(grad)
+
 
 def _make_buckets(
-    params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int
+    params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int, direct_bytes: int
 ) -> list[_Bucket]:
-    """Buckets of at most ``cap_bytes`` (the first at most ``first_cap_bytes``), one dtype each."""
-    groups: list[list[nn.Parameter]] = []
+    """Buckets of at most ``cap_bytes`` (the first at most ``first_cap_bytes``), one dtype each;
+    a parameter of at least ``direct_bytes`` is a direct bucket of its own."""
+    groups: list[tuple[list[nn.Parameter], bool]] = []
     open_group: dict[torch.dtype, tuple[list[nn.Parameter], int]] = {}
     for p in reversed(params):  # backward produces the last layers' gradients first
-        members, used = open_group.get(p.dtype, ([], 0))
-        cap = first_cap_bytes if not groups or members is groups[0] else cap_bytes
         nbytes = p.numel() * p.element_size()
+        if nbytes >= direct_bytes:
+            groups.append(([p], True))
+            open_group.pop(p.dtype, None)  # smaller ones after it start a new bucket
+            continue
+        members, used = open_group.get(p.dtype, ([], 0))
+        cap = first_cap_bytes if not groups or members is groups[0][0] else cap_bytes
         if members and used + nbytes > cap:
             members, used = [], 0
         if not members:
-            groups.append(members)
+            groups.append((members, False))
         members.append(p)
         open_group[p.dtype] = (members, used + nbytes)
     buckets = []
-    for index, members in enumerate(groups):
+    for index, (members, direct) in enumerate(groups):
         offsets = np.cumsum([0] + [p.numel() for p in members]).tolist()
-        buffer = torch.zeros(int(offsets[-1]), dtype=members[0].dtype)
-        buckets.append(_Bucket(index, members, [int(o) for o in offsets[:-1]], buffer))
+        buffer = _EMPTY if direct else torch.zeros(int(offsets[-1]), dtype=members[0].dtype)
+        buckets.append(_Bucket(index, members, [int(o) for o in offsets[:-1]], buffer, direct))
     return buckets
 
 
@@ -118,6 +148,8 @@ class DistributedDataParallel(nn.Module):
             (backend "ringlet").
         broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) to all before each forward.
         first_bucket_cap_mb: a smaller first bucket, so communication starts early in backward.
+        direct_mb: a gradient of at least this many MiB is averaged in place in ``param.grad``,
+            as a bucket of its own, instead of being copied into a bucket and back.
     """
 
     def __init__(
@@ -130,12 +162,13 @@ class DistributedDataParallel(nn.Module):
         comm: ringlet.Communicator | None = None,
         broadcast_buffers: bool = True,
         first_bucket_cap_mb: float = 1.0,
+        direct_mb: float = 1.0,
     ) -> None:
         super().__init__()
-        if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0:
+        if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0 or direct_mb <= 0:
             raise ValueError(
-                f"bucket_cap_mb and first_bucket_cap_mb must be > 0, got "
-                f"{bucket_cap_mb} and {first_bucket_cap_mb}"
+                f"bucket_cap_mb, first_bucket_cap_mb and direct_mb must be > 0, got "
+                f"{bucket_cap_mb}, {first_bucket_cap_mb} and {direct_mb}"
             )
         self.module = module
         self.comm = comm if comm is not None else communicator_for(None)
@@ -150,7 +183,10 @@ class DistributedDataParallel(nn.Module):
         self._names = {id(p): name for name, p in module.named_parameters()}
         self._sync_module_states()
         self._buckets = _make_buckets(
-            self._params, int(bucket_cap_mb * MB), int(min(first_bucket_cap_mb, bucket_cap_mb) * MB)
+            self._params,
+            int(bucket_cap_mb * MB),
+            int(min(first_bucket_cap_mb, bucket_cap_mb) * MB),
+            int(direct_mb * MB),
         )
         self._where = {id(p): (b, i) for b in self._buckets for i, p in enumerate(b.params)}
         self._step: StepTrace | None = None
@@ -170,6 +206,8 @@ class DistributedDataParallel(nn.Module):
         ]
         if gradient_as_bucket_view:
             for b in self._buckets:
+                if b.direct:  # the gradient is its own bucket already
+                    continue
                 for i, p in enumerate(b.params):
                     if p.grad is not None:
                         b.slot(i).copy_(p.grad)
@@ -248,10 +286,11 @@ class DistributedDataParallel(nn.Module):
                 "this is not supported (several backward passes per forward need no_sync())"
             )
         bucket.ready[i] = True
-        slot = bucket.slot(i)
-        if grad is None:
-            slot.zero_()
-        elif grad.data_ptr() != slot.data_ptr():
+        if bucket.direct:
+            bucket.take(grad)
+        elif grad is None:
+            bucket.slot(i).zero_()
+        elif grad.data_ptr() != (slot := bucket.slot(i)).data_ptr():
             slot.copy_(grad)
         bucket.pending -= 1
         while (
@@ -328,3 +367,5 @@ class DistributedDataParallel(nn.Module):
             b.ready = [False] * len(b.params)
             b.future = None
             b.timing = None
+            if b.direct:  # let go of last step's gradient
+                b.buffer = _EMPTY

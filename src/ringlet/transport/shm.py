@@ -20,7 +20,7 @@ from ringlet.ops import ReduceOp
 
 from . import shm_cma, shm_staged
 from .cma import CrossMemory
-from .shm_channel import Binary, Channel, SignatureMismatch, binary
+from .shm_channel import Binary, Channel, Finish, SignatureMismatch, binary
 from .shm_plan import Plan, check_root
 from .shm_setup import ShmUnavailable, join
 from .shm_tuning import ShmTuning
@@ -147,19 +147,32 @@ class ShmGroup:
             return self._cma
         return None
 
-    def all_reduce(self, buf: np.ndarray, op: ReduceOp, sig: int, deadline: float) -> None:
-        """Reduce ``buf`` over all ranks in place (rank order, bit-identical everywhere)."""
+    def all_reduce(
+        self,
+        buf: np.ndarray,
+        op: ReduceOp,
+        sig: int,
+        deadline: float,
+        finish: Finish | None = None,
+    ) -> None:
+        """Reduce ``buf`` over all ranks in place (rank order, bit-identical everywhere).
+
+        ``finish`` (e.g. the division of a mean) is applied once to each fully reduced piece
+        while it is still in cache, by the rank that reduced it, before the others copy it.
+        """
         if self.size == 1:
+            if finish is not None:
+                finish(buf)
             return
         ch = self._channel()
         try:
             f = self._binary(op, buf.dtype)
             if buf.nbytes <= self._flat_reduce_bytes:
-                shm_staged.flat_reduce(ch, buf, buf, f, sig, deadline, "all_reduce")
+                shm_staged.flat_reduce(ch, buf, buf, f, sig, deadline, "all_reduce", finish)
             elif (cma := self._cma_for("all_reduce", buf.nbytes)) is not None:
-                shm_cma.all_reduce(ch, cma, buf, f, sig, deadline, self._scratch)
+                shm_cma.all_reduce(ch, cma, buf, f, sig, deadline, self._scratch, finish)
             else:
-                shm_staged.pipelined_reduce(ch, buf, buf, f, sig, deadline, "all_reduce")
+                shm_staged.pipelined_reduce(ch, buf, buf, f, sig, deadline, "all_reduce", finish)
         except BaseException as exc:
             self._fail(exc)
             raise

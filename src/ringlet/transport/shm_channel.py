@@ -63,6 +63,10 @@ def binary(op: ReduceOp, dtype: np.dtype) -> Binary:
     return ufunc  # type: ignore[return-value]
 
 
+#: Applied in place to a fully reduced piece before peers read it (a mean's division).
+Finish = Callable[[np.ndarray], None]
+
+
 def fold(f: Binary, sources: list[np.ndarray], out: np.ndarray) -> None:
     """``out = op(...op(op(s0, s1), s2)..., s_last)``: rank order, the same on every rank.
 

@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .cma import CrossMemory
-from .shm_channel import Binary, Channel
+from .shm_channel import Binary, Channel, Finish
 from .shm_segment import ADDR_A, ADDR_B
 
 Read = Callable[[int, int, np.ndarray], None]  # (peer, element offset, into)
@@ -83,8 +83,10 @@ def all_reduce(
     sig: int,
     deadline: float,
     scratch: Scratch,
+    finish: Finish | None = None,
 ) -> None:
-    """Rank r folds piece r of everyone's buffer into its own, then reads the other pieces."""
+    """Rank r folds piece r of everyone's buffer into its own (``finish`` applied to each
+    chunk while it is in cache), then reads the other pieces."""
     r, size, n, isz = ch.rank, ch.size, buf.size, buf.dtype.itemsize
     ch.arrive("all_reduce", sig, n, deadline, addr_a=_address(buf))
     addrs = _addresses(ch, ADDR_A)
@@ -95,6 +97,8 @@ def all_reduce(
     piece = -(-n // size)
     for a, b in _chunks(r * piece, min((r + 1) * piece, n), scratch.nbytes // isz):
         _fold_remote(ch, f, read, a, buf[a:b], buf[a:b], True, scratch)
+        if finish is not None:
+            finish(buf[a:b])
     ch.advance(deadline, "reduced")
     for i in range(1, size):  # start at the next rank so the ranks read different peers
         q = (r + i) % size

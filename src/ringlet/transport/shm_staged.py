@@ -16,7 +16,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .shm_channel import Binary, Channel, fold
+from .shm_channel import Binary, Channel, Finish, fold
 
 ALIGN = 64
 
@@ -57,14 +57,17 @@ def flat_reduce(
     sig: int,
     deadline: float,
     kind: str,
+    finish: Finish | None = None,
 ) -> None:
     """One step: every rank stages all of ``buf``; each rank with an ``out`` folds all stages in
-    rank order (all_reduce: every rank, out is buf; reduce: the root)."""
+    rank order (all_reduce: every rank, out is buf; reduce: the root), then applies ``finish``."""
     views = ch.flat_views(buf.dtype, buf.size)[ch.parity]
     np.copyto(views[ch.rank], buf)
     ch.arrive(kind, sig, buf.size, deadline)
     if out is not None:
         fold(f, views, out)
+        if finish is not None:
+            finish(out)
 
 
 def pipelined_reduce(
@@ -75,14 +78,16 @@ def pipelined_reduce(
     sig: int,
     deadline: float,
     kind: str,
+    finish: Finish | None = None,
 ) -> None:
     """Reduce-scatter then all-gather, one chunk per step. A chunk is cut into N pieces; rank r
     reduces piece r. At step j a rank stages the other ranks' pieces of chunk j (one sub-slot
     each), folds piece r of chunk j from those sub-slots and its own ``buf`` into the result
     sub-slot of its other buffer (published with step j + 1) and into ``out``, and copies the
     others' results of chunk j - 1 into ``out``. ``out`` is None on reduce's non-roots (``buf``
-    stays unchanged) and may be ``buf``. K chunks take K + 1 steps; per chunk of c bytes a rank
-    copies about 2c bytes and reads c from the fold."""
+    stays unchanged) and may be ``buf``. ``finish`` is applied to each folded piece before it
+    is published, so every rank copies the finished values. K chunks take K + 1 steps; per chunk
+    of c bytes a rank copies about 2c bytes and reads c from the fold."""
     r, n, size, dt = ch.rank, buf.size, ch.size, buf.dtype
     per_slot = _sub_slot(ch.stage_bytes, size, dt.itemsize)
     result_slot = (size - 1) * per_slot  # after the N - 1 incoming pieces
@@ -119,6 +124,8 @@ def pipelined_reduce(
             ]
             result = ch.stage(r, p ^ 1, dt, result_slot, b - a)
             fold(f, sources, result)
+            if finish is not None:
+                finish(result)
             if out is not None:
                 np.copyto(out[start + a : start + b], result)
 
