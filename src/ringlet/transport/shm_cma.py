@@ -85,8 +85,15 @@ def all_reduce(
     scratch: Scratch,
     finish: Finish | None = None,
 ) -> None:
-    """Rank r folds piece r of everyone's buffer into its own (``finish`` applied to each
-    chunk while it is in cache), then reads the other pieces."""
+    """Rank r folds piece r of everyone's buffer into its own, a chunk at a time, applies
+    ``finish`` and writes the chunk into every peer's buffer while it is still in cache.
+
+    Only rank r reads or writes piece r of a peer's buffer (it reads each chunk before it
+    overwrites it), so one step after the arrival is enough: when every rank has published it,
+    every piece has landed everywhere and no buffer is read any more. Per rank that is one read
+    of its own piece and the peers', one write of its piece everywhere: no reduced piece is read
+    back from memory.
+    """
     r, size, n, isz = ch.rank, ch.size, buf.size, buf.dtype.itemsize
     ch.arrive("all_reduce", sig, n, deadline, addr_a=_address(buf))
     addrs = _addresses(ch, ADDR_A)
@@ -96,16 +103,14 @@ def all_reduce(
 
     piece = -(-n // size)
     for a, b in _chunks(r * piece, min((r + 1) * piece, n), scratch.nbytes // isz):
-        _fold_remote(ch, f, read, a, buf[a:b], buf[a:b], True, scratch)
+        done = buf[a:b]
+        _fold_remote(ch, f, read, a, done, done, True, scratch)
         if finish is not None:
-            finish(buf[a:b])
+            finish(done)
+        for i in range(1, size):  # start at the next rank so the ranks write different peers
+            q = (r + i) % size
+            cma.write(q, addrs[q] + a * isz, done)
     ch.advance(deadline, "reduced")
-    for i in range(1, size):  # start at the next rank so the ranks read different peers
-        q = (r + i) % size
-        a, b = q * piece, min((q + 1) * piece, n)
-        if b > a:
-            read(q, a, buf[a:b])
-    ch.advance(deadline, "copied")
 
 
 def reduce(
