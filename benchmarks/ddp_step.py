@@ -4,7 +4,13 @@ The same MLP (default 6 × Linear(2048, 2048): 25.2M parameters, 100 MB of float
 trains with SGD on every rank; each configuration is timed in the same run, in rounds that rotate
 their order, so a busy machine slows them alike. A step's time is the slowest rank's (forward,
 backward with gradient averaging, optimizer step); the table shows the median over every timed
-step. "local" is the same step without any communication: the floor.
+step. "local" is the same step without any communication: the floor. "torch DDP, no-op hook" is
+torch's DDP with a communication hook that does nothing: what torch's reducer costs by itself
+(it copies every gradient into its buckets and back), the floor of any backend under it.
+", views" rows pass gradient_as_bucket_view=True (no copy back) and compare with Gloo so set.
+"ringlet DDP, overlap" starts each bucket's averaging during backward (overlap=True), "no
+overlap" when backward ends (overlap=False); the line under the table says which ringlet's DDP
+picks by default here.
 
 Run (2 ranks):
     ringlet run -n 2 benchmarks/ddp_step.py
@@ -30,7 +36,17 @@ from torch.nn.parallel import DistributedDataParallel as TorchDDP
 
 import ringlet.torch as rt
 
-CONFIGS = ("local", "ringlet DDP", "torch DDP on ringlet", "torch DDP on gloo")
+CONFIGS = (
+    "local",
+    "torch DDP, no-op hook",
+    "ringlet DDP, overlap",
+    "ringlet DDP, no overlap",
+    "torch DDP on ringlet",
+    "torch DDP on gloo",
+    "torch DDP on ringlet, views",
+    "torch DDP on gloo, views",
+)
+BASELINE = "torch DDP on gloo"
 
 
 def build_model(args: argparse.Namespace) -> torch.nn.Module:
@@ -41,15 +57,27 @@ def build_model(args: argparse.Namespace) -> torch.nn.Module:
     return torch.nn.Sequential(*layers[:-1])
 
 
+def _no_op(state, bucket):  # type: ignore[no-untyped-def]  # torch rejects string annotations
+    """A DDP communication hook that leaves the bucket as it is: torch DDP's own cost."""
+    future: torch.futures.Future[torch.Tensor] = torch.futures.Future()
+    future.set_result(bucket.buffer())
+    return future
+
+
 def wrap(name: str, model: torch.nn.Module, gloo: Any, args: argparse.Namespace) -> torch.nn.Module:
     cap = args.bucket_cap_mb
-    if name == "ringlet DDP":
-        return rt.DistributedDataParallel(model, bucket_cap_mb=cap, comm=rt.communicator())
-    if name == "torch DDP on ringlet":
-        return TorchDDP(model, bucket_cap_mb=cap)
-    if name == "torch DDP on gloo":
-        return TorchDDP(model, bucket_cap_mb=cap, process_group=gloo)
-    return model
+    if name.startswith("ringlet DDP"):
+        return rt.DistributedDataParallel(
+            model, bucket_cap_mb=cap, comm=rt.communicator(), overlap=name.endswith(", overlap")
+        )
+    if name == "local":
+        return model
+    views = name.endswith(", views")  # torch's gradient_as_bucket_view: no copy back to .grad
+    group = gloo if "on gloo" in name else None
+    ddp = TorchDDP(model, bucket_cap_mb=cap, process_group=group, gradient_as_bucket_view=views)
+    if name == "torch DDP, no-op hook":
+        ddp.register_comm_hook(None, _no_op)
+    return ddp
 
 
 def time_steps(model: torch.nn.Module, args: argparse.Namespace, rank: int) -> list[float]:
@@ -88,16 +116,21 @@ def run(args: argparse.Namespace) -> None:
             model = wrap(name, build_model(args), gloo, args)
             comm.barrier()
             steps[name] += slowest_rank(comm, time_steps(model, args, comm.rank))
-            if isinstance(model, rt.DistributedDataParallel) and model.last_trace is not None:
+            if isinstance(model, rt.DistributedDataParallel) and model.overlap and model.last_trace:
                 overlap = model.last_trace.summary()
             del model
+    default_overlap = rt.DistributedDataParallel(torch.nn.Linear(1, 1), comm=comm).overlap
     if comm.rank == 0:
-        report(args, comm, steps, overlap)
+        report(args, comm, steps, overlap, default_overlap)
     dist.destroy_process_group()
 
 
 def report(
-    args: argparse.Namespace, comm: Any, steps: dict[str, list[float]], overlap: str
+    args: argparse.Namespace,
+    comm: Any,
+    steps: dict[str, list[float]],
+    overlap: str,
+    default_overlap: bool,
 ) -> None:
     params = sum(p.numel() for p in build_model(args).parameters())
     median = {name: statistics.median(times) for name, times in steps.items()}
@@ -108,11 +141,12 @@ def report(
         f"{len(steps['local'])} timed steps per configuration, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
-    print(f"{'configuration':<24}{'median step':>14}{'gloo / this':>14}")
+    print(f"{'configuration':<30}{'median step':>14}{'gloo / this':>14}")
     for name in CONFIGS:
-        ratio = median["torch DDP on gloo"] / median[name]
-        print(f"{name:<24}{median[name] * 1e3:>11.1f} ms{ratio:>13.2f}x")
-    print(f"ringlet DDP, last step: {overlap}")
+        gloo = median[BASELINE if not name.endswith(", views") else BASELINE + ", views"]
+        print(f"{name:<30}{median[name] * 1e3:>11.1f} ms{gloo / median[name]:>13.2f}x")
+    print(f"ringlet DDP's default here: {'overlap' if default_overlap else 'no overlap'}")
+    print(f"ringlet DDP with overlap, last step: {overlap}")
     if args.json:
         with open(args.json, "a") as f:
             f.write(

@@ -151,6 +151,14 @@ class CommunicatorCore:
         if self.size > 1 and transport != "tcp" and len(set(hosts)) == 1:
             self._open_shm(required=transport == "shm")
 
+    @property
+    def transport(self) -> str:
+        """How this communicator moves data: "shm" (every rank on this host, through shared
+        memory), "tcp", or "self" (a single rank)."""
+        if self.size == 1:
+            return "self"
+        return "shm" if self._shm is not None else "tcp"
+
     # -- plumbing -----------------------------------------------------------------------------
     def _open_shm(self, required: bool) -> None:
         """Join the host's shared segment; if the host forbids it, every rank falls back to TCP."""

@@ -19,7 +19,6 @@ torch = pytest.importorskip(
 )
 import spmd  # noqa: E402
 
-TRANSPORT = {"RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp")}
 BATCH, STEPS = 12, 3
 
 
@@ -169,6 +168,7 @@ def ddp_cases(comm: Any, port: int) -> list[str]:
             gradient_as_bucket_view=True,
             comm=rt.communicator(),
             find_unused_parameters=True,
+            overlap=True,
         )
         _compare(
             bad,
@@ -239,6 +239,22 @@ def ddp_cases(comm: Any, port: int) -> list[str]:
             if ddp.module.never.weight.grad is not None:
                 bad.append(f"direct_mb={direct_mb}: a parameter no rank used got a gradient")
         bad += _transposed_parameter(me, n)
+        # the default overlaps unless shared memory and compute threads already fill the cores
+        comm_ = rt.communicator()
+        full = comm_.local_size * torch.get_num_threads() >= len(os.sched_getaffinity(0))
+        want_overlap = comm_.transport == "tcp" or not full
+        if rt.DistributedDataParallel(Net(seed=0)).overlap != want_overlap:
+            bad.append(f"default overlap is not {want_overlap} ({comm_.transport}, full={full})")
+        # without overlap every bucket starts when backward ends
+        ddp = rt.DistributedDataParallel(
+            Net(seed=me), find_unused_parameters=True, bucket_cap_mb=0.001, overlap=False
+        )
+        _compare(
+            bad, "ringlet DDP overlap=False", _train(ddp, me, n, "sgd"), _reference(n, "sgd"), 1e-5
+        )
+        trace = ddp.last_trace
+        if trace is None or min(b.launched for b in trace.buckets) < trace.backward_end:
+            bad.append(f"ringlet DDP overlap=False: a bucket started during backward: {trace}")
         # a dropped wrapper stops averaging: the bare module's gradients stay local
         net = Net(seed=0)
         rt.DistributedDataParallel(net, find_unused_parameters=True)
@@ -265,8 +281,10 @@ def ddp_cases(comm: Any, port: int) -> list[str]:
 
 
 @pytest.mark.torch
+@pytest.mark.parametrize("transport", ["tcp", "auto"])
 @pytest.mark.parametrize("n", [2, 3])
-def test_ddp_matches_single_process(n: int) -> None:
-    results = spmd.run(ddp_cases, n, spmd.free_port(), env=TRANSPORT, timeout=120)
+def test_ddp_matches_single_process(n: int, transport: str) -> None:
+    env = {"RINGLET_TRANSPORT": transport}
+    results = spmd.run(ddp_cases, n, spmd.free_port(), env=env, timeout=120)
     failures = [f"rank {r}: {b}" for r, bad in enumerate(results) for b in bad]
     assert not failures, "\n".join(failures[:40])

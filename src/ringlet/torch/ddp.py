@@ -15,6 +15,7 @@ gradients are those of the global batch and any optimizer can step.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -132,6 +133,15 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
             yield from _tensors(item)
 
 
+def _should_overlap(comm: ringlet.Communicator) -> bool:
+    """Overlap averaging with backward unless it could only take cores from compute."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return comm.transport != "shm" or comm.local_size * torch.get_num_threads() < cores
+
+
 class DistributedDataParallel(nn.Module):
     """Data parallelism over a ringlet communicator, with gradient averaging overlapped with backward.
 
@@ -150,6 +160,12 @@ class DistributedDataParallel(nn.Module):
         first_bucket_cap_mb: a smaller first bucket, so communication starts early in backward.
         direct_mb: a gradient of at least this many MiB is averaged in place in ``param.grad``,
             as a bucket of its own, instead of being copied into a bucket and back.
+        overlap: start each bucket's averaging during backward, as soon as it is complete (True),
+            or all of them when backward ends (False). Over shared memory averaging is work for
+            the CPU and memory bus, not waiting, so when compute already keeps every core busy,
+            overlapping only slows backward down (2 ranks on 2 cores: ~20 ms per step slower,
+            benchmarks/ddp_step.py). The default (None) overlaps unless the communicator is
+            shared-memory and its ranks on this host times torch's threads fill the cores.
     """
 
     def __init__(
@@ -163,6 +179,7 @@ class DistributedDataParallel(nn.Module):
         broadcast_buffers: bool = True,
         first_bucket_cap_mb: float = 1.0,
         direct_mb: float = 1.0,
+        overlap: bool | None = None,
     ) -> None:
         super().__init__()
         if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0 or direct_mb <= 0:
@@ -176,6 +193,7 @@ class DistributedDataParallel(nn.Module):
         self.find_unused_parameters = find_unused_parameters
         self.gradient_as_bucket_view = gradient_as_bucket_view
         self.broadcast_buffers = broadcast_buffers
+        self.overlap = _should_overlap(self.comm) if overlap is None else overlap
         self.require_sync = True
         self.last_trace: StepTrace | None = None
         unique = {id(p): p for p in module.parameters() if p.requires_grad}
@@ -293,6 +311,11 @@ class DistributedDataParallel(nn.Module):
         elif grad.data_ptr() != (slot := bucket.slot(i)).data_ptr():
             slot.copy_(grad)
         bucket.pending -= 1
+        if self.overlap:
+            self._launch_ready()
+
+    def _launch_ready(self) -> None:
+        """Start the averaging of every complete bucket, in index order (alike on every rank)."""
         while (
             self._next_bucket < len(self._buckets) and self._buckets[self._next_bucket].pending == 0
         ):
@@ -324,6 +347,7 @@ class DistributedDataParallel(nn.Module):
         try:
             for p in missing:  # zeros keep every rank's calls aligned even when this is an error
                 self._mark_ready(p, None)
+            self._launch_ready()  # without overlap, every bucket starts here
             unused = self._unused | {id(p) for p in missing}
             used_flags = None
             if self.find_unused_parameters:
