@@ -4,12 +4,14 @@ Every rank gets the RINGLET_* variables that `ringlet.init()` reads, and torchru
 WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT, so scripts written for
 torchrun run unchanged. Each rank runs in its own process group, so a signal reaches the whole
 tree a rank started. One rank failing ends the job: the others get `grace` seconds to finish or
-report their own errors, then SIGTERM, then SIGKILL, and a summary names every rank's fate.
+report their own errors, then SIGTERM, then SIGKILL, and a summary names every rank's fate. A
+watchdog process kills every rank's group if the launcher itself dies, even by SIGKILL.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import os
 import queue
@@ -29,6 +31,22 @@ TAIL_LINES = 200  # stderr lines kept per rank for the failure summary
 _MAX_LINE = 1 << 20  # a longer "line" is forwarded in pieces rather than buffered whole
 _JOIN_OUTPUT = 2.0  # seconds to wait for a finished rank's last output to be forwarded
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+#: A watchdog process: it reads the process group of every rank the launcher starts, and if its
+#: input ends without "done" (the launcher died, even by SIGKILL) it kills those groups.
+_REAPER = """
+import os, signal, sys
+groups = []
+for line in sys.stdin:
+    if line.strip() == "done":
+        sys.exit(0)
+    groups.append(int(line))
+for group in groups:
+    try:
+        os.killpg(group, signal.SIGKILL)
+    except OSError:
+        pass
+"""
 
 
 def launch(
@@ -274,9 +292,17 @@ class _Job:
         self.out, self.err, self.prefix = out, err, prefix
         self.ranks: dict[int, _Rank] = {}
         self.events: queue.SimpleQueue[int | _Received] = queue.SimpleQueue()
+        self.reaper: IO[str] | None = None
 
     def run(self, argv: list[str], rank_envs: list[dict[str, str]], first_rank: int) -> int:
         previous = self._install_handlers()
+        reaper = subprocess.Popen(
+            [sys.executable, "-c", _REAPER],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # a Ctrl-C meant for the job does not end the watchdog
+            text=True,
+        )
+        self.reaper = reaper.stdin
         try:
             for offset, rank_env in enumerate(rank_envs):
                 if not self._start(first_rank + offset, argv, rank_env):
@@ -286,6 +312,11 @@ class _Job:
             self._kill_all()  # only does anything if the launcher itself failed
             for signum, handler in previous.items():
                 signal.signal(signum, handler)
+            assert reaper.stdin is not None
+            with contextlib.suppress(OSError):
+                reaper.stdin.write("done\n")
+                reaper.stdin.close()
+            reaper.wait()
 
     def _install_handlers(self) -> dict[int, Any]:
         if threading.current_thread() is not threading.main_thread():
@@ -308,6 +339,10 @@ class _Job:
         except OSError as error:
             self.err.line(f"ringlet run: cannot start rank {rank} ({argv[0]!r}): {error}")
             return False
+        if self.reaper is not None:  # the rank leads its own process group: pgid = pid
+            with contextlib.suppress(OSError):
+                self.reaper.write(f"{proc.pid}\n")
+                self.reaper.flush()
         started = _Rank(rank, proc)
         tag = f"[r{rank}] ".encode() if self.prefix else b""
         assert proc.stdout is not None and proc.stderr is not None

@@ -268,6 +268,15 @@ def test_signal_to_the_launcher_ends_every_process(signum: int) -> None:
 
 
 @pytest.mark.timeout(20)
+def test_killed_launcher_takes_its_ranks_along() -> None:
+    """SIGKILL leaves the launcher no chance to act: its watchdog ends the ranks' groups."""
+    job, pids = start_sleeping_job(2)
+    job.kill()
+    job.communicate(timeout=10)
+    assert wait_dead(pids, within=5.0) == [], "ranks or their children outlived the launcher"
+
+
+@pytest.mark.timeout(20)
 def test_rank_ignoring_signals_is_killed_after_grace() -> None:
     stubborn = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + SLEEP_WITH_CHILD
     job = subprocess.Popen(
