@@ -29,7 +29,9 @@ with ringlet.init() as comm:
         torch.nn.ReLU(),
         torch.nn.Linear(256, 1),
     )
-    model = DistributedDataParallel(mlp, comm=comm, bucket_cap_mb=0.1)
+    # overlap=True: average each bucket while backward still runs. The default (None) decides
+    # from the cores: with every core computing, shared-memory averaging only slows backward.
+    model = DistributedDataParallel(mlp, comm=comm, bucket_cap_mb=0.1, overlap=True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for step in range(30):
         x, y = batch(comm.rank, step)

@@ -1,15 +1,15 @@
-"""ringlet's DistributedDataParallel: bucketed gradient averaging that overlaps backward.
+"""ringlet's DistributedDataParallel: bucketed gradient averaging, overlapped with backward or not.
 
 Gradients are grouped into buckets in reverse registration order (roughly the order backward
 produces them). Small gradients are packed into flat buckets: a post-accumulate-grad hook copies
 each into its bucket as soon as autograd has it. A gradient of at least ``direct_mb`` is a bucket
 of its own and is averaged where it lies, in ``param.grad``: no copy in or out, which on a CPU
-matters as much as the transfer (memory bandwidth is what both compete for). When a bucket's last
-gradient arrives, its averaging starts asynchronously
-(buckets start in index order on every rank, so every rank issues the same calls in the same
-order). A callback queued on the autograd engine runs when backward ends: it waits for every
-bucket and writes the averages back into ``param.grad``, so when ``loss.backward()`` returns the
-gradients are those of the global batch and any optimizer can step.
+matters as much as the transfer (memory bandwidth is what both compete for). With ``overlap``,
+a bucket's averaging starts asynchronously as soon as its last gradient arrives, otherwise every
+bucket starts when backward ends (either way in index order on every rank, so every rank issues
+the same calls in the same order). A callback queued on the autograd engine runs when backward
+ends: it waits for every bucket and writes the averages back into ``param.grad``, so when
+``loss.backward()`` returns the gradients are those of the global batch and any optimizer can step.
 """
 
 from __future__ import annotations
@@ -143,7 +143,7 @@ def _should_overlap(comm: ringlet.Communicator) -> bool:
 
 
 class DistributedDataParallel(nn.Module):
-    """Data parallelism over a ringlet communicator, with gradient averaging overlapped with backward.
+    """Data parallelism over a ringlet communicator: gradients averaged in buckets, in place.
 
     Args:
         module: the model; every rank must build the same one (rank 0's parameters win).
