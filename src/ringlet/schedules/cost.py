@@ -109,7 +109,11 @@ def _row(op: str, algo: str) -> str:
     for nbytes in DOC_BYTES:  # one-byte elements, so elements are bytes
         scheds = [build(op, algo, r, p, **even_args(op, p, nbytes)) for r in range(p)]
         times.append(_seconds(modeled_time(scheds, DOC_ALPHA, 1 / DOC_BANDWIDTH)))
-    chosen = _chosen_for(op, algo, p)
+    by_size = {q: _chosen_for(op, algo, q) for q in DOC_SIZES}
+    if len(set(by_size.values())) == 1:
+        chosen = by_size[p]
+    else:
+        chosen = "; ".join(f"p={q}: {text}" for q, text in by_size.items())
     return f"| {algo} | {steps} | {sent} | {got} | {' | '.join(times)} | {chosen} |"
 
 
@@ -132,8 +136,8 @@ off those schedules: *steps* is the number of message rounds on the critical pat
 reduced vector, the gathered result, or one rank's all-to-all input). Modeled times use the
 alpha-beta model with alpha = {DOC_ALPHA * 1e6:.0f} µs and {DOC_BANDWIDTH / 1e9:.2f} GB/s per
 direction: an illustration of the trade-offs at p={_P}, not a measurement. *Chosen for* is
-the range of message sizes for which `select` picks the algorithm at p={_P} (thresholds in
-`ringlet/schedules/select.py`, initial values to be tuned from measurements).
+the range of message sizes for which `select` picks the algorithm, per p where they differ
+(thresholds and the measurements behind them in `ringlet/schedules/select.py`).
 """
 
 

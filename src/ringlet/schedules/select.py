@@ -65,9 +65,14 @@ PARAMS: dict[str, tuple[str, ...]] = {
 
 # Thresholds in bytes of the whole vector (see `select`). Checked over TCP at 2 ranks with
 # benchmarks/algorithms.py (doubling fastest up to 16 KiB; halving-doubling and ring within noise of
-# each other above 64 KiB; tree and linear alike at 2 ranks); not yet re-measured at 4+ ranks.
+# each other above 64 KiB; tree and linear alike at 2 ranks). At 4 and 8 ranks on this 2-core
+# machine loopback favours whatever takes the fewest steps (linear broadcast, tree reduce), which
+# a real network with one link per host would not: only choices that win in both are taken.
 ALL_REDUCE_DOUBLING_MAX = 16 << 10  # below: recursive doubling (log p steps, n·log p bytes)
 ALL_REDUCE_HALVING_MAX = 1 << 20  # below: Rabenseifner; above: ring (only neighbour links)
+# ...except for a power-of-two number of ranks, where Rabenseifner needs no fold: the same bytes as
+# the ring in 2 log p steps instead of 2(p - 1), so it takes every size above doubling (4 ranks over
+# TCP: 16 MiB in 29.9 ms vs 38.1 ms for the ring; 8 ranks: 4 MiB 19.1 vs 22.8, 16 MiB even).
 BROADCAST_TREE_MAX = 256 << 10  # below: binomial tree; above: scatter + ring all-gather
 REDUCE_TREE_MAX = 256 << 10  # below: binomial tree; above: ring reduce-scatter + gather
 ALL_GATHER_BRUCK_MAX = 256 << 10  # below: Bruck (log p steps); above: ring
@@ -121,6 +126,8 @@ def select(op: str, size: int, nbytes: int, override: str | None = None) -> str:
         return next(iter(choices))  # only one algorithm
     if size <= SMALL_WORLD:
         return _RULES[op][0][1]
+    if op == "all_reduce" and nbytes > ALL_REDUCE_DOUBLING_MAX and size & (size - 1) == 0:
+        return "halving_doubling"
     for limit, algo in _RULES[op]:
         if nbytes <= limit:
             return algo
