@@ -1,9 +1,13 @@
 """Point-to-point send and recv, by tag, on connections of their own.
 
-Messages between a pair are matched in the order they were sent; the receiver checks the tag and
-raises MismatchError when it differs instead of delivering the wrong message. Each message is a
-small header (tag, dtype, shape) then the data, so ``recv(None, src)`` can allocate the result.
-Sends and receives run on separate threads when asynchronous, so a pair may exchange both ways.
+Matching follows MPI: ``recv(x, src, tag)`` takes the earliest message from ``src`` with that tag,
+and messages with one tag arrive in the order they were sent. A message with another tag that
+arrives first is kept, whole, until a recv asks for its tag (so unmatched messages cost memory,
+as MPI's unexpected messages do). A message whose dtype or shape differs from the recv's array
+raises MismatchError and stays kept. Each message is a small header (tag, dtype, shape) then the
+data, so ``recv(None, src)`` can allocate the result. Sends and receives run on separate threads
+when asynchronous, so a pair may exchange both ways; receives run one at a time, in the order
+they were posted.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class PointToPoint(Collectives):
                 self._p2p_counts: dict[tuple[str, int], int] = {}
                 self._p2p_workers = {"send": Worker("ringlet-send"), "recv": Worker("ringlet-recv")}
                 self._p2p_lock = threading.Lock()
+                # per source: messages that arrived before a recv asked for their tag, in order
+                self._p2p_kept: dict[int, list[tuple[int, np.ndarray]]] = {}
             return self._p2p
 
     def _peer(self, peer: int, name: str) -> int:
@@ -70,10 +76,13 @@ class PointToPoint(Collectives):
             return n
 
     def _p2p_run(self, direction: str, fn: Any, async_op: bool, desc: str) -> Any:
+        """Run ``fn`` after everything posted before it in this direction (inline if nothing is)."""
         self._check_usable()
         self._p2p_transport()
-        if async_op:
-            return self._p2p_workers[direction].submit(fn, desc)
+        worker = self._p2p_workers[direction]
+        if async_op or not (worker.idle or worker.on_worker_thread()):
+            work = worker.submit(fn, desc)
+            return work if async_op else work.wait()
         return fn()
 
     def send(
@@ -116,42 +125,66 @@ class PointToPoint(Collectives):
         async_op: bool = False,
         timeout: float | None = None,
     ) -> Any:
-        """Receive the next message from ``src`` into ``x`` (or a new array when ``x`` is None)."""
+        """Receive the earliest message from ``src`` with ``tag`` into ``x`` (or a new array when
+        ``x`` is None); messages with other tags that come first are kept for later recvs."""
         src = self._peer(src, "recv")
         arr = None if x is None else to_numpy(x, call="recv", writable=True)
 
+        def deliver(data: np.ndarray) -> Any:
+            if arr is None:
+                return from_numpy_like(data, data)
+            np.copyto(arr, data)
+            return x
+
         def run() -> Any:
             deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-            tr, n = self._p2p_transport(), self._next("recv", src)
-            meta = np.zeros(3 + MAX_DIMS, np.int64)
+            kept = self._p2p_kept.setdefault(src, [])
+            for k, (their_tag, data) in enumerate(kept):
+                if their_tag == tag:
+                    self._check_fits(arr, data.dtype, data.shape, src, tag)
+                    del kept[k]
+                    return deliver(data)
+            tr = self._p2p_transport()
             try:
-                tr.exchange([], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline)
-                dtype = dtype_from_code(int(meta[1]))
-                shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
-                if int(meta[0]) != tag or (
-                    arr is not None and (arr.dtype != dtype or arr.shape != shape)
-                ):
-                    theirs = f"tag {int(meta[0])}, {dtype.name} {shape}"
-                    mine = f"tag {tag}" + ("" if arr is None else f", {arr.dtype.name} {arr.shape}")
-                    raise MismatchError(
-                        f"recv on rank {self.rank}: rank {src} sent ({theirs}) but "
-                        f"this rank expects ({mine}); messages match in send order"
-                    )
-                out = np.empty(shape, dtype) if arr is None else arr
-                flat, writeback = staged(out)
-                tr.exchange([], [(src, as_bytes(flat))], Tag(n, P2P_SIG, 1), deadline)
-                writeback()
+                while True:
+                    n = self._next("recv", src)
+                    meta = np.zeros(3 + MAX_DIMS, np.int64)
+                    tr.exchange([], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline)
+                    their_tag, dtype = int(meta[0]), dtype_from_code(int(meta[1]))
+                    shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
+                    fits = arr is not None and arr.dtype == dtype and arr.shape == shape
+                    into = arr if their_tag == tag and fits else np.empty(shape, dtype)
+                    assert into is not None
+                    flat, writeback = staged(into)
+                    tr.exchange([], [(src, as_bytes(flat))], Tag(n, P2P_SIG, 1), deadline)
+                    writeback()
+                    if their_tag != tag or (arr is not None and not fits):
+                        kept.append((their_tag, into))
+                    if their_tag == tag:
+                        self._check_fits(arr, dtype, shape, src, tag)
+                        return x if arr is not None else from_numpy_like(into, into)
             except (RingletError, TimeoutError, OSError) as exc:
-                raise self._p2p_error(exc, f"recv from rank {src} (tag {tag})") from exc
-            return x if x is not None else from_numpy_like(out, out)
+                waiting = ", ".join(f"tag {t} ({d.dtype.name} {d.shape})" for t, d in kept)
+                note = f"; arrived from rank {src} but unmatched: {waiting}" if waiting else ""
+                raise self._p2p_error(exc, f"recv from rank {src} (tag {tag})", note) from exc
 
         return self._p2p_run("recv", run, async_op, f"recv from rank {src}")
 
-    def _p2p_error(self, exc: BaseException, what: str) -> RingletError:
+    def _check_fits(
+        self, arr: np.ndarray | None, dtype: np.dtype, shape: tuple[int, ...], src: int, tag: int
+    ) -> None:
+        """MismatchError when the matched message does not fit the recv's array (it stays kept)."""
+        if arr is not None and (arr.dtype != dtype or arr.shape != shape):
+            raise MismatchError(
+                f"recv on rank {self.rank}: rank {src} sent tag {tag} as {dtype.name} {shape} "
+                f"but this rank receives into {arr.dtype.name} {arr.shape}"
+            )
+
+    def _p2p_error(self, exc: BaseException, what: str, note: str = "") -> RingletError:
+        if isinstance(exc, (CollectiveTimeout, TimeoutError)):
+            return CollectiveTimeout(f"{what} on rank {self.rank} timed out ({exc}){note}")
         if isinstance(exc, RingletError):
             return exc
-        if isinstance(exc, TimeoutError):
-            return CollectiveTimeout(f"{what} on rank {self.rank} timed out after {self.timeout} s")
         return PeerError(f"{what} on rank {self.rank} failed: {exc}")
 
     def close(self) -> None:
