@@ -129,3 +129,29 @@ def scatter_ring_broadcast(rank: int, size: int, count: int, root: int) -> Sched
     by_rank = [chunk[(r - root) % size] for r in range(size)]
     rounds += ring_all_gather_rounds(rank, size, by_rank)  # circulate every chunk
     return timeline(rounds, "scatter_ring_broadcast")
+
+
+#: A pipelined chain cuts the vector into at most CHAIN_CHUNKS_PER_RANK · p chunks of at least
+#: CHAIN_MIN_CHUNK elements: enough chunks that the pipeline fills fast, few enough that the
+#: per-round cost stays small next to a chunk's transfer.
+CHAIN_MIN_CHUNK = 1 << 17
+CHAIN_CHUNKS_PER_RANK = 4
+
+
+def chain_broadcast(rank: int, size: int, count: int, root: int) -> Schedule:
+    """Pipelined chain root → root+1 → …: a rank forwards chunk c while it receives chunk c+1.
+
+    Steps: k + p - 2 for k chunks. Sent per rank: n (the chain's last rank: none), so every link
+    carries the vector once and a broadcast takes about (1 + (p-2)/k)·n transfer times, where a
+    tree's root sends ceil(log2 p)·n and scatter + ring about 2(p-1)/p·n.
+    """
+    k = max(1, min(count // CHAIN_MIN_CHUNK, CHAIN_CHUNKS_PER_RANK * size))
+    chunks = even_chunks(count, k)
+    j = (rank - root) % size  # place in the chain
+    rounds = []
+    for t in range(k + size - 2):
+        c_out, c_in = t - j, t - j + 1  # the chunk this rank forwards / receives in round t
+        sends = (Send((rank + 1) % size, *chunks[c_out]),) if j < size - 1 and 0 <= c_out < k else ()
+        recvs = (Recv((rank - 1) % size, *chunks[c_in]),) if j >= 1 and 0 <= c_in < k else ()
+        rounds.append(Round(sends=sends, recvs=recvs))
+    return timeline(rounds, "chain_broadcast")
