@@ -180,9 +180,10 @@ def test_barrier_waits_for_everyone(size: int) -> None:
     assert all(len(s.rounds) == (size - 1).bit_length() for s in scheds)
 
 
+@pytest.mark.parametrize("op", ["broadcast", "reduce"])
 @pytest.mark.parametrize("size", SIZES)
-def test_chain_broadcast_pipelines_many_chunks(size: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny chunks, so the chain runs with up to 4p chunks in flight along it."""
+def test_chains_pipeline_many_chunks(op: str, size: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny chunks, so a chain runs with up to 4p chunks in flight along it."""
     from ringlet.schedules import ring
 
     monkeypatch.setattr(ring, "CHAIN_MIN_CHUNK", 3)
@@ -190,10 +191,10 @@ def test_chain_broadcast_pipelines_many_chunks(size: int, monkeypatch: pytest.Mo
     for c in (0, 1, 5, 100, 1001):
         xs = [ints(rng, c) for _ in range(size)]
         for root in roots_for(size):
-            got = replay("broadcast", "chain", size, xs, np.add, count=c, root=root)
+            got = replay(op, "chain", size, xs, np.add, count=c, root=root)
+            want = xs[root] if op == "broadcast" else np.sum(xs, axis=0)
+            for r in range(size) if op == "broadcast" else [root]:
+                np.testing.assert_array_equal(got[r], want, err_msg=f"c {c} root {root} rank {r}")
             for r in range(size):
-                np.testing.assert_array_equal(
-                    got[r], xs[root], err_msg=f"c {c} root {root} rank {r}"
-                )
-            steps = len(build("broadcast", "chain", root, size, count=c, root=root).rounds)
-            assert steps <= max(1, min(c // 3, 4 * size)) + size - 2 or c == 0
+                steps = len(build(op, "chain", r, size, count=c, root=root).rounds)
+                assert steps <= max(1, min(c // 3, 4 * size)) + size - 2

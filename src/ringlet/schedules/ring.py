@@ -138,6 +138,10 @@ CHAIN_MIN_CHUNK = 1 << 17
 CHAIN_CHUNKS_PER_RANK = 4
 
 
+def _chain_chunks(count: int, size: int) -> list[tuple[int, int]]:
+    return even_chunks(count, max(1, min(count // CHAIN_MIN_CHUNK, CHAIN_CHUNKS_PER_RANK * size)))
+
+
 def chain_broadcast(rank: int, size: int, count: int, root: int) -> Schedule:
     """Pipelined chain root → root+1 → …: a rank forwards chunk c while it receives chunk c+1.
 
@@ -145,13 +149,39 @@ def chain_broadcast(rank: int, size: int, count: int, root: int) -> Schedule:
     carries the vector once and a broadcast takes about (1 + (p-2)/k)·n transfer times, where a
     tree's root sends ceil(log2 p)·n and scatter + ring about 2(p-1)/p·n.
     """
-    k = max(1, min(count // CHAIN_MIN_CHUNK, CHAIN_CHUNKS_PER_RANK * size))
-    chunks = even_chunks(count, k)
-    j = (rank - root) % size  # place in the chain
+    chunks = _chain_chunks(count, size)
+    k, j = len(chunks), (rank - root) % size  # j: place in the chain
     rounds = []
     for t in range(k + size - 2):
         c_out, c_in = t - j, t - j + 1  # the chunk this rank forwards / receives in round t
-        sends = (Send((rank + 1) % size, *chunks[c_out]),) if j < size - 1 and 0 <= c_out < k else ()
+        sends = (
+            (Send((rank + 1) % size, *chunks[c_out]),) if j < size - 1 and 0 <= c_out < k else ()
+        )
         recvs = (Recv((rank - 1) % size, *chunks[c_in]),) if j >= 1 and 0 <= c_in < k else ()
         rounds.append(Round(sends=sends, recvs=recvs))
     return timeline(rounds, "chain_broadcast")
+
+
+def chain_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
+    """Pipelined chain root-1 → root-2 → … → root, reversed: a rank folds chunk c arriving from
+    the rank behind it into its own and passes it on while chunk c+1 arrives.
+
+    Steps: k + p - 2 for k chunks. Sent per rank: n (root: none); root receives n. Chunk c ends
+    as x_root + (x_1 + (… + x_last)) in chain order (the same on every run); ``out`` is scratch
+    off root.
+    """
+    chunks = _chain_chunks(count, size)
+    k, d = len(chunks), (root - 1 - rank) % size  # d: hops from the chain's start (root: p-1)
+    rounds = []
+    for t in range(k + size - 2):
+        c_out, c_in = t - d, t - d + 1  # the chunk this rank passes on / folds in, in round t
+        sends = (
+            (Send((rank - 1) % size, *chunks[c_out]),) if d < size - 1 and 0 <= c_out < k else ()
+        )
+        recvs = (
+            (Recv((rank + 1) % size, *chunks[c_in], reduce=True),)
+            if d >= 1 and 0 <= c_in < k
+            else ()
+        )
+        rounds.append(Round(sends=sends, recvs=recvs))
+    return timeline(rounds, "chain_reduce")

@@ -22,6 +22,7 @@ from .linear import linear_broadcast, linear_gather, linear_scatter
 from .pairwise import pairwise_all_to_all
 from .ring import (
     chain_broadcast,
+    chain_reduce,
     ring_all_gather,
     ring_all_reduce,
     ring_reduce,
@@ -43,7 +44,7 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "scatter_ring": scatter_ring_broadcast,
         "chain": chain_broadcast,
     },
-    "reduce": {"tree": binomial_reduce, "ring": ring_reduce},
+    "reduce": {"tree": binomial_reduce, "ring": ring_reduce, "chain": chain_reduce},
     "all_gather": {"ring": ring_all_gather, "bruck": bruck_all_gather},
     "gather": {"tree": binomial_gather, "linear": linear_gather},
     "scatter": {"tree": binomial_scatter, "linear": linear_scatter},
@@ -78,7 +79,8 @@ ALL_REDUCE_HALVING_MAX = 1 << 20  # below: Rabenseifner; above: ring (only neigh
 BROADCAST_TREE_MAX = 256 << 10  # below: binomial tree; above: pipelined chain
 # (4 ranks over TCP, 1/4/16/64 MiB: chain 0.7/4.4/13.1/64 ms, scatter + ring 1.3/6.1/18.7/79 ms;
 # on a network with a link per host the chain is also the one that sends each byte once a link)
-REDUCE_TREE_MAX = 256 << 10  # below: binomial tree; above: ring reduce-scatter + gather
+REDUCE_TREE_MAX = 256 << 10  # below: binomial tree; above: pipelined chain
+# (4 ranks over TCP, 4/16/64 MiB: chain 4.0/18.7/66.6 ms, tree 5.2/18.6/77.0, ring 5.5/20.9/78.7)
 ALL_GATHER_BRUCK_MAX = 256 << 10  # below: Bruck (log p steps); above: ring
 GATHER_TREE_MAX = 64 << 10  # below: binomial tree; above: flat (root receives n anyway)
 SCATTER_TREE_MAX = 64 << 10  # below: binomial tree; above: flat (root sends n anyway)
@@ -101,7 +103,7 @@ _RULES: dict[str, tuple[tuple[int, str], ...]] = {
 _LARGE = {
     "all_reduce": "ring",
     "broadcast": "chain",
-    "reduce": "ring",
+    "reduce": "chain",
     "all_gather": "ring",
     "gather": "linear",
     "scatter": "linear",
