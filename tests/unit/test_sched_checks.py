@@ -132,6 +132,8 @@ def test_select_picks_an_algorithm_of_the_op(op: str) -> None:
 def test_select_small_is_latency_bound_and_large_is_ring() -> None:
     assert select("all_reduce", 8, 8) == "doubling"
     assert select("all_reduce", 8, 1 << 30) == "halving_doubling"  # a power of two: no fold
+    assert select("all_reduce", 2, 1 << 20) == "halving_doubling"  # halves, not the whole vector
+    assert select("all_reduce", 2, 16 << 10) == "doubling"
     assert select("all_reduce", 6, 1 << 30) == "ring"
     assert select("all_reduce", 6, 64 << 10) == "halving_doubling"
     assert select("broadcast", 8, 8) == "tree"
