@@ -163,6 +163,8 @@ class PointToPoint(Collectives):
                     if their_tag == tag:
                         self._check_fits(arr, dtype, shape, src, tag)
                         return x if arr is not None else from_numpy_like(into, into)
+            except MismatchError:
+                raise  # the message that does not fit is kept; the connection is fine
             except (RingletError, TimeoutError, OSError) as exc:
                 waiting = ", ".join(f"tag {t} ({d.dtype.name} {d.shape})" for t, d in kept)
                 note = f"; arrived from rank {src} but unmatched: {waiting}" if waiting else ""

@@ -166,9 +166,9 @@ def chain_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
     """Pipelined chain root-1 → root-2 → … → root, reversed: a rank folds chunk c arriving from
     the rank behind it into its own and passes it on while chunk c+1 arrives.
 
-    Steps: k + p - 2 for k chunks. Sent per rank: n (root: none); root receives n. Chunk c ends
-    as x_root + (x_1 + (… + x_last)) in chain order (the same on every run); ``out`` is scratch
-    off root.
+    Steps: k + p - 2 for k chunks. Sent per rank: n (root: none); root receives n. Every chunk
+    ends as x_r ⊕ (x_{r+1} ⊕ (… ⊕ x_{r-1})) for root r, ranks mod p (the same order on every
+    run); ``out`` is scratch off root.
     """
     chunks = _chain_chunks(count, size)
     k, d = len(chunks), (root - 1 - rank) % size  # d: hops from the chain's start (root: p-1)
