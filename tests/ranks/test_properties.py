@@ -68,3 +68,38 @@ def run_drawn(comm, cases: list[dict]) -> list[str]:  # type: ignore[no-untyped-
 def test_drawn_shapes_and_uneven_sizes(transport: str, cases: list[dict]) -> None:  # type: ignore[type-arg]
     results = spmd.run(run_drawn, N, cases, env={"RINGLET_TRANSPORT": transport}, timeout=120)
     assert results == [[]] * N, results
+
+
+message = st.tuples(st.integers(0, 3), st.integers(0, 40), st.sampled_from(DTYPES))
+
+
+def run_tagged(comm, sent: list[tuple], order: list[int], into: list[bool]) -> list[str]:  # type: ignore[no-untyped-def,type-arg]
+    """Rank 0 sends ``sent`` (tag, length, dtype) in order; rank 1 receives them by tag in the
+    drawn ``order``: with one tag, messages must come in the order they were sent."""
+    data = [(np.arange(n) + i).astype(dt) for i, (_, n, dt) in enumerate(sent)]
+    if comm.rank == 0:
+        for (tag, _, _), x in zip(sent, data, strict=True):
+            comm.send(x, 1, tag=tag)
+        return []
+    queues: dict[int, list[np.ndarray]] = {}
+    for (tag, _, _), x in zip(sent, data, strict=True):
+        queues.setdefault(tag, []).append(x)
+    bad = []
+    for k, i in enumerate(order):
+        tag = sent[i][0]
+        want = queues[tag].pop(0)
+        buf = np.empty_like(want) if into[k % len(into)] else None
+        got = comm.recv(buf, 0, tag=tag)
+        if got.dtype != want.dtype or not np.array_equal(got, want):
+            bad.append(f"recv #{k} tag {tag}: {got} instead of {want}")
+    return bad
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_drawn_tags_match_like_mpi(data: st.DataObject) -> None:
+    sent = data.draw(st.lists(message, min_size=1, max_size=12))
+    order = data.draw(st.permutations(range(len(sent))))
+    into = data.draw(st.lists(st.booleans(), min_size=1, max_size=4))
+    results = spmd.run(run_tagged, 2, sent, order, into, env={"RINGLET_TRANSPORT": "tcp"})
+    assert results == [[], []], results
