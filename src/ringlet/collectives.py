@@ -243,21 +243,7 @@ class Collectives(InPlaceCollectives):
     def _broadcast_in_call(
         self, call: Call, header: np.ndarray, root: int, deadline: float
     ) -> None:
-        phase = _phase(call)
-        if self._shm is not None:
-            self._shm.broadcast(header, root, phase.sig, deadline)
-        elif self.size > 1:
-            self._run(
-                phase,
-                "broadcast",
-                None,
-                header.nbytes,
-                {"out": header},
-                None,
-                deadline,
-                count=header.size,
-                root=root,
-            )
+        self._broadcast_flat(_phase(call), header, root, deadline)
 
     def _even_blocks(self, arr: np.ndarray, kind: str) -> int:
         if arr.ndim == 0 or arr.shape[0] % self.size:

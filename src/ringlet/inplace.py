@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from .arrays import staged, to_numpy
+from .calls import Call
 from .core import CommunicatorCore, _check_root, _checked
 from .ops import ReduceOp, check_dtype, finish_mean, wire_op
 from .work import Work
@@ -51,25 +52,31 @@ class InPlaceCollectives(CommunicatorCore):
 
         def body(deadline: float) -> Any:
             flat, writeback = staged(arr)
-            if self._shm is not None:
-                self._shm.broadcast(flat, root, call.sig, deadline)
-            elif self.size > 1:
-                self._run(
-                    call,
-                    "broadcast",
-                    algo,
-                    flat.nbytes,
-                    {"out": flat},
-                    None,
-                    deadline,
-                    count=flat.size,
-                    root=root,
-                )
+            self._broadcast_flat(call, flat, root, deadline, algo)
             if self.rank != root:
                 writeback()
             return x
 
         return self._submit(call, body, async_op, timeout)
+
+    def _broadcast_flat(
+        self, call: Call, flat: np.ndarray, root: int, deadline: float, algo: str | None = None
+    ) -> None:
+        """Copy root's contiguous ``flat`` into ``flat`` on every rank, as part of ``call``."""
+        if self._shm is not None:
+            self._shm.broadcast(flat, root, call.sig, deadline)
+        elif self.size > 1:
+            self._run(
+                call,
+                "broadcast",
+                algo,
+                flat.nbytes,
+                {"out": flat},
+                None,
+                deadline,
+                count=flat.size,
+                root=root,
+            )
 
     def all_reduce(
         self,

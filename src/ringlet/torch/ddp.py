@@ -15,7 +15,6 @@ ends: it waits for every bucket and writes the averages back into ``param.grad``
 from __future__ import annotations
 
 import contextlib
-import os
 import time
 import weakref
 from collections.abc import Iterator
@@ -27,6 +26,7 @@ import torch
 from torch import nn
 
 import ringlet
+from ringlet.transport.shm_tuning import usable_cores
 
 from .groups import communicator_for
 from .hooks import CommHook, allreduce_hook
@@ -135,11 +135,8 @@ def _tensors(obj: Any) -> Iterator[torch.Tensor]:
 
 def _should_overlap(comm: ringlet.Communicator) -> bool:
     """Overlap averaging with backward unless it could only take cores from compute."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return comm.transport != "shm" or comm.local_size * torch.get_num_threads() < cores
+    busy = comm.local_size * torch.get_num_threads()
+    return comm.transport != "shm" or busy < usable_cores()
 
 
 class DistributedDataParallel(nn.Module):

@@ -244,11 +244,7 @@ def scatter(
     for j in range(steps):
         p = ch.parity
         if r == root and inp is not None:
-            for q in range(size):
-                a, b = _piece(j, per_step, counts[q])
-                if q != root and b > a:
-                    slot = _virtual(root, q) * per_step
-                    np.copyto(ch.stage(r, p, dt, slot, b - a), inp[displs[q] + a : displs[q] + b])
+            _stage_parts(ch, inp, counts, displs, per_step, j, p)
         if j == 0:
             ch.arrive("scatter", sig, layout, deadline)
         else:
@@ -295,11 +291,7 @@ def reduce_scatter(
     displs = _displacements(counts)
     for j in range(max(_ceil_div(max(counts, default=0), per_step), 1)):
         p = ch.parity
-        for q in range(size):
-            a, b = _piece(j, per_step, counts[q])
-            if q != r and b > a:
-                slot = _virtual(r, q) * per_step
-                np.copyto(ch.stage(r, p, dt, slot, b - a), inp[displs[q] + a : displs[q] + b])
+        _stage_parts(ch, inp, counts, displs, per_step, j, p)
         if j == 0:
             ch.arrive("reduce_scatter", sig, layout, deadline)
         else:
@@ -329,7 +321,7 @@ def all_to_all(
     steps = max(_ceil_div(int(sends.max(initial=0)), per_step), 1)
     for j in range(steps):
         if j > 0:  # step 0 was staged before the arrival, by stage_first_all_to_all
-            _stage_all_to_all(ch, inp, sends[r].tolist(), send_displs, per_step, j, ch.parity)
+            _stage_parts(ch, inp, sends[r].tolist(), send_displs, per_step, j, ch.parity)
             ch.advance(deadline)
         p = ch.step & 1
         for q in range(size):
@@ -346,10 +338,10 @@ def all_to_all(
 def stage_first_all_to_all(ch: Channel, inp: np.ndarray, send_counts: Sequence[int]) -> None:
     """Stage step 0 of :func:`all_to_all` (it needs only this rank's own counts)."""
     per_step = _sub_slot(ch.stage_bytes, ch.size - 1, inp.dtype.itemsize)
-    _stage_all_to_all(ch, inp, send_counts, _displacements(send_counts), per_step, 0, ch.parity)
+    _stage_parts(ch, inp, send_counts, _displacements(send_counts), per_step, 0, ch.parity)
 
 
-def _stage_all_to_all(
+def _stage_parts(
     ch: Channel,
     inp: np.ndarray,
     counts: Sequence[int],
@@ -358,6 +350,8 @@ def _stage_all_to_all(
     j: int,
     p: int,
 ) -> None:
+    """Stage piece j of each peer's part of ``inp`` (``counts``/``displs`` per peer) in that
+    peer's sub-slot of this rank's buffer of parity ``p``."""
     r, dt = ch.rank, inp.dtype
     for q in range(ch.size):
         a, b = _piece(j, per_step, counts[q])
