@@ -87,24 +87,24 @@ lines = [
 ]
 made = sorted(out.glob("made-*ranks.txt"), key=lambda p: (p.stem.split("-")[1] != "auto", p.stem))
 for meta in made:
-        _, transport, ranks = meta.stem.split("-")
-        n = ranks.removesuffix("ranks")
-        command, commit, date = meta.read_text().splitlines()[:3]
-        path = out / f"bench-{transport}-{n}ranks.jsonl"
-        load = (out / f"load-{transport}-{n}ranks.txt").read_text().strip()
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-        infos = {r["backend"]: r for r in records if r["kind"] == "info"}
-        used = infos["ringlet"]["transport"] if "ringlet" in infos else "?"
-        chosen = "ringlet's own choice" if transport == "auto" else "forced with --transport"
-        via = ", ".join(f"{r['backend']} {r['version']} via {r['transport']}" for r in infos.values())
-        oversubscribed = f", oversubscribed ({n} ranks on {os.cpu_count()} cores)" if int(n) > (
-            os.cpu_count() or 1) else ""
-        table = run(py, "-m", "ringlet", "bench", "--load", str(path), "--markdown")
-        lines += ["", f"### {n} ranks, ringlet over {used} ({chosen}){oversubscribed}", "",
-                  f"`{command}` — ringlet commit {commit}, {date}.", "",
-                  f"Backends: {via}. Load average when the run started: {load}.", ""]
-        lines += [f"Skipped: {r['backend']}: {r['reason']}." for r in records if r["kind"] == "skip"]
-        lines += [table]
+    _, transport, ranks = meta.stem.split("-")
+    n = ranks.removesuffix("ranks")
+    command, commit, date = meta.read_text().splitlines()[:3]
+    path = out / f"bench-{transport}-{n}ranks.jsonl"
+    load = (out / f"load-{transport}-{n}ranks.txt").read_text().strip()
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    infos = {r["backend"]: r for r in records if r["kind"] == "info"}
+    used = infos["ringlet"]["transport"] if "ringlet" in infos else "?"
+    chosen = "ringlet's own choice" if transport == "auto" else "forced with --transport"
+    via = ", ".join(f"{r['backend']} {r['version']} via {r['transport']}" for r in infos.values())
+    oversubscribed = f", oversubscribed ({n} ranks on {os.cpu_count()} cores)" if int(n) > (
+        os.cpu_count() or 1) else ""
+    table = run(py, "-m", "ringlet", "bench", "--load", str(path), "--markdown")
+    lines += ["", f"### {n} ranks, ringlet over {used} ({chosen}){oversubscribed}", "",
+              f"`{command}` — ringlet commit {commit}, {date}.", "",
+              f"Backends: {via}. Load average when the run started: {load}.", ""]
+    lines += [f"Skipped: {r['backend']}: {r['reason']}." for r in records if r["kind"] == "skip"]
+    lines += [table]
 lines.append("<!-- tables:end -->")
 text = readme.read_text()
 begin, end = text.index("<!-- tables:begin"), text.index("<!-- tables:end -->")
