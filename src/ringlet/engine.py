@@ -2,7 +2,8 @@
 
 The engine owns everything an algorithm should not know about: buffers as bytes, cutting large
 reducing rounds into segments so the scratch memory stays one segment per peer whatever the
-message size, and the deadline. Schedules stay pure data (see ``schedules/base.py``).
+message size, folding an ordered round's segments in rank order, and the deadline. Schedules
+stay pure data (see ``schedules/base.py``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .ops import ReduceOp, combine
-from .schedules.base import Round, Schedule
+from .schedules.base import Recv, Round, Schedule, fold_order
 from .transport.base import Tag, Transport
 
 #: Bytes per segment of a reducing round: the scratch a receive-and-reduce needs per peer.
@@ -55,7 +56,8 @@ class Engine:
         deadline: float,
     ) -> None:
         """Cut the round's messages into segments (by length alone, so both sides cut alike);
-        a reducing receive lands each segment in scratch, then combines it."""
+        a reducing receive lands each segment in scratch, then combines it (in rank order with
+        the other receives of its range if the round is ordered)."""
         dtype = next(iter(bufs.values())).dtype
         seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
         longest = max([s.count for s in rnd.sends] + [v.count for v in rnd.recvs])
@@ -66,17 +68,47 @@ class Engine:
                 for m in rnd.sends
                 if lo < m.count
             ]
-            recvs, reduces = [], []
+            recvs: list[tuple[int, memoryview]] = []
+            reduces: list[tuple[Recv, np.ndarray, np.ndarray]] = []
             for v in rnd.recvs:
                 if lo >= v.count:
                     continue
                 dest = bufs[v.buf][v.start + lo : min(v.stop, v.start + lo + seg)]
                 if v.reduce:
                     landing = scratch[v.peer][: dest.size]
-                    reduces.append((dest, landing))
+                    reduces.append((v, dest, landing))
                     recvs.append((v.peer, as_bytes(landing)))
                 else:
                     recvs.append((v.peer, as_bytes(dest)))
             self.transport.exchange(sends, recvs, Tag(tag.seq, tag.sig, tag.round, s), deadline)
-            for dest, landing in reduces:
+            if rnd.ordered:
+                fold_ranges(op, self.transport.rank, reduces)  # type: ignore[arg-type]
+                continue
+            for _, dest, landing in reduces:
                 combine(op, dest, landing)  # type: ignore[arg-type]
+
+
+def fold_ranges(
+    op: ReduceOp, rank: int, reduces: list[tuple[Recv, np.ndarray, np.ndarray]]
+) -> None:
+    """Fold each range's landed segments and this rank's own value there strictly in rank order.
+
+    ``combine(op, acc, x)`` computes ``acc op x``, so the accumulator is always the left operand:
+    the result is exactly ``functools.reduce(op, [x_0, …, x_{p-1}])`` element by element.
+    """
+    by_range: dict[tuple[str, int, int], tuple[np.ndarray, dict[int, np.ndarray]]] = {}
+    for v, dest, landing in reduces:
+        by_range.setdefault((v.buf, v.start, v.stop), (dest, {}))[1][v.peer] = landing
+    for dest, landed in by_range.values():
+        before, after = fold_order(rank, list(landed))
+        if not before:  # own value first: fold straight into it
+            for p in after:
+                combine(op, dest, landed[p])
+            continue
+        acc = landed[before[0]]  # the lowest rank's segment accumulates, then lands in dest
+        for p in before[1:]:
+            combine(op, acc, landed[p])
+        combine(op, acc, dest)
+        for p in after:
+            combine(op, acc, landed[p])
+        dest[...] = acc

@@ -147,7 +147,7 @@ def test_select_honours_a_valid_override(op: str, algo: str) -> None:
 
 
 def test_select_rejects_an_unknown_override_listing_the_choices() -> None:
-    with pytest.raises(ValueError, match="doubling, halving_doubling, ring"):
+    with pytest.raises(ValueError, match="doubling, halving_doubling, ordered, ring"):
         select("all_reduce", 8, 100, override="tree")
     with pytest.raises(ValueError, match="no collective named"):
         select("allreduce", 8, 100)

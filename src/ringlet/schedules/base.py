@@ -12,6 +12,9 @@ Rules every schedule keeps (checked by :func:`validate`):
 - every Send of rank a to b in round k meets a Recv of b from a in b's k-th round with that peer,
   of the same length;
 - ``Recv(reduce=True)`` combines the incoming elements into ``buf[start:stop]`` with the reduce op;
+- in a round with ``ordered=True``, the reducing receives that land on one range are folded
+  together with this rank's own value there strictly in rank order,
+  ``((x_0 op x_1) op x_2) … op x_{p-1}`` over the peers and this rank (deterministic reductions);
 - a round's copies happen first, then its sends and receives (a copy never reads what the same
   round receives).
 """
@@ -67,11 +70,16 @@ class Copy:
 
 @dataclass(frozen=True)
 class Round:
-    """Messages that may proceed concurrently; the round ends when all of them completed."""
+    """Messages that may proceed concurrently; the round ends when all of them completed.
+
+    ``ordered``: reducing receives of one range fold with the rank's own value in rank order
+    (``functools.reduce`` over ranks), not in arrival order; they may share the range.
+    """
 
     sends: tuple[Send, ...] = ()
     recvs: tuple[Recv, ...] = ()
     copies: tuple[Copy, ...] = ()
+    ordered: bool = False
 
 
 @dataclass(frozen=True)
@@ -89,14 +97,16 @@ class Schedule:
 
 def schedule(rounds: Sequence[Round], name: str = "") -> Schedule:
     """Build a schedule, dropping empty rounds and zero-length messages."""
-    kept = []
-    for r in rounds:
-        sends = tuple(s for s in r.sends if s.count > 0)
-        recvs = tuple(v for v in r.recvs if v.count > 0)
-        copies = tuple(c for c in r.copies if c.count > 0)
-        if sends or recvs or copies:
-            kept.append(Round(sends, recvs, copies))
-    return Schedule(tuple(kept), name)
+    kept = [_nonempty(r) for r in rounds]
+    return Schedule(tuple(r for r in kept if r.sends or r.recvs or r.copies), name)
+
+
+def _nonempty(r: Round) -> Round:
+    """``r`` without zero-length messages and copies (an ordered round without messages is not)."""
+    sends = tuple(s for s in r.sends if s.count > 0)
+    recvs = tuple(v for v in r.recvs if v.count > 0)
+    copies = tuple(c for c in r.copies if c.count > 0)
+    return Round(sends, recvs, copies, r.ordered and bool(recvs))
 
 
 def even_chunks(count: int, parts: int) -> list[tuple[int, int]]:
@@ -175,14 +185,7 @@ def timeline(rounds: Sequence[Round], name: str = "") -> Schedule:
     Drops zero-length messages and copies and the trailing empty rounds, but keeps interior empty
     rounds so that round numbers agree between peers (unlike :func:`schedule`).
     """
-    kept = [
-        Round(
-            tuple(s for s in r.sends if s.count > 0),
-            tuple(v for v in r.recvs if v.count > 0),
-            tuple(c for c in r.copies if c.count > 0),
-        )
-        for r in rounds
-    ]
+    kept = [_nonempty(r) for r in rounds]
     while kept and not (kept[-1].sends or kept[-1].recvs or kept[-1].copies):
         kept.pop()
     return Schedule(tuple(kept), name)
@@ -193,7 +196,7 @@ def first_copies(rounds: Sequence[Round], *copies: Copy) -> list[Round]:
     if not rounds:
         return [Round(copies=copies)]
     head = rounds[0]
-    return [Round(head.sends, head.recvs, copies + head.copies), *rounds[1:]]
+    return [Round(head.sends, head.recvs, copies + head.copies, head.ordered), *rounds[1:]]
 
 
 def last_copies(rounds: Sequence[Round], *copies: Copy) -> list[Round]:
@@ -209,7 +212,8 @@ def check_hazards(sched: Schedule, rank: int = -1) -> None:
     """Check one rank's rounds for ranges the engine could read and write at once.
 
     Within a round: nothing is written into ``"in"``; no receive overlaps a send or another
-    receive; no copy destination overlaps another copy's source or destination. Raises
+    receive (except reducing receives of the very same range in an ordered round, which fold
+    together); no copy destination overlaps another copy's source or destination. Raises
     AssertionError (schedules are code, not user input).
     """
     for k, r in enumerate(sched.rounds):
@@ -217,9 +221,14 @@ def check_hazards(sched: Schedule, rank: int = -1) -> None:
         written = [(v.buf, v.start, v.stop) for v in r.recvs]
         sent = [(s.buf, s.start, s.stop) for s in r.sends]
         assert all(w[0] != "in" for w in written), f"{where}: receives into 'in'"
-        for i, w in enumerate(written):
+        for w in written:
             assert not any(_overlap(w, s) for s in sent), f"{where}: receives into {w}, also sent"
-            assert not any(_overlap(w, o) for o in written[i + 1 :]), f"{where}: overlapping recvs"
+        # Reducing receives of an ordered round fold together: one range may take several.
+        fold = {w for w, v in zip(written, r.recvs, strict=True) if r.ordered and v.reduce}
+        alone = [w for w, v in zip(written, r.recvs, strict=True) if not (r.ordered and v.reduce)]
+        ranges = alone + sorted(fold)
+        for i, w in enumerate(ranges):
+            assert not any(_overlap(w, o) for o in ranges[i + 1 :]), f"{where}: overlapping recvs"
         dsts = [(c.dst_buf, c.dst, c.dst + c.count) for c in r.copies]
         srcs = [(c.src_buf, c.src, c.src + c.count) for c in r.copies]
         assert all(d[0] != "in" for d in dsts), f"{where}: copies into 'in'"
@@ -243,3 +252,8 @@ def check_aligned(schedules: Sequence[Schedule]) -> None:
             for v in rnd.recvs:
                 got.setdefault((v.peer, rank), []).append((k, v.count))
     assert sent == got, f"(round, length) of sends and receives differ: {sent} != {got}"
+
+
+def fold_order(rank: int, peers: Sequence[int]) -> tuple[list[int], list[int]]:
+    """The peers whose values an ordered round folds before and after this rank's own value."""
+    return sorted(p for p in peers if p < rank), sorted(p for p in peers if p > rank)

@@ -7,7 +7,7 @@ are initial guesses from the alpha-beta model, to be measured on real transports
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from .base import Schedule
@@ -19,6 +19,7 @@ from .doubling import (
     recursive_doubling_all_reduce,
 )
 from .linear import linear_broadcast, linear_gather, linear_scatter
+from .ordered import ordered_all_reduce, ordered_reduce, ordered_reduce_scatter
 from .pairwise import pairwise_all_to_all
 from .ring import (
     chain_broadcast,
@@ -37,6 +38,7 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "ring": ring_all_reduce,
         "doubling": recursive_doubling_all_reduce,
         "halving_doubling": halving_doubling_all_reduce,
+        "ordered": ordered_all_reduce,
     },
     "broadcast": {
         "tree": binomial_broadcast,
@@ -44,14 +46,33 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "scatter_ring": scatter_ring_broadcast,
         "chain": chain_broadcast,
     },
-    "reduce": {"tree": binomial_reduce, "ring": ring_reduce, "chain": chain_reduce},
+    "reduce": {
+        "tree": binomial_reduce,
+        "ring": ring_reduce,
+        "chain": chain_reduce,
+        "ordered": ordered_reduce,
+    },
     "all_gather": {"ring": ring_all_gather, "bruck": bruck_all_gather},
     "gather": {"tree": binomial_gather, "linear": linear_gather},
     "scatter": {"tree": binomial_scatter, "linear": linear_scatter},
-    "reduce_scatter": {"ring": ring_reduce_scatter, "halving": halving_reduce_scatter},
+    "reduce_scatter": {
+        "ring": ring_reduce_scatter,
+        "halving": halving_reduce_scatter,
+        "ordered": ordered_reduce_scatter,
+    },
     "all_to_all": {"pairwise": pairwise_all_to_all},
     "barrier": {"dissemination": dissemination_barrier},
 }
+
+#: The algorithm of each reduction that folds every element in rank order (deterministic mode).
+ORDERED: dict[str, str] = {
+    "all_reduce": "ordered",
+    "reduce": "ordered",
+    "reduce_scatter": "ordered",
+}
+
+#: Algorithms that take the topology as a keyword ``hosts`` after their :data:`PARAMS`.
+TOPOLOGICAL: frozenset[str] = frozenset()
 
 #: The keyword arguments (after rank and size) each op's schedule functions take.
 PARAMS: dict[str, tuple[str, ...]] = {
@@ -115,23 +136,30 @@ _LARGE = {
 }
 
 
-def select(op: str, size: int, nbytes: int, override: str | None = None) -> str:
+def select(
+    op: str,
+    size: int,
+    nbytes: int,
+    override: str | None = None,
+    *,
+    hosts: Sequence[int] | None = None,
+    deterministic: bool = False,
+) -> str:
     """The algorithm name for ``op`` over ``size`` ranks moving a vector of ``nbytes``.
 
     ``nbytes`` is the size of the whole vector: the reduced vector (all_reduce, reduce,
     broadcast), the concatenated result (all_gather, gather) or input (scatter,
-    reduce_scatter), or one rank's input (all_to_all). ``override`` (for example from
-    RINGLET_ALGO) wins if it names an algorithm of ``op``. Raises ValueError for an unknown op
-    or override, naming the choices.
+    reduce_scatter), or one rank's input (all_to_all). ``hosts`` is the host index of each rank
+    (None: not known). ``deterministic`` picks the reductions' rank-order fold (:data:`ORDERED`).
+    ``override`` (for example from RINGLET_ALGO) wins if it names an algorithm of ``op`` (an
+    ordered one for a reduction in deterministic mode). Raises ValueError for an unknown op or
+    override, naming the choices.
     """
     choices = algorithms(op)
     if override is not None:
-        if override not in choices:
-            raise ValueError(
-                f"{op}: no algorithm named {override!r} (from RINGLET_ALGO or the caller); "
-                f"choose one of {', '.join(sorted(choices))}"
-            )
-        return override
+        return _checked_override(op, override, choices, deterministic)
+    if deterministic and op in ORDERED:
+        return ORDERED[op]
     if op not in _RULES:
         return next(iter(choices))  # only one algorithm
     if op == "all_reduce" and nbytes > ALL_REDUCE_DOUBLING_MAX and size & (size - 1) == 0:
@@ -144,6 +172,21 @@ def select(op: str, size: int, nbytes: int, override: str | None = None) -> str:
     return _LARGE[op]
 
 
+def _checked_override(op: str, override: str, choices: Collection[str], deterministic: bool) -> str:
+    """``override`` if ``op`` has it (and it folds in rank order when that is asked for)."""
+    if override not in choices:
+        raise ValueError(
+            f"{op}: no algorithm named {override!r} (from RINGLET_ALGO or the caller); "
+            f"choose one of {', '.join(sorted(choices))}"
+        )
+    if deterministic and op in ORDERED and override != ORDERED[op]:
+        raise ValueError(
+            f"{op}: deterministic mode needs an algorithm that folds in rank order, not "
+            f"{override!r}; choose {ORDERED[op]!r} or leave the algorithm unforced"
+        )
+    return override
+
+
 def algorithms(op: str) -> dict[str, Callable[..., Schedule]]:
     """The algorithms of ``op`` by name. Raises ValueError for an unknown op."""
     if op not in ALGORITHMS:
@@ -151,17 +194,24 @@ def algorithms(op: str) -> dict[str, Callable[..., Schedule]]:
     return ALGORITHMS[op]
 
 
-def build(op: str, algo: str, rank: int, size: int, **kw: Any) -> Schedule:
+def build(
+    op: str, algo: str, rank: int, size: int, *, hosts: Sequence[int] | None = None, **kw: Any
+) -> Schedule:
     """Rank ``rank``'s schedule of ``op`` by algorithm ``algo``; ``kw`` as in :data:`PARAMS`.
 
-    Raises ValueError for an unknown op or algorithm, missing or unexpected keywords, counts of
-    the wrong length or negative, or a root or rank out of range.
+    ``hosts`` (the host index of each rank; pass a tuple so the call can be cached) goes to the
+    algorithms that use the topology. Raises ValueError for an unknown op or algorithm, missing
+    or unexpected keywords, counts of the wrong length or negative, or a root or rank out of range.
     """
     select(op, size, 0, override=algo)  # raises for an unknown op or algorithm
     fn = ALGORITHMS[op][algo]
     if sorted(kw) != sorted(PARAMS[op]):
         raise ValueError(f"{op} takes {', '.join(PARAMS[op]) or 'no arguments'}, got {sorted(kw)}")
     _check_args(op, rank, size, kw)
+    if hosts is not None and len(hosts) != size:
+        raise ValueError(f"{op}: hosts names {len(hosts)} ranks, the world has {size}")
+    if algo in TOPOLOGICAL:
+        return fn(rank, size, **kw, hosts=tuple(hosts) if hosts is not None else (0,) * size)
     return fn(rank, size, **kw)
 
 

@@ -14,7 +14,16 @@ from typing import Any
 
 import numpy as np
 
-from .base import Recv, Schedule, Send, check_aligned, check_hazards, extent, validate
+from .base import (
+    Recv,
+    Schedule,
+    Send,
+    check_aligned,
+    check_hazards,
+    extent,
+    fold_order,
+    validate,
+)
 from .select import build
 
 Reduce = Callable[[np.ndarray, np.ndarray], np.ndarray]
@@ -139,9 +148,11 @@ def run(
 ) -> None:
     """Execute all ranks' schedules on their buffers ("in", "out", "tmp" per rank).
 
-    ``reduce(local, incoming)`` returns the combination a ``Recv(reduce=True)`` stores.
+    ``reduce(local, incoming)`` returns the combination a ``Recv(reduce=True)`` stores; an
+    ordered round keeps what lands and folds it in rank order when the round is done.
     Raises Deadlock, or AssertionError for a range outside its buffer.
     """
+    landed: dict[tuple[int, Recv], np.ndarray] = {}  # (receiver, ordered recv) -> its data
     for ev in events(schedules):
         if isinstance(ev, Enter):
             for c in schedules[ev.rank].rounds[ev.round].copies:
@@ -152,7 +163,33 @@ def run(
             s, v = ev.send, ev.recv
             data = _view(bufs[ev.src][s.buf], s.start, s.stop, f"rank {ev.src} send").copy()
             into = _view(bufs[ev.dst][v.buf], v.start, v.stop, f"rank {ev.dst} recv")
-            into[:] = reduce(into, data) if v.reduce else data
+            if v.reduce and schedules[ev.dst].rounds[ev.dst_round].ordered:
+                landed[(ev.dst, v)] = data
+            else:
+                into[:] = reduce(into, data) if v.reduce else data
+        elif schedules[ev.rank].rounds[ev.round].ordered:
+            _fold(ev.rank, schedules[ev.rank].rounds[ev.round].recvs, bufs[ev.rank], landed, reduce)
+
+
+def _fold(
+    rank: int,
+    recvs: Sequence[Recv],
+    bufs: dict[str, np.ndarray],
+    landed: dict[tuple[int, Recv], np.ndarray],
+    reduce: Reduce,
+) -> None:
+    """Fold an ordered round's landed data with the rank's own value, range by range, in rank order."""
+    by_range: dict[tuple[str, int, int], dict[int, np.ndarray]] = {}
+    for v in recvs:
+        if v.reduce:
+            by_range.setdefault((v.buf, v.start, v.stop), {})[v.peer] = landed.pop((rank, v))
+    for (buf, start, stop), got in by_range.items():
+        before, after = fold_order(rank, list(got))
+        values = [got[p] for p in before] + [bufs[buf][start:stop].copy()] + [got[p] for p in after]
+        acc = values[0]
+        for x in values[1:]:
+            acc = reduce(acc, x)
+        bufs[buf][start:stop] = acc
 
 
 def result_count(op: str, rank: int, size: int, **kw: Any) -> int:
