@@ -23,7 +23,7 @@ from ringlet.schedules.base import (
     validate,
 )
 from ringlet.schedules.cost import cost, even_args, modeled_time, render_markdown
-from ringlet.schedules.select import ALGORITHMS, PARAMS, build, select
+from ringlet.schedules.select import ALGORITHMS, PARAMS, TOPOLOGICAL, build, select
 from ringlet.schedules.simulate import Deadlock, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -147,7 +147,7 @@ def test_select_honours_a_valid_override(op: str, algo: str) -> None:
 
 
 def test_select_rejects_an_unknown_override_listing_the_choices() -> None:
-    with pytest.raises(ValueError, match="doubling, halving_doubling, ordered, ring"):
+    with pytest.raises(ValueError, match="doubling, halving_doubling, hier, ordered, ring"):
         select("all_reduce", 8, 100, override="tree")
     with pytest.raises(ValueError, match="no collective named"):
         select("allreduce", 8, 100)
@@ -174,8 +174,9 @@ def test_params_match_the_schedule_functions() -> None:
     import inspect
 
     for op, algos in ALGORITHMS.items():
-        for fn in algos.values():
-            assert tuple(inspect.signature(fn).parameters)[2:] == PARAMS[op], fn.__name__
+        for algo, fn in algos.items():
+            topology = ("hosts",) if algo in TOPOLOGICAL else ()
+            assert tuple(inspect.signature(fn).parameters)[2:] == PARAMS[op] + topology, algo
 
 
 # -- costs and docs ---------------------------------------------------------------------------
@@ -233,7 +234,13 @@ def test_schedule_modules_stay_small_and_import_only_the_vocabulary() -> None:
         if path.stem in ("ring", "tree", "doubling", "linear", "pairwise", "select"):
             for node in ast.walk(tree):
                 if isinstance(node, ast.ImportFrom) and node.level == 0:
-                    assert node.module in ("__future__", "collections.abc", "itertools", "typing")
+                    assert node.module in (
+                        "__future__",
+                        "collections.abc",
+                        "functools",
+                        "itertools",
+                        "typing",
+                    )
                 assert not isinstance(node, ast.Import), f"{path.name} imports a module"
 
 

@@ -8,6 +8,7 @@ are initial guesses from the alpha-beta model, to be measured on real transports
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
+from functools import lru_cache
 from typing import Any
 
 from .base import Schedule
@@ -17,6 +18,15 @@ from .doubling import (
     halving_doubling_all_reduce,
     halving_reduce_scatter,
     recursive_doubling_all_reduce,
+)
+from .groups import spans_hosts
+from .hier import (
+    hier_all_gather,
+    hier_all_reduce,
+    hier_barrier,
+    hier_broadcast,
+    hier_reduce,
+    hier_reduce_scatter,
 )
 from .linear import linear_broadcast, linear_gather, linear_scatter
 from .ordered import ordered_all_reduce, ordered_reduce, ordered_reduce_scatter
@@ -39,29 +49,33 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "doubling": recursive_doubling_all_reduce,
         "halving_doubling": halving_doubling_all_reduce,
         "ordered": ordered_all_reduce,
+        "hier": hier_all_reduce,
     },
     "broadcast": {
         "tree": binomial_broadcast,
         "linear": linear_broadcast,
         "scatter_ring": scatter_ring_broadcast,
         "chain": chain_broadcast,
+        "hier": hier_broadcast,
     },
     "reduce": {
         "tree": binomial_reduce,
         "ring": ring_reduce,
         "chain": chain_reduce,
         "ordered": ordered_reduce,
+        "hier": hier_reduce,
     },
-    "all_gather": {"ring": ring_all_gather, "bruck": bruck_all_gather},
+    "all_gather": {"ring": ring_all_gather, "bruck": bruck_all_gather, "hier": hier_all_gather},
     "gather": {"tree": binomial_gather, "linear": linear_gather},
     "scatter": {"tree": binomial_scatter, "linear": linear_scatter},
     "reduce_scatter": {
         "ring": ring_reduce_scatter,
         "halving": halving_reduce_scatter,
         "ordered": ordered_reduce_scatter,
+        "hier": hier_reduce_scatter,
     },
     "all_to_all": {"pairwise": pairwise_all_to_all},
-    "barrier": {"dissemination": dissemination_barrier},
+    "barrier": {"dissemination": dissemination_barrier, "hier": hier_barrier},
 }
 
 #: The algorithm of each reduction that folds every element in rank order (deterministic mode).
@@ -72,7 +86,17 @@ ORDERED: dict[str, str] = {
 }
 
 #: Algorithms that take the topology as a keyword ``hosts`` after their :data:`PARAMS`.
-TOPOLOGICAL: frozenset[str] = frozenset()
+TOPOLOGICAL: frozenset[str] = frozenset({"hier"})
+
+#: The ops with a hierarchical algorithm, which select takes whenever the ranks span hosts and
+#: some host holds several of them, for messages above HIER_MODEL_MAX bytes; at or below it (and
+#: for barrier) the
+#: cost model with MODEL_INTRA / MODEL_INTER (alpha, beta per byte) decides between hier and the
+#: flat choice (a flat recursive doubling on host-contiguous ranks is already hierarchical).
+HIER_MODEL_MAX = 64 << 10
+MODEL_INTRA = (2e-6, 1e-10)  # shared memory: 2 µs a round, 10 GB/s (illustrative)
+MODEL_INTER = (20e-6, 8e-10)  # between hosts: 20 µs a round, 1.25 GB/s per host (10 Gbit/s)
+HIER_OPS = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "reduce", "barrier")
 
 #: The keyword arguments (after rank and size) each op's schedule functions take.
 PARAMS: dict[str, tuple[str, ...]] = {
@@ -160,6 +184,34 @@ def select(
         return _checked_override(op, override, choices, deterministic)
     if deterministic and op in ORDERED:
         return ORDERED[op]
+    if op in HIER_OPS and spans_hosts(hosts):
+        assert hosts is not None
+        if nbytes > HIER_MODEL_MAX and op != "barrier":
+            return "hier"
+        return _modeled(op, tuple(hosts), nbytes)
+    return _flat(op, size, nbytes)
+
+
+@lru_cache(maxsize=1024)
+def _modeled(op: str, hosts: tuple[int, ...], nbytes: int) -> str:
+    """Hier or the flat choice, whichever the topology cost model finishes first (ties: hier).
+
+    Latency-bound sizes only, rounded up to a power of two so that the cache stays small.
+    """
+    from .cost import even_args, modeled_time  # the model reads schedules built here
+
+    size, n = len(hosts), 1 << max(0, nbytes - 1).bit_length()
+    kw = even_args(op, size, n)
+    times = {}
+    for algo in ("hier", _flat(op, size, n)):
+        scheds = [build(op, algo, r, size, hosts=hosts, **kw) for r in range(size)]
+        times[algo] = modeled_time(scheds, *MODEL_INTRA, hosts, MODEL_INTER)
+    return min(times, key=lambda a: (times[a], a != "hier"))
+
+
+def _flat(op: str, size: int, nbytes: int) -> str:
+    """The choice by message size and world size alone (one host, or one rank per host)."""
+    choices = ALGORITHMS[op]
     if op not in _RULES:
         return next(iter(choices))  # only one algorithm
     if op == "all_reduce" and nbytes > ALL_REDUCE_DOUBLING_MAX and size & (size - 1) == 0:
