@@ -1,0 +1,440 @@
+"""Point-to-point messages between the ranks of one host through a shared-memory segment.
+
+:class:`ShmTransport` has the same vocabulary as TCP (``exchange`` a round of sends and receives,
+``abort``, ``close``), so any schedule runs over it, and a communicator that spans hosts can reach
+its same-host peers through it while the others go over TCP (see routes.py). It never knows which
+collective it serves.
+
+Each ordered pair of ranks (a → b) owns a mailbox: two slots of ``chunk`` bytes, each with a
+header (call sequence, signature, round, segment, length, piece), and two counters — ``posted``,
+written only by the sender, and ``taken``, written only by the receiver. A message is cut into
+pieces of at most ``chunk`` bytes; the sender fills slot ``posted % 2`` and bumps ``posted``, the
+receiver checks the header against what it expects (a peer in another call is a MismatchError,
+never a corrupted buffer), copies the piece out and bumps ``taken``. Where Linux cross-memory
+attach works, a large message is one piece that carries the sender's buffer address instead: the
+receiver copies straight from the sender's memory with one kernel copy, and the send completes
+when the receiver took it. Memory stays two chunks per pair whatever the message size.
+
+Waiting spins briefly, then yields the CPU, then sleeps in a futex wait on the rank's doorbell,
+which a peer rings when it posts to or takes from a mailbox of this rank (see shm_wait).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import numpy as np
+
+from ..errors import CollectiveTimeout, MismatchError, PeerError
+from .base import Tag
+from .cma import CrossMemory, allow_peers
+from .shm_segment import LINE, PAGE, SHM_DIR, _align, _safe_job
+from .shm_wait import (
+    POLL_SECONDS,
+    SLEEP_MAX_SECONDS,
+    SLEEP_MIN_SECONDS,
+    SPIN_SECONDS,
+    YIELD_SECONDS,
+    Futex,
+    PeerWatch,
+    process_start_time,
+)
+
+NAME_PREFIX = "ringlet-p2p-"
+MAGIC = 0x32_50325054454C47  # arbitrary, checked on attach
+#: Messages of at least this many bytes are copied straight from the sender's memory (one kernel
+#: copy) where cross-memory attach works; smaller ones go through the mailbox slots.
+DIRECT_MIN_BYTES = 128 << 10
+#: Bytes of mailbox slots in the whole segment; a slot is this split over 2 slots per pair.
+SLOT_BUDGET = 8 << 20
+CHUNK_MIN, CHUNK_MAX = 64 << 10, 1 << 20
+
+# Mailbox control words (uint64): the counters, then one header of HDR words per slot.
+POSTED, TAKEN, HEADERS, HDR = 0, 1, 2, 7
+H_SEQ, H_SIG, H_ROUND, H_SEGMENT, H_LENGTH, H_PIECE, H_ADDRESS = range(HDR)
+BOX_WORDS = 16  # 128 bytes
+# Per-rank line words (uint64) in the rank table; the doorbell is the first 32-bit word.
+R_SLEEPING, R_PID, R_START, R_PROBE, R_VERDICT = 1, 2, 3, 4, 5
+# Header words.
+G_MAGIC, G_SIZE, G_CHUNK, G_ABORT, G_REASON_LEN, G_ABORT_RANK = range(6)
+REASON_OFFSET, REASON_MAX = 64, PAGE - 64
+PROBE = b"ringlet-probe-01"
+
+
+class ShmUnavailable(Exception):
+    """The host refused the segment; the caller falls back to TCP for these peers."""
+
+
+def chunk_bytes(local_size: int) -> int:
+    """Slot size for ``local_size`` ranks: the slot budget over 2 slots per ordered pair."""
+    pairs = max(1, local_size * (local_size - 1))
+    return max(CHUNK_MIN, min(CHUNK_MAX, SLOT_BUDGET // (2 * pairs) // PAGE * PAGE))
+
+
+class _Layout:
+    """Byte offsets of the regions of a segment for ``k`` ranks and slots of ``chunk`` bytes."""
+
+    def __init__(self, k: int, chunk: int) -> None:
+        self.k, self.chunk = k, chunk
+        self.ranks = PAGE
+        self.boxes = self.ranks + _align(k * LINE)
+        self.slots = self.boxes + _align(k * k * BOX_WORDS * 8)
+        self.total = self.slots + k * k * 2 * chunk
+
+    def slot(self, src: int, dst: int, parity: int) -> int:
+        return self.slots + ((src * self.k + dst) * 2 + parity) * self.chunk
+
+
+class _Segment:
+    """The mapped segment and typed views of its regions."""
+
+    def __init__(self, path: str, layout: _Layout, create: bool) -> None:
+        import mmap
+
+        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        fd = os.open(path, flags, 0o600)
+        try:
+            if create:
+                os.posix_fallocate(fd, 0, layout.total)  # a full tmpfs fails here, not mid-call
+            elif os.fstat(fd).st_size != layout.total:
+                raise ShmUnavailable(f"segment {path} has an unexpected size")
+            self._mm: mmap.mmap | None = mmap.mmap(fd, layout.total, flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.layout = layout
+        self.bytes = np.frombuffer(self._mm, np.uint8)
+        self.address = int(self.bytes.ctypes.data)
+        self.header = self.bytes[:PAGE].view(np.uint64)
+        self.ranks = self.bytes[layout.ranks : layout.ranks + layout.k * LINE].view(np.uint64)
+        self.bells = self.bytes[layout.ranks : layout.ranks + layout.k * LINE].view(np.uint32)
+        n = layout.k * layout.k * BOX_WORDS
+        self.boxes = self.bytes[layout.boxes : layout.boxes + n * 8].view(np.uint64)
+
+    def close(self) -> None:
+        mm, self._mm = self._mm, None
+        if mm is None:
+            return
+        del self.bytes, self.header, self.ranks, self.bells, self.boxes
+        with contextlib.suppress(BufferError):
+            mm.close()
+
+
+def _bytes_of(view: memoryview) -> np.ndarray:
+    return np.frombuffer(view, np.uint8)
+
+
+class _Op:
+    """One message of a round in progress: ``done`` once every piece moved."""
+
+    __slots__ = ("box", "data", "direct", "done", "length", "peer", "piece", "pieces", "send")
+
+    def __init__(self, send: bool, peer: int, box: int, data: np.ndarray, pieces: int) -> None:
+        self.send, self.peer, self.box, self.data = send, peer, box, data
+        self.length = data.nbytes
+        self.pieces = pieces  # 0 for a direct (cross-memory) message
+        self.piece = 0
+        self.direct = pieces == 0
+        self.done = False
+
+
+class ShmTransport:
+    """Framed messages between the same-host ranks ``local`` (communicator ranks, sorted) of one
+    communicator, through a segment they share."""
+
+    def __init__(
+        self,
+        rank: int,
+        size: int,
+        local: Sequence[int],
+        seg: _Segment,
+        cma: CrossMemory | None,
+        watch: PeerWatch,
+        poll: Callable[[], None],
+    ) -> None:
+        self.rank, self.size = rank, size
+        self.peers = frozenset(q for q in local if q != rank)
+        self._index = {q: i for i, q in enumerate(local)}
+        self._me = self._index[rank]
+        self._seg = seg
+        self._cma = cma
+        self._watch = watch
+        self._poll = poll
+        self._futex = Futex()
+        self._chunk = seg.layout.chunk
+        self._bell_address = [seg.address + seg.layout.ranks + i * LINE for i in range(len(local))]
+        self.cancel = threading.Event()  # set by routes.py when the other half of a round failed
+        self._closed = False
+
+    # -- set-up -------------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        rank: int,
+        size: int,
+        local: Sequence[int],
+        *,
+        job: str,
+        exchange: Callable[[bytes], list[bytes]],
+        poll: Callable[[], None],
+    ) -> ShmTransport:
+        """Create (lowest local rank) or attach the segment; every rank of ``local`` calls this.
+
+        ``exchange(b)`` all-gathers a small value among the ``local`` ranks (three rounds), so all
+        of them reach the same verdict: raises ShmUnavailable alike on every one of them.
+        """
+        local = sorted(local)
+        me, k = local.index(rank), len(local)
+        layout = _Layout(k, chunk_bytes(k))
+        problem, seg, path = "", None, ""
+        if me == 0:
+            path = os.path.join(SHM_DIR, f"{NAME_PREFIX}{_safe_job(job)}-{os.urandom(6).hex()}")
+            try:
+                seg = _Segment(path, layout, create=True)
+                seg.header[G_SIZE], seg.header[G_CHUNK] = k, layout.chunk
+                seg.header[G_MAGIC] = MAGIC
+            except (OSError, ShmUnavailable) as exc:
+                problem = f"rank {rank} cannot create {path}: {exc}"
+        first = [json.loads(b) for b in exchange(json.dumps([path, problem]).encode())]
+        path, problem = first[0]
+        if not problem and seg is None:
+            try:
+                seg = _Segment(path, layout, create=False)
+                if int(seg.header[G_MAGIC]) != MAGIC or int(seg.header[G_SIZE]) != k:
+                    raise ShmUnavailable(f"segment {path} was not made for these {k} ranks")
+            except (OSError, ShmUnavailable) as exc:
+                problem = f"rank {rank} cannot attach {path}: {exc}"
+        probe = np.frombuffer(PROBE, np.uint8).copy()
+        if seg is not None:
+            allow_peers()
+            line = me * (LINE // 8)
+            seg.ranks[line + R_PID] = os.getpid()
+            seg.ranks[line + R_START] = process_start_time(os.getpid()) or 0
+            seg.ranks[line + R_PROBE] = probe.ctypes.data
+        second = [json.loads(b) for b in exchange(json.dumps(problem).encode())]
+        if me == 0:
+            with contextlib.suppress(OSError):
+                os.unlink(path)  # every rank attached (or gave up): nothing is left behind
+        problems = [p for p in second if p]
+        if problems:
+            if seg is not None:
+                seg.close()
+            raise ShmUnavailable("; ".join(problems))
+        assert seg is not None
+        pids = [int(seg.ranks[i * (LINE // 8) + R_PID]) for i in range(k)]
+        starts = [int(seg.ranks[i * (LINE // 8) + R_START]) or None for i in range(k)]
+        cma = CrossMemory(me, pids)
+        ok = all(
+            cma.probe(i, int(seg.ranks[i * (LINE // 8) + R_PROBE]), len(PROBE)) is None
+            for i in range(k)
+            if i != me
+        )
+        verdicts = [json.loads(b) for b in exchange(json.dumps(ok).encode())]
+        del probe  # the peers finished probing it in the round above
+        watch = PeerWatch(list(zip(pids, starts, strict=True)))
+        return cls(rank, size, local, seg, cma if all(verdicts) else None, watch, poll)
+
+    @property
+    def direct(self) -> bool:
+        """True when large messages are copied straight from the sender's memory."""
+        return self._cma is not None
+
+    # -- the data path -------------------------------------------------------------------------
+    def exchange(
+        self,
+        sends: Sequence[tuple[int, memoryview]],
+        recvs: Sequence[tuple[int, memoryview]],
+        tag: Tag,
+        deadline: float,
+    ) -> None:
+        """Send and receive one round; see :class:`ringlet.transport.base.Transport`."""
+        k, me = self._seg.layout.k, self._me
+        ops = [self._op(True, p, me * k + self._index[p], d) for p, d in sends]
+        ops += [self._op(False, p, self._index[p] * k + me, d) for p, d in recvs]
+        pending = [op for op in ops if not self._step(op, tag)]
+        if pending:
+            self._wait(pending, tag, deadline)
+
+    def _op(self, send: bool, peer: int, box: int, data: memoryview) -> _Op:
+        arr = _bytes_of(data)
+        direct = self._cma is not None and arr.nbytes >= DIRECT_MIN_BYTES
+        pieces = 0 if direct else max(1, -(-arr.nbytes // self._chunk))
+        return _Op(send, peer, box * BOX_WORDS, arr, pieces)
+
+    def _step(self, op: _Op, tag: Tag) -> bool:
+        """Move what can move without waiting; True once the message is complete."""
+        boxes = self._seg.boxes
+        b = op.box
+        while not op.done:
+            posted, taken = int(boxes[b + POSTED]), int(boxes[b + TAKEN])
+            if op.send:
+                if op.direct and op.piece:  # our buffer was published: done when it was taken
+                    if taken < posted:
+                        return False
+                    op.done = True
+                    break
+                if posted - taken >= 2:
+                    return False  # both slots full
+                self._post(op, b, posted, tag)
+            else:
+                if posted <= taken:
+                    return False
+                self._take(op, b, taken, tag)
+        return True
+
+    def _post(self, op: _Op, b: int, posted: int, tag: Tag) -> None:
+        boxes, parity = self._seg.boxes, posted & 1
+        h = b + HEADERS + parity * HDR
+        if op.direct:
+            boxes[h + H_ADDRESS] = op.data.ctypes.data if op.length else 0
+        else:
+            lo = op.piece * self._chunk
+            n = min(self._chunk, op.length - lo)
+            start = self._seg.layout.slot(self._me, self._index[op.peer], parity)
+            self._seg.bytes[start : start + n] = op.data[lo : lo + n]
+        boxes[h + H_SEQ], boxes[h + H_SIG] = tag.seq, tag.sig & 0xFFFFFFFFFFFFFFFF
+        boxes[h + H_ROUND], boxes[h + H_SEGMENT] = tag.round, tag.segment
+        boxes[h + H_LENGTH], boxes[h + H_PIECE] = op.length, op.piece | (op.direct << 32)
+        boxes[b + POSTED] = posted + 1  # last: the receiver sees a complete piece
+        self._ring(op.peer)
+        op.piece += 1
+        if not op.direct and op.piece >= op.pieces:
+            op.done = True
+
+    def _take(self, op: _Op, b: int, taken: int, tag: Tag) -> None:
+        boxes, parity = self._seg.boxes, taken & 1
+        h = b + HEADERS + parity * HDR
+        self._check(op, boxes, h, tag)
+        if op.direct:
+            if op.length:
+                assert self._cma is not None
+                self._cma.read(self._index[op.peer], int(boxes[h + H_ADDRESS]), op.data)
+        else:
+            lo = op.piece * self._chunk
+            n = min(self._chunk, op.length - lo)
+            start = self._seg.layout.slot(self._index[op.peer], self._me, parity)
+            op.data[lo : lo + n] = self._seg.bytes[start : start + n]
+        boxes[b + TAKEN] = taken + 1
+        self._ring(op.peer)
+        op.piece += 1
+        if op.direct or op.piece >= op.pieces:
+            op.done = True
+
+    def _check(self, op: _Op, boxes: np.ndarray, h: int, tag: Tag) -> None:
+        seq, sig = int(boxes[h + H_SEQ]), int(boxes[h + H_SIG])
+        if (seq, sig) != (tag.seq, tag.sig & 0xFFFFFFFFFFFFFFFF):
+            raise MismatchError(
+                f"rank {op.peer} is in call #{seq} (signature {sig:#018x}) while this rank is in "
+                f"call #{tag.seq} (signature {tag.sig & 0xFFFFFFFFFFFFFFFF:#018x})"
+            )
+        got = (int(boxes[h + H_ROUND]), int(boxes[h + H_SEGMENT]), int(boxes[h + H_LENGTH]))
+        piece, direct = int(boxes[h + H_PIECE]) & 0xFFFFFFFF, bool(int(boxes[h + H_PIECE]) >> 32)
+        if got != (tag.round, tag.segment, op.length) or (piece, direct) != (op.piece, op.direct):
+            raise MismatchError(
+                f"rank {op.peer} sent round {got[0]} segment {got[1]} of {got[2]} bytes where "
+                f"this rank expects round {tag.round} segment {tag.segment} of {op.length} bytes "
+                "(ranks chose different algorithms or sizes; check RINGLET_ALGO)"
+            )
+
+    # -- waiting -------------------------------------------------------------------------------
+    def _ring(self, peer: int) -> None:
+        """Wake ``peer`` if it said it may be asleep on its doorbell."""
+        i = self._index[peer]
+        if self._seg.ranks[i * (LINE // 8) + R_SLEEPING]:
+            bell = i * (LINE // 4)
+            self._seg.bells[bell] = (int(self._seg.bells[bell]) + 1) & 0xFFFFFFFF
+            self._futex.wake(self._bell_address[i])
+
+    def _wait(self, pending: list[_Op], tag: Tag, deadline: float) -> None:
+        """Progress ``pending`` until all completed: spin, then yield, then sleep on the doorbell."""
+        idle = time.monotonic()
+        next_check = idle + POLL_SECONDS
+        sleep = SLEEP_MIN_SECONDS
+        while True:
+            before = (len(pending), sum(op.piece for op in pending))
+            pending = [op for op in pending if not self._step(op, tag)]
+            if not pending:
+                return
+            now = time.monotonic()
+            if (len(pending), sum(op.piece for op in pending)) != before:
+                idle, sleep = now, SLEEP_MIN_SECONDS
+                continue
+            if now >= next_check or now >= deadline or self.cancel.is_set():
+                next_check = now + POLL_SECONDS
+                self._check_health(pending, deadline, now)
+            if now - idle < SPIN_SECONDS:
+                continue
+            if now - idle < SPIN_SECONDS + YIELD_SECONDS:
+                os.sched_yield()
+                continue
+            self._sleep(pending, tag, min(sleep, max(deadline - now, 0.0) + 1e-4))
+            sleep = min(sleep * 2, SLEEP_MAX_SECONDS)
+
+    def _sleep(self, pending: list[_Op], tag: Tag, seconds: float) -> None:
+        line = self._me * (LINE // 8)
+        bell = int(self._seg.bells[self._me * (LINE // 4)])
+        self._seg.ranks[line + R_SLEEPING] = 1
+        try:
+            if any(self._step(op, tag) for op in pending):
+                return  # something moved after we announced the sleep
+            self._futex.wait(self._bell_address[self._me], bell, seconds)
+        finally:
+            self._seg.ranks[line + R_SLEEPING] = 0
+
+    def _check_health(self, pending: list[_Op], deadline: float, now: float) -> None:
+        """Raise why the round can never finish: abort, a dead peer, the deadline, a cancel."""
+        header = self._seg.header
+        if header[G_ABORT]:
+            raise self._aborted()
+        if self.cancel.is_set():
+            raise PeerError(f"rank {self.rank}: the round was cancelled", rank=None)
+        self._poll()
+        waiting = sorted({op.peer for op in pending})
+        dead = self._watch.dead([self._index[q] for q in waiting])
+        if dead:
+            if header[G_ABORT]:
+                raise self._aborted()
+            who = [q for q in waiting if self._index[q] in dead]
+            raise PeerError(
+                f"rank {self.rank}: rank {who[0]} died while this rank waited for it over shared "
+                "memory; the job cannot continue, restart it",
+                rank=who[0],
+            )
+        if now >= deadline:
+            raise CollectiveTimeout(f"still waiting for ranks {waiting} (shared memory)")
+
+    def _aborted(self) -> PeerError:
+        n = min(int(self._seg.header[G_REASON_LEN]), REASON_MAX)
+        raw = bytes(self._seg.bytes[REASON_OFFSET : REASON_OFFSET + n])
+        dead = int(self._seg.header[G_ABORT_RANK])
+        return PeerError(
+            f"rank {self.rank}: stopped because a peer gave up: "
+            f"{raw.decode('utf-8', 'replace') or 'no reason given'}",
+            rank=dead - 1 if dead else None,
+        )
+
+    # -- errors and shutdown -------------------------------------------------------------------
+    def abort(self, message: str) -> None:
+        """Mark the segment aborted and wake every local rank, so none waits on this one."""
+        if self._closed:
+            return
+        h = self._seg.header
+        if not h[G_ABORT]:
+            raw = message.encode("utf-8", "replace")[:REASON_MAX]
+            self._seg.bytes[REASON_OFFSET : REASON_OFFSET + len(raw)] = np.frombuffer(raw, np.uint8)
+            h[G_REASON_LEN] = len(raw)
+            h[G_ABORT] = 1
+        for i, address in enumerate(self._bell_address):
+            bell = i * (LINE // 4)
+            self._seg.bells[bell] = (int(self._seg.bells[bell]) + 1) & 0xFFFFFFFF
+            self._futex.wake(address)
+
+    def close(self) -> None:
+        """Unmap the segment; idempotent."""
+        if not self._closed:
+            self._closed = True
+            self._seg.close()
