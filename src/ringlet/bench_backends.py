@@ -122,7 +122,7 @@ class RingletBackend(Backend):
         self.algos = algos or {}
         self.version = __version__
         # The shared-memory group is internal; the report only needs to know whether it is used.
-        self.transport = "shm" if getattr(comm, "_shm", None) is not None else "tcp"
+        self.transport = comm.transport
         if self.size == 1:
             self.transport = "none"
 

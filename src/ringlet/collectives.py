@@ -51,8 +51,8 @@ class Collectives(InPlaceCollectives):
         mine = np.array([rows], np.int64)
         out = np.empty(self.size, np.int64)
         phase = _phase(call)
-        if self._shm is not None:
-            self._shm.all_gather(mine, out, [1] * self.size, phase.sig, deadline)
+        if (group := self._group("all_gather", None)) is not None:
+            group.all_gather(mine, out, [1] * self.size, phase.sig, deadline)
         elif self.size > 1:
             self._run(
                 phase,
@@ -88,8 +88,8 @@ class Collectives(InPlaceCollectives):
             flat_in, _ = staged(arr)
             flat_out = out.reshape(-1)
             counts = [r * row for r in rows]
-            if self._shm is not None:
-                self._shm.all_gather(flat_in, flat_out, counts, call.sig, deadline)
+            if (group := self._group("all_gather", algo)) is not None:
+                group.all_gather(flat_in, flat_out, counts, call.sig, deadline)
             elif self.size > 1:
                 self._run(
                     call,
@@ -129,8 +129,8 @@ class Collectives(InPlaceCollectives):
             flat_in, _ = staged(arr)
             out = np.empty((sum(rows), *arr.shape[1:]), arr.dtype) if self.rank == root else None
             flat_out = out.reshape(-1) if out is not None else None
-            if self._shm is not None:
-                self._shm.gather(flat_in, flat_out, counts, root, call.sig, deadline)
+            if (group := self._group("gather", algo)) is not None:
+                group.gather(flat_in, flat_out, counts, root, call.sig, deadline)
             elif self.size > 1:
                 bufs = {"in": flat_in} if flat_out is None else {"in": flat_in, "out": flat_out}
                 self._run(
@@ -212,8 +212,8 @@ class Collectives(InPlaceCollectives):
             counts = [int(r) * row for r in header[4 + MAX_TRAILING :]]
             out = np.empty((int(header[4 + MAX_TRAILING + self.rank]), *trailing), dtype)
             flat_in = np.concatenate([p.reshape(-1) for p in parts]) if parts else None
-            if self._shm is not None:
-                self._shm.scatter(flat_in, out.reshape(-1), counts, root, call.sig, deadline)
+            if (group := self._group("scatter", algo)) is not None:
+                group.scatter(flat_in, out.reshape(-1), counts, root, call.sig, deadline)
             elif self.size > 1:
                 bufs = {"out": out.reshape(-1)}
                 if flat_in is not None:
@@ -272,8 +272,8 @@ class Collectives(InPlaceCollectives):
             flat_in, _ = staged(arr)
             sent = wire_op(rop)
             counts = [block] * self.size
-            if self._shm is not None:
-                self._shm.reduce_scatter(flat_in, out.reshape(-1), counts, sent, call.sig, deadline)
+            if (group := self._group("reduce_scatter", algo, reduces=True)) is not None:
+                group.reduce_scatter(flat_in, out.reshape(-1), counts, sent, call.sig, deadline)
             elif self.size > 1:
                 self._run(
                     call,
@@ -311,8 +311,8 @@ class Collectives(InPlaceCollectives):
             out = np.empty_like(arr, order="C")
             flat_in, _ = staged(arr)
             counts = [block] * self.size
-            if self._shm is not None:
-                self._shm.all_to_all(flat_in, out.reshape(-1), counts, counts, call.sig, deadline)
+            if (group := self._group("all_to_all", algo)) is not None:
+                group.all_to_all(flat_in, out.reshape(-1), counts, counts, call.sig, deadline)
             elif self.size > 1:
                 self._run(
                     call,

@@ -2,9 +2,12 @@
 
 Every public collective follows one path: check the arguments locally (ValueError / TypeError,
 before any data moves), describe the call, then run it — inline, or on the progress thread for
-``async_op=True`` — through the node's shared memory when all ranks share a host, else through a
-schedule executed by the engine over TCP. A call rejected for its arguments still takes its
-sequence number and is reported to the other ranks (failures.py), so none waits for it in vain.
+``async_op=True`` — as a schedule chosen by select from the op, size and the hosts the
+communicator spans, executed by the engine over its routes: shared memory to the ranks of this
+host, TCP to the others. (A communicator whose ranks all share one host still runs its default
+choices through the host's shm group, shm.py, until those algorithms are schedules too.) A call
+rejected for its arguments still takes its sequence number and is reported to the other ranks
+(failures.py), so none waits for it in vain.
 The flight recorder (recorder.py) keeps the last calls for the error report.
 """
 
@@ -30,10 +33,13 @@ from .ops import ReduceOp, check_dtype, check_op_dtype, parse_op
 from .recorder import Entry, FlightRecorder
 from .schedules import select
 from .schedules.base import Schedule, extent
+from .transport.routes import Routes
 from .transport.tcp import Listener, TcpTransport
 from .work import Worker
 
 log = logging.getLogger("ringlet")
+#: Mixed into every call's signature in deterministic mode.
+DETERMINISTIC_SIG = 0x0D37_0000_0000_0000
 
 
 @dataclass
@@ -50,6 +56,7 @@ class World:
     job: str
     timeout: float
     server: Any = None
+    deterministic: bool = False  # every reduction folds in rank order (RINGLET_DETERMINISTIC)
     comms: list[CommunicatorCore] = field(default_factory=list)
     closer: Any = None  # closes the whole world; called when the world communicator closes
     finalized: bool = False
@@ -75,20 +82,37 @@ def _checked(op: str | ReduceOp, dtype: np.dtype, kind: str) -> ReduceOp:
 
 
 @functools.lru_cache(maxsize=512)
-def _schedule(op: str, algo: str, rank: int, size: int, **kw: Any) -> Schedule:
-    return select.build(op, algo, rank, size, **kw)
+def _schedule(
+    op: str, algo: str, rank: int, size: int, hosts: tuple[int, ...] | None, **kw: Any
+) -> Schedule:
+    return select.build(op, algo, rank, size, hosts=hosts, **kw)
 
 
-def _env_algo(op: str) -> str | None:
-    """RINGLET_ALGO: ``op=name,op=name`` per op, or one name used by every op that has it."""
-    value = os.environ.get("RINGLET_ALGO", "")
-    for item in filter(None, value.split(",")):
-        name, _, algo = item.partition("=")
-        if algo and name.strip() == op:
-            return algo.strip()
-        if not algo and name.strip() in select.ALGORITHMS.get(op, {}):
-            return name.strip()
-    return None
+def forced_algorithms(value: str) -> dict[str, str]:
+    """RINGLET_ALGO as op -> algorithm: ``op=name,op=name`` per op, or a bare name for every op
+    that has it. Raises ValueError for an op or algorithm that does not exist, so a typo is an
+    error on every rank and every transport, never silently ignored."""
+    forced: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        name, _, algo = (part.strip() for part in item.partition("="))
+        if algo:
+            select.select(name, 2, 0, algo)  # raises for an unknown op or algorithm
+            forced[name] = algo
+            continue
+        ops = [op for op, algos in select.ALGORITHMS.items() if name in algos]
+        if not ops:
+            raise ValueError(
+                f"RINGLET_ALGO={value!r}: no collective has an algorithm named {name!r}; use "
+                "op=name pairs, e.g. all_reduce=ring"
+            )
+        forced.update(dict.fromkeys(ops, name))
+    return forced
+
+
+def host_indices(hosts: Sequence[str]) -> tuple[int, ...]:
+    """Each rank's host as a small number, hosts numbered by first appearance."""
+    seen: dict[str, int] = {}
+    return tuple(seen.setdefault(h, len(seen)) for h in hosts)
 
 
 def _check_root(root: int, size: int, kind: str) -> int:
@@ -112,10 +136,14 @@ class CommunicatorCore:
         self.members = list(members)  # global rank of each rank of this communicator
         self.rank = self.members.index(world.rank)
         self.size = len(self.members)
-        hosts = [world.hosts[g] for g in self.members]
-        me = hosts[self.rank]
-        self.local_rank = hosts[: self.rank].count(me)
-        self.local_size = hosts.count(me)
+        #: The host of each rank (numbered by first appearance): who shares memory with whom.
+        self.hosts = host_indices([world.hosts[g] for g in self.members])
+        me = self.hosts[self.rank]
+        self.local_rank = self.hosts[: self.rank].count(me)
+        self.local_size = self.hosts.count(me)
+        self._forced = forced_algorithms(os.environ.get("RINGLET_ALGO", ""))
+        self._deterministic = world.deterministic
+        self._topology = self.hosts if len(set(self.hosts)) > 1 else None
         self.timeout = world.timeout
         self._prefix = f"c{comm_id:x}/"
         self._recorder = FlightRecorder(self.rank, self.size, comm_id, world.rank, world.job)
@@ -128,7 +156,7 @@ class CommunicatorCore:
             self.members.index(0) if 0 in self.members else None,
         )
         self._current: Call | None = None
-        self._transport = TcpTransport(
+        tcp = TcpTransport(
             comm_id,
             self.rank,
             [world.addresses[g] for g in self.members],
@@ -136,6 +164,7 @@ class CommunicatorCore:
             world.secret,
             self._poll,
         )
+        self._transport = Routes(tcp, None)
         self._engine = Engine(self._transport)
         self._shm: Any = None
         self._seq = 0
@@ -148,18 +177,53 @@ class CommunicatorCore:
         transport = os.environ.get("RINGLET_TRANSPORT", "auto")
         if transport not in ("auto", "tcp", "shm"):
             raise ValueError(f"RINGLET_TRANSPORT={transport!r}: use tcp, shm or auto")
-        if self.size > 1 and transport != "tcp" and len(set(hosts)) == 1:
+        if self.local_size > 1 and transport != "tcp":
+            self._open_local(required=transport == "shm")
+        if self.size > 1 and transport != "tcp" and self._topology is None:
             self._open_shm(required=transport == "shm")
 
     @property
     def transport(self) -> str:
         """How this communicator moves data: "shm" (every rank on this host, through shared
-        memory), "tcp", or "self" (a single rank)."""
+        memory), "tcp", "shm+tcp" (shared memory to this host's ranks, TCP to the others), or
+        "self" (a single rank)."""
         if self.size == 1:
             return "self"
-        return "shm" if self._shm is not None else "tcp"
+        if not self._transport.local_peers:
+            return "tcp"
+        return "shm" if len(self._transport.local_peers) == self.size - 1 else "shm+tcp"
 
     # -- plumbing -----------------------------------------------------------------------------
+    def _open_local(self, required: bool) -> None:
+        """Reach this host's ranks through shared memory; if the host forbids it, through TCP."""
+        from .transport.shm_p2p import ShmTransport, ShmUnavailable
+
+        me = self.hosts[self.rank]
+        local = [r for r, h in enumerate(self.hosts) if h == me]
+        rounds = iter(range(1 << 30))
+
+        def exchange(value: bytes) -> list[bytes]:
+            key = f"{self._prefix}p2p/{me}/{next(rounds)}/"
+            self._world.store.set(f"{key}{self.rank}", value)
+            return [self._world.store.get(f"{key}{r}", timeout=self.timeout) for r in local]
+
+        try:
+            shm = ShmTransport.open(
+                self.rank,
+                self.size,
+                local,
+                job=f"{self._world.job}-{self.id:x}-{me}",
+                exchange=exchange,
+                poll=self._poll,
+            )
+        except ShmUnavailable as exc:
+            if required:
+                raise
+            log.warning("ringlet: shared memory unavailable (%s); rank %d uses TCP", exc, self.rank)
+            return
+        self._transport = Routes(self._transport.tcp, shm)
+        self._engine = Engine(self._transport)
+
     def _open_shm(self, required: bool) -> None:
         """Join the host's shared segment; if the host forbids it, every rank falls back to TCP."""
         from .transport.shm import ShmGroup, ShmUnavailable
@@ -203,6 +267,8 @@ class CommunicatorCore:
         seq = self._seq
         self._seq += 1
         sig, desc = _signature(kind, dtype, shape, op, root)
+        if self._deterministic:
+            sig ^= DETERMINISTIC_SIG  # a rank that folds otherwise meets a MismatchError
         return Call(kind, seq, sig, desc)
 
     def _check_usable(self) -> None:
@@ -249,7 +315,7 @@ class CommunicatorCore:
                     exc = CollectiveTimeout(f"{call.desc}: {exc}")
                 err = self._reporter.report(call, exc)
                 entry.finish(err)
-                self._recorder.dump(err, entry, "shm" if self._shm is not None else "tcp")
+                self._recorder.dump(err, entry, self.transport)
                 self._fail(err)
                 raise err from (exc if err is not exc else None)
             finally:
@@ -258,12 +324,30 @@ class CommunicatorCore:
     def _fail(self, err: BaseException) -> None:
         """Mark the communicator broken and tell connected peers, so nobody waits on us."""
         self._broken = err
-        self._transport.abort(f"{err}")
+        self._transport.abort(f"rank {self.rank}: {err}")
         if self._shm is not None:
             self._shm.abort(f"rank {self.rank}: {err}")
 
+    def _group(self, op: str, algo: str | None, reduces: bool = False) -> Any:
+        """The host's shm group when it should run this call: every rank on this host, no
+        algorithm forced, and (for a reduction) no rank-order fold asked for. Else None, and the
+        call runs as a schedule."""
+        if self._shm is None or algo is not None or op in self._forced:
+            return None
+        if reduces and self._deterministic:
+            return None
+        self._recorder.note("shm_group", None, "shm")  # shm.py picks its own path by size
+        return self._shm
+
     def _algo(self, op: str, nbytes: int, algo: str | None) -> str:
-        return select.select(op, self.size, nbytes, algo or _env_algo(op))
+        return select.select(
+            op,
+            self.size,
+            nbytes,
+            algo or self._forced.get(op),
+            hosts=self._topology,
+            deterministic=self._deterministic,
+        )
 
     def _run(
         self,
@@ -276,10 +360,10 @@ class CommunicatorCore:
         deadline: float,
         **kw: Any,
     ) -> dict[str, np.ndarray]:
-        """Build (cached) and execute the schedule of ``op`` on the given buffers over TCP."""
+        """Build (cached) and execute the schedule of ``op`` on the given buffers over the routes."""
         chosen = self._algo(op, nbytes, algo)
-        sched = _schedule(op, chosen, self.rank, self.size, **kw)
-        self._recorder.note(chosen, sched)
+        sched = _schedule(op, chosen, self.rank, self.size, self._topology, **kw)
+        self._recorder.note(chosen, sched, self._transport_of(sched))
         dtype = next(iter(bufs.values())).dtype
         for name in ("out", "tmp"):
             need = extent(sched, name)  # type: ignore[arg-type]
@@ -287,6 +371,11 @@ class CommunicatorCore:
                 bufs[name] = np.empty(need, dtype)
         self._engine.run(sched, bufs, rop, call.seq, call.sig, deadline)
         return bufs
+
+    def _transport_of(self, sched: Schedule) -> str:
+        """Which transports a schedule's messages use on this rank: "shm", "tcp" or "shm+tcp"."""
+        kinds = {self._transport.kind(p) for p in sched.peers()}
+        return "+".join(sorted(kinds)) or "self"
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:

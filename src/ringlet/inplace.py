@@ -28,8 +28,8 @@ class InPlaceCollectives(CommunicatorCore):
         call = self._call("barrier", None, ())
 
         def body(deadline: float) -> None:
-            if self._shm is not None:
-                self._shm.barrier(call.sig, deadline)
+            if (group := self._group("barrier", None)) is not None:
+                group.barrier(call.sig, deadline)
             elif self.size > 1:
                 self._run(call, "barrier", None, 1, {"tmp": np.zeros(1, np.uint8)}, None, deadline)
 
@@ -63,8 +63,8 @@ class InPlaceCollectives(CommunicatorCore):
         self, call: Call, flat: np.ndarray, root: int, deadline: float, algo: str | None = None
     ) -> None:
         """Copy root's contiguous ``flat`` into ``flat`` on every rank, as part of ``call``."""
-        if self._shm is not None:
-            self._shm.broadcast(flat, root, call.sig, deadline)
+        if (group := self._group("broadcast", algo)) is not None:
+            group.broadcast(flat, root, call.sig, deadline)
         elif self.size > 1:
             self._run(
                 call,
@@ -95,8 +95,8 @@ class InPlaceCollectives(CommunicatorCore):
             flat, writeback = staged(arr)
             sent = wire_op(rop)
             finish = partial(finish_mean, size=self.size) if rop is _MEAN else None
-            if self._shm is not None:  # divides each reduced piece while it is in cache
-                self._shm.all_reduce(flat, sent, call.sig, deadline, finish)
+            if (group := self._group("all_reduce", algo, reduces=True)) is not None:
+                group.all_reduce(flat, sent, call.sig, deadline, finish)  # divides in cache
             else:
                 if self.size > 1:
                     self._run(
@@ -135,8 +135,8 @@ class InPlaceCollectives(CommunicatorCore):
             flat, writeback = staged(arr)
             sent = wire_op(rop)
             result = flat if self.rank == root else None
-            if self._shm is not None:
-                self._shm.reduce(flat, result, root, sent, call.sig, deadline)
+            if (group := self._group("reduce", algo, reduces=True)) is not None:
+                group.reduce(flat, result, root, sent, call.sig, deadline)
             elif self.size > 1:
                 work = flat if self.rank == root else flat.copy()
                 self._run(

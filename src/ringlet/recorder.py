@@ -46,7 +46,17 @@ def trace_size() -> int:
 class Entry:
     """One call as the recorder saw it; times are time.monotonic() seconds (0.0 = not yet)."""
 
-    __slots__ = ("algorithm", "call", "end", "error", "issued", "schedule", "start", "state")
+    __slots__ = (
+        "algorithm",
+        "call",
+        "end",
+        "error",
+        "issued",
+        "schedule",
+        "start",
+        "state",
+        "transport",
+    )
 
     def __init__(self, call: Call, issued: float) -> None:
         self.call = call
@@ -55,6 +65,7 @@ class Entry:
         self.end = 0.0
         self.state = ISSUED
         self.algorithm = ""
+        self.transport = ""  # how its messages travelled: "shm", "tcp", "shm+tcp" or "self"
         self.schedule: Any = None  # the Schedule run over TCP; its peers are listed at dump time
         self.error = ""
 
@@ -82,6 +93,7 @@ class Entry:
             "signature": f"{self.call.sig:#018x}",
             "state": self.state,
             "algorithm": self.algorithm,
+            "transport": self.transport,
             "peers": peers,
             "issued": wall(self.issued),
             "start": wall(self.start),
@@ -126,10 +138,11 @@ class FlightRecorder:
         entry.state = RUNNING
         self.current = entry
 
-    def note(self, algorithm: str, schedule: Any) -> None:
-        """Remember the algorithm and schedule the running call uses (its last phase wins)."""
-        if self.current is not None:
-            self.current.algorithm, self.current.schedule = algorithm, schedule
+    def note(self, algorithm: str, schedule: Any, transport: str = "") -> None:
+        """Remember the algorithm, schedule and transport the running call uses (its last phase
+        wins)."""
+        if (entry := self.current) is not None:
+            entry.algorithm, entry.schedule, entry.transport = algorithm, schedule, transport
 
     # -- the slow path ---------------------------------------------------------------------------
     def reject(self, call: Call, exc: BaseException) -> None:
@@ -195,7 +208,8 @@ class FlightRecorder:
             what = "failed"
         else:
             ran = (failed.end or time.monotonic()) - (failed.start or failed.issued)
-            how = failed.algorithm or transport
+            how = f"{failed.algorithm} over {failed.transport or transport}"
+            how = how if failed.algorithm else transport
             peers = sorted(failed.schedule.peers()) if failed.schedule is not None else []
             with_peers = f", peers {peers}" if peers else ""
             what = (

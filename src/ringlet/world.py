@@ -61,13 +61,22 @@ def init(
     *,
     timeout: float | None = None,
     secret: bytes | str | None = None,
+    deterministic: bool | None = None,
 ) -> Communicator:
     """Join the job and return the world communicator.
 
     Reads, in order: the arguments; RINGLET_* (set by ``ringlet run``); torchrun's variables; SLURM;
-    Open MPI / PMI. Rank 0 hosts the rendezvous store at ``master``. Raises ValueError naming what is
-    missing when no source is complete; CollectiveTimeout/PeerError when the other ranks never come.
+    Open MPI / PMI. Rank 0 hosts the rendezvous store at ``master``. ``deterministic`` (default:
+    RINGLET_DETERMINISTIC=1) makes every reduction fold each element in rank order, so results are
+    bit-identical whatever the transport, algorithm, size or arrival order; every rank must set it
+    alike (a rank that differs meets a MismatchError). Raises ValueError naming what is missing
+    when no source is complete; CollectiveTimeout/PeerError when the other ranks never come.
     """
+    if deterministic is None:
+        flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
+        if flag not in ("", "0", "1", "true", "false", "yes", "no"):
+            raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
+        deterministic = flag in ("1", "true", "yes")
     env = resolve(rank, world_size, master, secret, timeout)
     if env.secret is None and env.world_size == 1:
         key = os.urandom(32).hex().encode()  # nobody else joins; any private key will do
@@ -99,7 +108,17 @@ def init(
         or hashlib.sha256(key + str(port).encode()).hexdigest()[:12]
     )
     world = World(
-        env.rank, env.world_size, store, listener, key, addresses, hosts, job, env.timeout, server
+        env.rank,
+        env.world_size,
+        store,
+        listener,
+        key,
+        addresses,
+        hosts,
+        job,
+        env.timeout,
+        server,
+        deterministic=deterministic,
     )
     comm = Communicator(world, WORLD_ID, range(env.world_size))
     world.closer = lambda: finalize(world)

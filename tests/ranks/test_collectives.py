@@ -1,4 +1,5 @@
-"""Every collective × every algorithm it has × dtypes × sizes × roots, on real ranks, against NumPy.
+"""Every collective × every algorithm it has (and the default choice) × dtypes × sizes × roots, on
+real ranks, against NumPy.
 
 Each world size is one job (spawning is the slow part): the body runs every case, recomputes the
 inputs of all ranks locally and compares with a NumPy reference, and returns the failures.
@@ -117,18 +118,18 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
         inputs = [data(r, count, dtype) for r in range(n)]
         mine = inputs[me]
         case = f"{dtype.name} count={count}"
-        for algo in ALGORITHMS["all_reduce"]:
+        for algo in [None, *ALGORITHMS["all_reduce"]]:
             for op in REDUCE_OPS:
                 if not _valid(op, dtype) or ((fast or big) and op not in ("sum", "max", "bxor")):
                     continue
                 got = comm.all_reduce(mine.copy(), op=op, algo=algo)
                 if not _same(got, reference(op, inputs)):
                     bad.append(f"all_reduce {algo} {op} {case}")
-        for algo, root in itertools.product(ALGORITHMS["broadcast"], roots):
+        for algo, root in itertools.product([None, *ALGORITHMS["broadcast"]], roots):
             got = comm.broadcast(mine.copy(), root=root, algo=algo)
             if not _same(got, inputs[root]):
                 bad.append(f"broadcast {algo} root={root} {case}")
-        for algo, root in itertools.product(ALGORITHMS["reduce"], roots):
+        for algo, root in itertools.product([None, *ALGORITHMS["reduce"]], roots):
             op = "max" if dtype.kind != "c" else "sum"
             got = comm.reduce(mine.copy(), root=root, op=op, algo=algo)
             want = reference(op, inputs) if me == root else mine
@@ -136,22 +137,22 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
                 bad.append(f"reduce {algo} root={root} {case}")
         # uneven first dimensions: rank r contributes count + r rows
         uneven = [data(r, count + r, dtype, salt=1) for r in range(n)]
-        for algo in ALGORITHMS["all_gather"]:
+        for algo in [None, *ALGORITHMS["all_gather"]]:
             if not _same(comm.all_gather(uneven[me], algo=algo), np.concatenate(uneven)):
                 bad.append(f"all_gather {algo} {case}")
-        for algo, root in itertools.product(ALGORITHMS["gather"], roots):
+        for algo, root in itertools.product([None, *ALGORITHMS["gather"]], roots):
             got = comm.gather(uneven[me], root=root, algo=algo)
             if (me == root and not _same(got, np.concatenate(uneven))) or (
                 me != root and got is not None
             ):
                 bad.append(f"gather {algo} root={root} {case}")
         whole = np.concatenate([data(r, count, dtype, salt=2) for r in range(n)])
-        for algo, root in itertools.product(ALGORITHMS["scatter"], roots):
+        for algo, root in itertools.product([None, *ALGORITHMS["scatter"]], roots):
             got = comm.scatter(whole if me == root else None, root=root, algo=algo)
             if not _same(got, whole[me * count : (me + 1) * count]):
                 bad.append(f"scatter {algo} root={root} {case}")
         blocks = [data(r, count * n, dtype, salt=3) for r in range(n)]
-        for algo in ALGORITHMS["reduce_scatter"]:
+        for algo in [None, *ALGORITHMS["reduce_scatter"]]:
             op = "sum" if dtype.kind != "b" else "bor"
             got = comm.reduce_scatter(blocks[me], op=op, algo=algo)
             if not _same(got, reference(op, blocks)[me * count : (me + 1) * count]):
@@ -177,7 +178,8 @@ def test_every_collective_tcp(n: int) -> None:
 
 @pytest.mark.parametrize("n", spmd.WORLD_SIZES)
 def test_every_collective_auto(n: int) -> None:
-    """Ranks on one host take the shared-memory path (algorithms of the shm module)."""
+    """Ranks on one host: the default choice takes the host's shm group, a forced algorithm runs
+    as a schedule over the shared-memory transport."""
     pytest.importorskip("ringlet.transport.shm")
     _run(n, "auto", fast=n > 5)
 
