@@ -7,6 +7,7 @@ what each layer may use, and that importing ringlet does not import torch, matpl
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,22 @@ def test_no_module_is_too_long() -> None:
     long = {str(p.relative_to(PKG)): n for p in PKG.rglob("*.py")
             if (n := len(p.read_text().splitlines())) > 450}
     assert not long, long
+
+
+#: Collective names a transport must never mention: it moves bytes for any schedule.
+COLLECTIVES = re.compile(
+    r"\b(all_reduce|all_gather|reduce_scatter|all_to_all|broadcast|scatter|gather|barrier|reduce)\b"
+)
+#: The one-host shm group (ShmGroup and what only it uses): collectives written against the
+#: segment, still inside transport/ until they are schedules over the shared-memory transport.
+#: This list may only shrink.
+SHM_GROUP = {"shm.py", "shm_staged.py", "shm_cma.py", "shm_tuning.py", "shm_plan.py",
+             "shm_channel.py", "shm_segment.py", "shm_setup.py", "shm_wait.py"}
+
+
+@pytest.mark.parametrize("path", sorted((PKG / "transport").glob("*.py")), ids=lambda p: p.name)
+def test_transports_do_not_know_which_collective_they_serve(path: Path) -> None:
+    if path.name in SHM_GROUP:
+        pytest.skip("part of the one-host shm group, which is still a set of collectives")
+    named = sorted({m.group(1) for m in COLLECTIVES.finditer(path.read_text())})
+    assert not named, f"transport/{path.name} names collectives {named}"
