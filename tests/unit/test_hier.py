@@ -215,3 +215,46 @@ def test_build_caches_with_a_hosts_tuple() -> None:
         build("all_reduce", "hier", 0, 4, hosts=(0, 0, 1), count=10)
     with pytest.raises(ValueError, match="choose one of"):
         build("barrier", "no_such", 0, 4, hosts=(0, 0, 1, 1))
+
+
+@pytest.mark.parametrize(
+    "hosts",
+    [
+        (0, 0, 1, 1),
+        (0, 0, 0, 1),
+        (0, 1, 0, 1),
+        (0, 0, 1, 1, 2, 2),
+        (0, 0, 0, 0, 1, 1, 1, 1),
+        (0, 0, 1, 2),
+    ],
+    ids=ids,
+)
+def test_pipelined_all_reduce_overlaps_phases(
+    hosts: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large vectors in pieces: results exact, same link bytes, and inter-host rounds of one
+    piece shared with intra-host rounds of another (what hides the shared-memory time)."""
+    monkeypatch.setattr(hier, "PIECE_MIN", 64)
+    p, c = len(hosts), hier.HIER_SMALL + 4 * 64 + 3
+    xs = [ints(np.random.default_rng(r), c) for r in range(p)]
+    for got in replay("all_reduce", "hier", p, xs, np.add, count=c, hosts=hosts):
+        np.testing.assert_array_equal(got, np.sum(xs, axis=0))
+    scheds = [hier.hier_all_reduce(r, p, c, hosts) for r in range(p)]
+    pieces = hier.PIECES
+    monkeypatch.setattr(hier, "PIECES", 1)
+    whole = [hier.hier_all_reduce(r, p, c, hosts) for r in range(p)]
+    cut, once = host_traffic(scheds, hosts), host_traffic(whole, hosts)
+    for h in once:  # the same link bytes, up to the rounding of each piece's uneven chunks
+        assert all(abs(a - b) <= pieces * p for a, b in zip(cut[h], once[h], strict=True)), h
+    mixed = [
+        rnd
+        for r, s in enumerate(scheds)
+        for rnd in s.rounds
+        if len({hosts[q] == hosts[r] for q in {m.peer for m in (*rnd.sends, *rnd.recvs)}}) == 2
+    ]
+    if max(map(hosts.count, hosts)) == 2:  # 2-rank rings: the phases always interleave
+        assert mixed, "no round overlaps an intra-host phase with an inter-host one"
+    if mixed:  # pieces only where they overlap: fewer rounds than running them one by one
+        assert len(scheds[0].rounds) < pieces * len(whole[0].rounds)
+    else:
+        assert [len(s.rounds) for s in scheds] == [len(s.rounds) for s in whole]

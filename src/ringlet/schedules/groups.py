@@ -148,3 +148,49 @@ def pieces(lay: Lanes, counts: Sequence[int], rank: int) -> list[tuple[int, int,
         if a < b:
             found.append((j, a - lo, lay.pos[j][h] + a - plo, b - a))
     return found
+
+
+def _occupied(starts: Sequence[int], lengths: Sequence[int], offset: int) -> list[range]:
+    """Global rounds each phase of a piece that starts at ``offset`` occupies."""
+    return [range(offset + s, offset + s + n) for s, n in zip(starts, lengths, strict=True)]
+
+
+def stride(lengths: Sequence[int], kinds: Sequence[str], pieces: int) -> int:
+    """The fewest rounds between the starts of consecutive pieces so that no two pieces are ever
+    in phases of the same kind in one round (phases of one kind talk to the same peers)."""
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    total = sum(lengths)
+    for d in range(1, total + 1):
+        busy: dict[tuple[str, int], int] = {}
+        clash = False
+        for j in range(pieces):
+            for kind, rounds in zip(kinds, _occupied(starts, lengths, j * d), strict=True):
+                for g in rounds:
+                    clash |= busy.setdefault((kind, g), j) != j
+        if not clash:
+            return d
+    return total
+
+
+def pipeline(pieces: Sequence[Sequence[Sequence[Round]]], kinds: Sequence[str]) -> list[Round]:
+    """Run pieces (each a list of phases of rounds, alike in length on every rank) overlapped:
+    piece j starts :func:`stride` rounds after piece j-1, so one piece's inter-host phase runs in
+    the same rounds as another's intra-host phase. Pieces must touch disjoint buffer ranges."""
+    if not pieces:
+        return []
+    lengths = [len(p) for p in pieces[0]]
+    assert all([len(p) for p in piece] == lengths for piece in pieces), "pieces differ in shape"
+    d = stride(lengths, kinds, len(pieces))
+    merged: list[list[Round]] = [[] for _ in range((len(pieces) - 1) * d + sum(lengths))]
+    for j, piece in enumerate(pieces):
+        for i, rnd in enumerate(r for ph in piece for r in ph):
+            assert not rnd.ordered, "ordered rounds cannot share a round with another piece"
+            merged[j * d + i].append(rnd)
+    return [
+        Round(
+            tuple(s for r in rs for s in r.sends),
+            tuple(v for r in rs for v in r.recvs),
+            tuple(c for r in rs for c in r.copies),
+        )
+        for rs in merged
+    ]

@@ -34,7 +34,18 @@ from .doubling import (
     halving_reduce_scatter,
     recursive_doubling_all_reduce,
 )
-from .groups import Group, Lanes, Place, host_members, lanes_layout, locate, phase, pieces
+from .groups import (
+    Group,
+    Lanes,
+    Place,
+    host_members,
+    lanes_layout,
+    locate,
+    phase,
+    pieces,
+    pipeline,
+    stride,
+)
 from .ring import (
     chain_broadcast,
     chain_reduce,
@@ -49,6 +60,10 @@ from .tree import binomial_broadcast, binomial_reduce
 #: At most this many elements, a vector takes one lane and trees inside hosts: the intra-host
 #: rounds then cost 2·ceil(log2 m) latencies instead of 2(m-1) (modeled in the docs table).
 HIER_SMALL = 8192
+#: Large all_reduce vectors are cut into up to PIECES pieces of at least PIECE_MIN elements whose
+#: phases overlap (groups.pipeline), so the network never waits for the intra-host phases.
+PIECES = 4
+PIECE_MIN = 1 << 20
 
 Fn = Callable[..., Schedule]
 
@@ -102,21 +117,41 @@ def _lane_groups(
 def hier_all_reduce(rank: int, size: int, count: int, hosts: tuple[int, ...]) -> Schedule:
     """Local reduce-scatter into K slices, all-reduce of slice k across lane k, local all-gather.
 
+    Above 2·PIECE_MIN elements the vector is cut into pieces whose phases overlap where the local
+    rings allow it (one piece crosses the network while another is reduced or copied inside the
+    host); the bytes on every link stay the same.
+
     Steps: 2(m-1) local + the inter-host all-reduce of n/K over H (halving-doubling or ring).
     Small: log2 m + log2 H (+ fold steps, + 1 if hosts are uneven), like recursive doubling
     on a host-contiguous layout, whatever the layout. Slowest link: each host sends and receives
     2(H-1)/H·n, the minimum (n each way for 2 hosts); small: K·n per step.
     """
-    members, h = host_members(hosts), len(set(hosts))
+    members = host_members(hosts)
     if count <= HIER_SMALL:
         return timeline(_small_all_reduce(rank, members, count), "hier_all_reduce")
-    slices = even_chunks(count, min(map(len, members)))
-    local = _ring_groups(members, slices, count, "out")
-    rounds = phase(_local_reduce_scatter, local, rank)  # local rank k: host sum of slice k
-    inter: Fn = halving_doubling_all_reduce if _pow2(h) else ring_all_reduce
-    rounds += phase(inter, _lane_groups(members, slices), rank)  # slice k across hosts
-    rounds += phase(_local_all_gather, local, rank)  # finished slices to every local rank
-    return timeline(rounds, "hier_all_reduce")
+    kinds = ("local", "inter", "local")
+    lengths = [len(ph) for ph in _all_reduce_phases(rank, members, 0, count)]
+    most = max(1, min(PIECES, count // PIECE_MIN))
+    # The most pieces that still overlap (with long local rings, more would only add rounds).
+    n = next((q for q in range(most, 1, -1) if stride(lengths, kinds, q) < sum(lengths)), 1)
+    parts = even_chunks(count, n)
+    # Pieces overlap: one piece's inter-host phase runs beside another's intra-host phases.
+    phases = [_all_reduce_phases(rank, members, lo, hi) for lo, hi in parts]
+    return timeline(pipeline(phases, kinds), "hier_all_reduce")
+
+
+def _all_reduce_phases(
+    rank: int, members: Sequence[tuple[int, ...]], lo: int, hi: int
+) -> list[list[Round]]:
+    """hier_all_reduce's three phases for ``out[lo:hi]``: local, inter-host, local."""
+    slices = [(a + lo, b + lo) for a, b in even_chunks(hi - lo, min(map(len, members)))]
+    local = _ring_groups(members, slices, hi, "out")
+    inter: Fn = halving_doubling_all_reduce if _pow2(len(members)) else ring_all_reduce
+    return [
+        phase(_local_reduce_scatter, local, rank),  # local rank k: host sum of slice k
+        phase(inter, _lane_groups(members, slices), rank),  # slice k across hosts
+        phase(_local_all_gather, local, rank),  # finished slices to every local rank
+    ]
 
 
 def _small_all_reduce(rank: int, members: Sequence[tuple[int, ...]], count: int) -> list[Round]:
