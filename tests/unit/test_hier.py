@@ -258,3 +258,18 @@ def test_pipelined_all_reduce_overlaps_phases(
         assert len(scheds[0].rounds) < pieces * len(whole[0].rounds)
     else:
         assert [len(s.rounds) for s in scheds] == [len(s.rounds) for s in whole]
+
+
+@pytest.mark.parametrize("hosts", NAMED, ids=ids)
+def test_all_gather_through_lanes_beyond_direct_hosts(
+    hosts: tuple[int, ...], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past DIRECT_HOSTS hosts all_gather takes the lanes' ring: forced here on small layouts."""
+    monkeypatch.setattr(hier, "DIRECT_HOSTS", 1)
+    p = len(hosts)
+    rng = np.random.default_rng(p)
+    for c in COUNTS:
+        counts = [c] + [int(x) for x in rng.integers(0, c + 2, p - 1)]
+        blocks = [ints(rng, n) for n in counts]
+        for got in replay("all_gather", "hier", p, blocks, np.add, counts=counts, hosts=hosts):
+            np.testing.assert_array_equal(got, np.concatenate(blocks), err_msg=f"{counts}")

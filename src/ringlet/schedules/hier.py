@@ -46,6 +46,7 @@ from .groups import (
     pipeline,
     stride,
 )
+from .hier_direct import DIRECT_HOSTS, direct_all_gather
 from .ring import (
     chain_broadcast,
     chain_reduce,
@@ -300,13 +301,16 @@ def _hand_out(
 def hier_all_gather(
     rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
 ) -> Schedule:
-    """Each host's blocks cut into K parts, part k collected at local rank k; all-gather of the
-    parts across lane k; local all-gather of the lanes' slices; blocks copied into rank order.
+    """Up to DIRECT_HOSTS hosts: :func:`.hier_direct.direct_all_gather`. Beyond: each host's
+    blocks cut into K parts, part k collected at local rank k; all-gather of the parts across
+    lane k; local all-gather of the lanes' slices; blocks copied into rank order.
 
     Steps: 1 + the inter-host all-gather over H (ring; Bruck when small) + m-1 local. Slowest
     link: each host receives n - n_h, the minimum, and sends about that much (ring).
     """
     members, counts = host_members(hosts), tuple(counts)
+    if len(members) <= DIRECT_HOSTS:
+        return direct_all_gather(rank, size, counts, hosts)
     lay, total, block = (
         lanes_layout(members, counts, min(map(len, members))),
         sum(counts),
