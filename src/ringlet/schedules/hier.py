@@ -46,7 +46,12 @@ from .groups import (
     pipeline,
     stride,
 )
-from .hier_direct import DIRECT_HOSTS, direct_all_gather
+from .hier_direct import (
+    DIRECT_HOSTS,
+    direct_all_gather,
+    host_ring_all_gather,
+    host_ring_reduce_scatter,
+)
 from .ring import (
     chain_broadcast,
     chain_reduce,
@@ -229,7 +234,8 @@ def hier_broadcast(rank: int, size: int, count: int, root: int, hosts: tuple[int
 def hier_reduce_scatter(
     rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
 ) -> Schedule:
-    """Blocks laid out lane after lane in ``tmp``; local reduce-scatter of the lanes' slices;
+    """Hosts of different sizes: :func:`.hier_direct.host_ring_reduce_scatter`. Otherwise:
+    blocks laid out lane after lane in ``tmp``; local reduce-scatter of the lanes' slices;
     reduce-scatter of slice k across lane k (each host's part to that host); each lane rank
     hands the finished pieces to their owners on its host.
 
@@ -237,6 +243,8 @@ def hier_reduce_scatter(
     its share of the other hosts' blocks, n - n_h, the minimum ((H-1)/H·n for even blocks).
     """
     members, counts = host_members(hosts), tuple(counts)
+    if len(set(map(len, members))) > 1:  # uneven hosts: the lanes' parts would be uneven too
+        return host_ring_reduce_scatter(rank, size, counts, hosts)
     lay, total, block = (
         lanes_layout(members, counts, min(map(len, members))),
         sum(counts),
@@ -301,8 +309,8 @@ def _hand_out(
 def hier_all_gather(
     rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
 ) -> Schedule:
-    """Up to DIRECT_HOSTS hosts: :func:`.hier_direct.direct_all_gather`. Beyond: each host's
-    blocks cut into K parts, part k collected at local rank k; all-gather of the parts across
+    """Up to DIRECT_HOSTS hosts: :func:`.hier_direct.direct_all_gather`; hosts of different
+    sizes: :func:`.hier_direct.host_ring_all_gather`. Otherwise each host's blocks cut into K parts, part k collected at local rank k; all-gather of the parts across
     lane k; local all-gather of the lanes' slices; blocks copied into rank order.
 
     Steps: 1 + the inter-host all-gather over H (ring; Bruck when small) + m-1 local. Slowest
@@ -311,6 +319,8 @@ def hier_all_gather(
     members, counts = host_members(hosts), tuple(counts)
     if len(members) <= DIRECT_HOSTS:
         return direct_all_gather(rank, size, counts, hosts)
+    if len(set(map(len, members))) > 1:  # uneven hosts: the lanes' parts would be uneven too
+        return host_ring_all_gather(rank, size, counts, hosts)
     lay, total, block = (
         lanes_layout(members, counts, min(map(len, members))),
         sum(counts),

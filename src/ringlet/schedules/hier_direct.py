@@ -1,21 +1,25 @@
-"""Hierarchical all-gather by direct sends: each block crosses to every other host once, then
-moves inside the host through shared memory. Every message lands in its place in ``out``: no
-scratch, no reordering copy.
+"""Across hosts without lanes: all-gather by direct sends between two hosts, and all-gather and
+reduce-scatter around a ring in host order where hosts hold different numbers of ranks.
 
-Block b of host h's i-th rank goes, for every other host g, to g's rank number i mod m_g (its
-*receiver* there); the receivers then forward what they got to the other ranks of their host.
+Direct: block b of host h's i-th rank goes, for every other host g, to g's rank number i mod m_g
+(its *receiver* there), which forwards it to the other ranks of its host; every message lands in
+its place in ``out`` (no scratch, no reordering copy). With two hosts that is the minimum on the
+link; with more, each host would send its blocks H-1 times, so the lanes (hier.py) or the ring
+take over. The ring visits the ranks host by host, so each step crosses each host's link once
+each way: (p-1)/p·n per link, the minimum whenever some host holds a single rank.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .base import Copy, Recv, Round, Schedule, Send, offsets, timeline
-from .groups import host_members, locate
+from .base import Copy, Recv, Round, Schedule, Send, first_copies, offsets, timeline
+from .groups import host_members, lift, locate
+from .ring import ring_all_gather_rounds, ring_reduce_scatter_rounds
 
 #: Up to this many hosts, all_gather sends each block straight to every other host (one
-#: inter-host round); beyond, the lanes' ring (hier.py) keeps the number of peers small.
-DIRECT_HOSTS = 8
+#: inter-host round); beyond, each host would send its blocks more than once.
+DIRECT_HOSTS = 2
 
 
 def _receiver(members: Sequence[tuple[int, ...]], index: int, host: int) -> int:
@@ -60,3 +64,42 @@ def direct_all_gather(
         recvs = tuple(Recv(q, *block[relays[q][t]]) for q in local if t < len(relays[q]))
         rounds.append(Round(sends, recvs))
     return timeline(rounds, "hier_all_gather")
+
+
+def host_order(hosts: Sequence[int]) -> tuple[int, ...]:
+    """The ranks host by host (hosts in order of first appearance, ranks in rank order)."""
+    return tuple(r for ranks in host_members(hosts) for r in ranks)
+
+
+def host_ring_all_gather(
+    rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
+) -> Schedule:
+    """Ring all-gather visiting the ranks in host order; blocks stay in rank order in ``out``.
+
+    Steps: p-1. Slowest link: (p-1)/p·n each way for even blocks (each step crosses it once).
+    """
+    order, block = host_order(hosts), offsets(counts)
+    chunk = [block[q] for q in order]
+    rounds = lift(ring_all_gather_rounds(order.index(rank), size, chunk), order, {})
+    own = Copy(0, block[rank][0], counts[rank], "in", "out")
+    return timeline(first_copies(rounds, own), "hier_all_gather")
+
+
+def host_ring_reduce_scatter(
+    rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
+) -> Schedule:
+    """Ring reduce-scatter in host order on a working copy in ``tmp``; the last step reduces
+    into ``out``. Steps: p-1. Slowest link: (p-1)/p·n each way for even blocks."""
+    order, block = host_order(hosts), offsets(counts)
+    i, total, (lo, hi) = order.index(rank), sum(counts), block[rank]
+    # Position j finishes with chunk j + 1: shift by one so each rank ends with its own block.
+    chunk = [block[order[(j - 1) % size]] for j in range(size)]
+    rounds = ring_reduce_scatter_rounds(i, size, chunk, "tmp")
+    if rounds:  # the last step reduces straight into the result
+        rounds[-1] = Round(rounds[-1].sends, (Recv((i - 1) % size, 0, hi - lo, reduce=True),))
+    copies = (
+        Copy(0, 0, lo, "in", "tmp"),  # the blocks we add into and pass on
+        Copy(hi, hi, total - hi, "in", "tmp"),
+        Copy(lo, 0, hi - lo, "in", "out"),  # own block's contribution waits in the result
+    )
+    return timeline(first_copies(lift(rounds, order, {}), *copies), "hier_reduce_scatter")
