@@ -310,8 +310,9 @@ def hier_all_gather(
     rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
 ) -> Schedule:
     """Up to DIRECT_HOSTS hosts: :func:`.hier_direct.direct_all_gather`; hosts of different
-    sizes: :func:`.hier_direct.host_ring_all_gather`. Otherwise each host's blocks cut into K parts, part k collected at local rank k; all-gather of the parts across
-    lane k; local all-gather of the lanes' slices; blocks copied into rank order.
+    sizes: :func:`.hier_direct.host_ring_all_gather`. Otherwise each host's blocks cut into K
+    parts, part k collected at local rank k; all-gather of the parts across lane k; local
+    all-gather of the lanes' slices; blocks copied into rank order.
 
     Steps: 1 + the inter-host all-gather over H (ring; Bruck when small) + m-1 local. Slowest
     link: each host receives n - n_h, the minimum, and sends about that much (ring).
