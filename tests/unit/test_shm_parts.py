@@ -17,11 +17,10 @@ import numpy as np
 import pytest
 
 from ringlet.errors import ProtocolError
-from ringlet.ops import ReduceOp
+from ringlet.ops import ReduceOp, binary, fold
 from ringlet.transport import shm_staged
 from ringlet.transport.cma import CrossMemory
 from ringlet.transport.shm import ShmGroup, ShmTuning, ShmUnavailable
-from ringlet.transport.shm_channel import binary, fold
 from ringlet.transport.shm_segment import LINE, PAGE, SLOT_WORDS, Layout, Segment
 from ringlet.transport.shm_wait import Futex, PeerWatch, process_start_time
 
@@ -93,11 +92,24 @@ def test_fold_is_rank_order_and_allows_out_to_alias_the_first_two() -> None:
     assert out.tolist() == [1.0 - 10.0 - 100.0, 2.0 - 20.0 - 200.0]
 
 
-def test_binary_refuses_mean_and_handles_bfloat16_nan_quietly() -> None:
+def test_the_one_kernel_folds_mean_as_sum_and_never_warns() -> None:
+    """Every transport reduces with ops.binary: mean folds as a sum (divided once at the end);
+    float16 overflow and bfloat16 NaN in max/min stay the data's business, not a warning."""
+    import warnings
+
     import ml_dtypes
 
-    with pytest.raises(ValueError, match="mean"):
-        binary(ReduceOp.MEAN, np.dtype(np.float32))
+    a32 = np.array([1.0, 2.0], np.float32)
+    out32 = np.empty(2, np.float32)
+    binary(ReduceOp.MEAN, np.dtype(np.float32))(a32, a32, out32)
+    assert out32.tolist() == [2.0, 4.0]
+    h = np.array([60000.0], np.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        binary(ReduceOp.SUM, np.dtype(np.float16))(h, h, h)
+    assert np.isinf(h[0])
+    with pytest.raises(TypeError):  # mixed dtypes are an error, never a silent conversion
+        binary(ReduceOp.SUM, np.dtype(np.float32))(a32, a32.astype(np.float64), out32)
     bf = np.dtype(ml_dtypes.bfloat16)
     a = np.array([np.nan, 1.0], bf)
     out = np.empty(2, bf)

@@ -16,11 +16,11 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from ringlet.errors import PeerError, RingletError
-from ringlet.ops import ReduceOp
+from ringlet.ops import Binary, ReduceOp, binary
 
 from . import shm_cma, shm_staged
 from .cma import CrossMemory
-from .shm_channel import Binary, Channel, Finish, SignatureMismatch, binary
+from .shm_channel import Channel, Finish, SignatureMismatch
 from .shm_plan import Plan, check_root
 from .shm_setup import ShmUnavailable, join
 from .shm_tuning import ShmTuning

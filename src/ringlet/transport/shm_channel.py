@@ -22,63 +22,13 @@ from typing import NoReturn
 import numpy as np
 
 from ringlet.errors import MismatchError
-from ringlet.ops import BFLOAT16, ReduceOp
 
 from .cma import CrossMemory
 from .shm_segment import ADDR_A, ADDR_B, H_ABORT, LAYOUT, SEQ, SIG, SLOT_WORDS, STEP, Segment
 from .shm_wait import Waiter
 
-Binary = Callable[[np.ndarray, np.ndarray, np.ndarray], object]
-
-_UFUNCS: dict[ReduceOp, np.ufunc] = {
-    ReduceOp.SUM: np.add,
-    ReduceOp.PROD: np.multiply,
-    ReduceOp.MAX: np.maximum,
-    ReduceOp.MIN: np.minimum,
-    ReduceOp.BAND: np.bitwise_and,
-    ReduceOp.BOR: np.bitwise_or,
-    ReduceOp.BXOR: np.bitwise_xor,
-}
-
-
-def _quiet(ufunc: np.ufunc) -> Binary:
-    def apply(a: np.ndarray, b: np.ndarray, out: np.ndarray) -> object:
-        with np.errstate(invalid="ignore"):
-            return ufunc(a, b, out=out)
-
-    return apply
-
-
-def binary(op: ReduceOp, dtype: np.dtype) -> Binary:
-    """``f(a, b, out)`` computing ``out = op(a, b)`` element-wise; ``out`` may alias a or b."""
-    try:
-        ufunc = _UFUNCS[op]
-    except KeyError:
-        raise ValueError(
-            f"shm: reduce op {op} is not an element-wise combine (mean is sum, then a division "
-            "the caller does)"
-        ) from None
-    if ufunc in (np.maximum, np.minimum) and dtype == BFLOAT16:
-        return _quiet(ufunc)  # ml_dtypes flags NaN as invalid in max/min; propagating it is meant
-    return ufunc  # type: ignore[return-value]
-
-
 #: Applied in place to a fully reduced piece before peers read it (a mean's division).
 Finish = Callable[[np.ndarray], None]
-
-
-def fold(f: Binary, sources: list[np.ndarray], out: np.ndarray) -> None:
-    """``out = op(...op(op(s0, s1), s2)..., s_last)``: rank order, the same on every rank.
-
-    ``out`` may alias ``sources[0]`` or ``sources[1]`` but no later source.
-    """
-    if len(sources) == 1:
-        if sources[0] is not out:
-            np.copyto(out, sources[0])
-        return
-    f(sources[0], sources[1], out)
-    for src in sources[2:]:
-        f(out, src, out)
 
 
 class SignatureMismatch(MismatchError):

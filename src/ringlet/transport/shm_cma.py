@@ -12,8 +12,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ringlet.ops import Binary
+
 from .cma import CrossMemory
-from .shm_channel import Binary, Channel, Finish
+from .shm_channel import Channel, Finish
 from .shm_segment import ADDR_A, ADDR_B
 
 Read = Callable[[int, int, np.ndarray], None]  # (peer, element offset, into)

@@ -16,7 +16,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .shm_channel import Binary, Channel, Finish, fold
+from ringlet.ops import Binary, fold
+
+from .shm_channel import Channel, Finish
 
 ALIGN = 64
 
