@@ -12,7 +12,7 @@ WORLD_ID = 1
 
 
 class Communicator(ObjectCollectives):
-    """A group of ranks that run collectives together; see SPEC.md for every operation.
+    """A group of ranks that run collectives together; the docs' Operations page describes each.
 
     ``rank``/``size`` are this process's place in the group, ``local_rank``/``local_size`` its place
     among the group's ranks on the same host. Use as a context manager to close it.
