@@ -9,7 +9,17 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from ringlet.auth import MAGIC, NONCE_BYTES, authenticate, job_secret, secret_from_str
+from ringlet.auth import (
+    HELLO_BYTES,
+    MAGIC,
+    NONCE_BYTES,
+    AcceptorHandshake,
+    JobMismatchError,
+    authenticate,
+    job_field,
+    job_secret,
+    secret_from_str,
+)
 from ringlet.errors import AuthenticationError, RingletError
 
 SECRET = b"s3cret-for-tests"
@@ -103,7 +113,7 @@ def test_reflecting_the_initiators_messages_fails(
     left, right = pair
 
     def mirror() -> None:  # an attacker without the secret echoes every byte back
-        hello = right.recv(len(MAGIC) + NONCE_BYTES, socket.MSG_WAITALL)
+        hello = right.recv(HELLO_BYTES, socket.MSG_WAITALL)
         right.sendall(hello)
         proof = right.recv(32, socket.MSG_WAITALL)
         right.sendall(proof)
@@ -139,7 +149,7 @@ def test_peer_closing_early_is_a_short_read(pair: tuple[socket.socket, socket.so
     left, right = pair
 
     def half_hello() -> None:
-        right.recv(len(MAGIC) + NONCE_BYTES, socket.MSG_WAITALL)
+        right.recv(HELLO_BYTES, socket.MSG_WAITALL)
         right.sendall(MAGIC[:4])
         right.close()
 
@@ -207,3 +217,82 @@ def test_bad_arguments_are_local_errors(pair: tuple[socket.socket, socket.socket
         authenticate(pair[0], "text", initiator=True, timeout=1.0)  # type: ignore[arg-type]
     with pytest.raises(ValueError):
         authenticate(pair[0], SECRET, initiator=True, timeout=0)
+
+
+def test_two_jobs_are_told_apart_by_name_on_both_sides(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    left, right = pair
+    errors = _run_both(
+        lambda: authenticate(left, SECRET, initiator=True, timeout=5.0, job="job-b"),
+        lambda: authenticate(right, SECRET, initiator=False, timeout=5.0, job="job-a"),
+    )
+    for error in errors:
+        assert isinstance(error, JobMismatchError)
+        assert "'job-a'" in str(error) and "'job-b'" in str(error)
+
+
+def test_job_field_is_fixed_size_and_hashes_long_ids() -> None:
+    assert job_field("") == b"\0" * 64 and job_field("slurm:42.0").startswith(b"slurm:42.0\0")
+    long = job_field("x" * 100)
+    assert len(long) == 64 and long.startswith(b"sha256:") and long != job_field("x" * 101)
+
+
+def _drive_acceptor(sock: socket.socket, handshake: AcceptorHandshake) -> None:
+    """What a selector loop does, on a blocking socket: send what is due, read what is wanted."""
+    while not handshake.done:
+        sock.sendall(handshake.outgoing)
+        handshake.outgoing.clear()
+        data = sock.recv(handshake.wanted())
+        if not data:
+            raise AuthenticationError("closed")
+        handshake.received(data)
+    sock.sendall(handshake.outgoing)
+
+
+def test_acceptor_state_machine_meets_the_blocking_initiator(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    left, right = pair
+    handshake = AcceptorHandshake(SECRET, context=b"c", job="j", extra=4)
+
+    def initiator() -> None:
+        authenticate(left, SECRET, initiator=True, timeout=5.0, context=b"c", job="j")
+        left.sendall(b"rank")
+
+    errors = _run_both(initiator, lambda: _drive_acceptor(right, handshake))
+    assert errors == (None, None) and handshake.done and handshake.extra == b"rank"
+
+
+def test_acceptor_state_machine_refuses_a_wrong_secret_before_proving_itself(
+    pair: tuple[socket.socket, socket.socket],
+) -> None:
+    left, right = pair
+    handshake = AcceptorHandshake(SECRET)
+    sent_before = bytes(handshake.outgoing)
+
+    def initiator() -> None:
+        try:
+            authenticate(left, b"other", initiator=True, timeout=5.0)
+        finally:
+            left.close()
+
+    def acceptor() -> None:
+        try:
+            _drive_acceptor(right, handshake)
+        finally:
+            right.close()  # as the gate does: the initiator sees the end at once
+
+    errors = _run_both(initiator, acceptor)
+    assert isinstance(errors[1], AuthenticationError) and "failed to prove" in str(errors[1])
+    assert isinstance(errors[0], AuthenticationError)
+    assert len(sent_before) == HELLO_BYTES and not handshake.done
+
+
+def test_acceptor_state_machine_never_takes_more_than_it_wants() -> None:
+    handshake = AcceptorHandshake(SECRET)
+    assert handshake.wanted() == HELLO_BYTES and not handshake.started
+    with pytest.raises(AuthenticationError, match="more than the handshake allows"):
+        handshake.received(b"x" * (HELLO_BYTES + 1))
+    with pytest.raises(AuthenticationError, match="not a ringlet process"):
+        AcceptorHandshake(SECRET).received(b"GET / HTTP/1.1")
