@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import socket
@@ -11,12 +12,15 @@ import threading
 import time
 import tracemalloc
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
-from ringlet.auth import authenticate
+from ringlet.auth import JobMismatchError, authenticate
 from ringlet.errors import AuthenticationError, CollectiveTimeout, PeerError, RingletError
+from ringlet.gate import MAX_PENDING, Gate
 from ringlet.rendezvous import PrefixStore, Store, StoreServer
+from ringlet.rendezvous import server as server_module
 from ringlet.rendezvous.wire import AUTH_CONTEXT, MAX_KEY_BYTES, MAX_VALUE_BYTES, REQUEST, Op
 
 SECRET = b"store-test-secret"
@@ -393,3 +397,84 @@ def test_prefix_store_namespaces_keys(connect: Callable[[], Store]) -> None:
     assert left.delete("k") and base.try_get("left/k") is None
     left.close()  # the view does not own the store
     assert base.get("right/k") == b"R"
+
+
+def test_held_connections_are_bounded_and_age_out() -> None:
+    """300 silent connections: at most MAX_PENDING are kept, clients still get in, all expire."""
+    with StoreServer("127.0.0.1", 0, SECRET, auth_timeout=0.5) as srv:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=5.0) for _ in range(300)]
+        try:
+            time.sleep(0.2)
+            assert 0 < srv.pending <= MAX_PENDING
+            _server_still_serves(srv)  # a real client gets in past the held connections
+            deadline = time.monotonic() + 5.0
+            while srv.pending:
+                assert time.monotonic() < deadline, "silent connections never timed out"
+                time.sleep(0.05)
+        finally:
+            for sock in held:
+                sock.close()
+        _server_still_serves(srv)
+
+
+def test_a_store_of_another_job_is_refused_by_name() -> None:
+    with StoreServer("127.0.0.1", 0, SECRET, job="job-a") as srv:
+        with pytest.raises(JobMismatchError, match=r"job 'job-b'.*job 'job-a'"):
+            Store("127.0.0.1", srv.port, SECRET, timeout=5.0, job="job-b")
+        with Store("127.0.0.1", srv.port, SECRET, timeout=5.0, job="job-a") as client:
+            client.set("k", b"v")
+
+
+class _FlakyListener(socket.socket):
+    """A listening socket whose first accepts fail as they do when file descriptors run out."""
+
+    failures = 3
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if _FlakyListener.failures:
+            _FlakyListener.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return super().accept()
+
+
+def test_the_accept_loop_outlives_accept_errors() -> None:
+    plain = socket.create_server(("127.0.0.1", 0))
+    listener = _FlakyListener(fileno=plain.detach())
+    admitted: list[bytes] = []
+    gate = Gate(listener, SECRET, lambda conn, peer, extra: admitted.append(extra),
+                name="test", context=b"t", extra=2)  # fmt: skip
+    gate.start()
+    try:
+        with socket.create_connection(listener.getsockname(), timeout=5.0) as sock:
+            authenticate(sock, SECRET, initiator=True, timeout=5.0, context=b"t")
+            sock.sendall(b"ok")
+            deadline = time.monotonic() + 5.0
+            while not admitted:
+                assert time.monotonic() < deadline, "the gate stopped after accept failed"
+                time.sleep(0.02)
+        assert admitted == [b"ok"] and _FlakyListener.failures == 0
+    finally:
+        gate.close()
+        listener.close()
+
+
+def test_a_failed_thread_start_costs_only_that_client(monkeypatch: pytest.MonkeyPatch) -> None:
+    real = threading.Thread
+    failures = [1]
+
+    class FailingOnce(real):  # type: ignore[valid-type,misc]
+        def start(self) -> None:
+            if failures[0] and self.name.startswith("ringlet-store-127"):
+                failures[0] -= 1
+                raise RuntimeError("can't start new thread")
+            super().start()
+
+    with StoreServer("127.0.0.1", 0, SECRET) as srv:
+        monkeypatch.setattr(server_module.threading, "Thread", FailingOnce)
+        with (
+            pytest.raises((PeerError, AuthenticationError)),
+            Store("127.0.0.1", srv.port, SECRET, timeout=2.0) as first,
+        ):
+            first.set("k", b"v")  # the server dropped this client: it could not serve it
+        assert failures == [0]
+        _server_still_serves(srv)

@@ -1,8 +1,11 @@
-"""The rendezvous store's server: a dict behind a lock, served one thread per client.
+"""The rendezvous store's server: a dict behind a lock, served one thread per authenticated client.
 
-Every connection first proves it knows the job secret; one that does not, or that later breaks the
-protocol (unknown operation, oversized header, bad key), is logged on ``ringlet.store`` and
-dropped, and nothing it sent is acted on. A misbehaving client costs only its own thread.
+Every connection first proves it knows the job secret and names the same job
+(:class:`ringlet.gate.Gate`: one thread handshakes every pending connection, a bounded number of
+them, each with a deadline, so unauthenticated connections cost no thread and cannot stop the
+accept loop). One that fails, or that later breaks the protocol (unknown operation, oversized
+header, bad key), is logged on ``ringlet.store`` and dropped, and nothing it sent is acted on. A
+misbehaving client costs only its own thread.
 """
 
 from __future__ import annotations
@@ -12,8 +15,7 @@ import socket
 import threading
 import time
 
-from ringlet.auth import authenticate
-from ringlet.errors import AuthenticationError
+from ringlet.gate import Gate
 from ringlet.rendezvous.wire import (
     AUTH_CONTEXT,
     INT64,
@@ -53,11 +55,14 @@ def _listen(host: str, port: int) -> socket.socket:
 class StoreServer:
     """Serves the key-value store from a daemon thread, one more daemon thread per client."""
 
-    def __init__(self, host: str, port: int, secret: bytes, *, auth_timeout: float = 10.0) -> None:
+    def __init__(
+        self, host: str, port: int, secret: bytes, *, auth_timeout: float = 10.0, job: str = ""
+    ) -> None:
         """Bind and listen on ``host:port`` at once; port 0 picks a free port (see ``.port``).
 
-        Clients that connect before :meth:`start` wait in the listen queue. Raises OSError if the
-        address cannot be bound.
+        Only clients that know ``secret`` and name the same ``job`` id get in. Clients that connect
+        before :meth:`start` wait in the listen queue. Raises OSError if the address cannot be
+        bound.
         """
         if not isinstance(secret, (bytes, bytearray)):
             raise TypeError(f"secret must be bytes, got {type(secret).__name__}")
@@ -70,19 +75,31 @@ class StoreServer:
         self._changed = threading.Condition()  # guards _data, _clients, _closed; wakes waiters
         self._clients: set[socket.socket] = set()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._gate = Gate(
+            self._listener,
+            self._secret,
+            self._admit,
+            name=f"ringlet-store-{self.port}",
+            context=AUTH_CONTEXT,
+            logger=log,
+            job=job,
+            deadline=auth_timeout,
+        )
+        self._started = False
 
     def __repr__(self) -> str:
         return f"StoreServer({self.host!r}, {self.port})"
 
+    @property
+    def pending(self) -> int:
+        """Connections accepted but not yet authenticated (at most ``ringlet.gate.MAX_PENDING``)."""
+        return self._gate.pending
+
     def start(self) -> None:
         """Start accepting clients in a daemon thread (a second call does nothing)."""
-        if self._thread is not None:
-            return
-        self._thread = threading.Thread(
-            target=self._accept_loop, name=f"ringlet-store-{self.port}", daemon=True
-        )
-        self._thread.start()
+        if not self._started:
+            self._started = True
+            self._gate.start()
 
     def close(self) -> None:
         """Stop serving and close every socket; clients then see the store as gone. Idempotent."""
@@ -92,14 +109,13 @@ class StoreServer:
             self._closed = True
             clients = list(self._clients)
             self._changed.notify_all()
-        # shutdown (unlike close) wakes a thread blocked in accept or recv on the socket
+        self._gate.close()
+        # shutdown (unlike close) wakes a thread blocked in recv on the socket
         for sock in (self._listener, *clients):
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(timeout=5.0)
         self._listener.close()
 
     def __enter__(self) -> StoreServer:
@@ -109,50 +125,35 @@ class StoreServer:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn, address = self._listener.accept()
-            except OSError as exc:
-                if self._closed:
-                    return
-                log.warning("rendezvous store: accept failed: %s", exc)
-                time.sleep(0.1)  # e.g. out of file descriptors: do not spin on the error
-                continue
-            with self._changed:
-                refuse = self._closed or len(self._clients) >= MAX_CLIENTS
-                if not refuse:
-                    self._clients.add(conn)
-            if refuse:
-                if not self._closed:
-                    log.warning(
-                        "rendezvous store: %d clients already, refused %s", MAX_CLIENTS, address
-                    )
-                conn.close()
-                continue
-            peer = f"{address[0]}:{address[1]}"
+    def _admit(self, conn: socket.socket, peer: str, _extra: bytes) -> None:
+        """Serve an authenticated client on a thread of its own, up to MAX_CLIENTS of them."""
+        with self._changed:
+            refuse = self._closed or len(self._clients) >= MAX_CLIENTS
+            if not refuse:
+                self._clients.add(conn)
+        if refuse:
+            if not self._closed:
+                log.warning("rendezvous store: %d clients already, refused %s", MAX_CLIENTS, peer)
+            conn.close()
+            return
+        try:
             threading.Thread(
                 target=self._serve_client,
                 args=(conn, peer),
                 name=f"ringlet-store-{peer}",
                 daemon=True,
             ).start()
+        except BaseException:  # e.g. RuntimeError "can't start new thread": this client only
+            with self._changed:
+                self._clients.discard(conn)
+            raise
 
     def _serve_client(self, conn: socket.socket, peer: str) -> None:
         try:
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            authenticate(
-                conn,
-                self._secret,
-                initiator=False,
-                timeout=self._auth_timeout,
-                context=AUTH_CONTEXT,
-            )
             conn.settimeout(None)  # a client may stay idle between requests as long as it likes
             while self._serve_request(conn):
                 pass
-        except AuthenticationError as exc:
-            log.warning("rendezvous store: dropped connection from %s: %s", peer, exc)
         except _DropClient as exc:
             log.warning("rendezvous store: dropped client %s: %s", peer, exc)
         except (OSError, EOFError) as exc:

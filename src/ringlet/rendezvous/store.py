@@ -76,11 +76,15 @@ class Store:
     server does not share the secret, builtin TimeoutError when a waited-for key does not appear.
     """
 
-    def __init__(self, host: str, port: int, secret: bytes, timeout: float = 30.0) -> None:
+    def __init__(
+        self, host: str, port: int, secret: bytes, timeout: float = 30.0, *, job: str = ""
+    ) -> None:
         """Connect, retrying until ``timeout`` seconds pass (the server may start later).
 
         ``timeout`` is also the default wait of ``get``/``wait`` and the bound on any other
-        request. Raises CollectiveTimeout (a TimeoutError) if the server cannot be reached in time.
+        request. ``job`` must equal the server's job id. Raises CollectiveTimeout (a TimeoutError)
+        if the server cannot be reached in time; JobMismatchError (an AuthenticationError) if it
+        serves another job.
         """
         if not isinstance(secret, (bytes, bytearray)):
             raise TypeError(f"secret must be bytes, got {type(secret).__name__}")
@@ -88,6 +92,7 @@ class Store:
             raise ValueError(f"store timeout must be a positive number of seconds, got {timeout}")
         self.host, self.port, self.timeout = host, port, float(timeout)
         self._secret = bytes(secret)
+        self._job = job
         self._lock = threading.Lock()  # guards the connection pool and the state flags
         self._idle: list[socket.socket] = []
         self._open: set[socket.socket] = set()
@@ -218,10 +223,11 @@ class Store:
                 initiator=True,
                 timeout=max(deadline - time.monotonic(), 1.0),
                 context=AUTH_CONTEXT,
+                job=self._job,
             )
         except AuthenticationError as exc:
             sock.close()
-            raise AuthenticationError(f"rendezvous store at {address}: {exc}") from exc
+            raise type(exc)(f"rendezvous store at {address}: {exc}") from exc
         except BaseException:
             sock.close()
             raise

@@ -18,7 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..auth import authenticate
-from ..errors import AuthenticationError, MismatchError, PeerError, ProtocolError
+from ..errors import MismatchError, PeerError, ProtocolError
+from ..gate import Gate
 from . import frames
 from .base import Tag
 
@@ -42,47 +43,42 @@ def _tune(sock: socket.socket) -> None:
 
 
 class Listener:
-    """The process's listening socket: authenticates incoming peers and hands them out by (comm, rank)."""
+    """The process's listening socket: authenticates incoming peers and hands them out by (comm, rank).
+
+    Accepting and authenticating run on one :class:`ringlet.gate.Gate` thread: a bounded number of
+    unauthenticated connections, each with a deadline, no thread each, and an accept loop that
+    survives every error (another local user holding a thousand connections open does not stop
+    it). A peer that authenticates sends its (communicator, rank) and waits in :meth:`take`.
+    """
 
     def __init__(self, host: str, secret: bytes, auth_timeout: float = 10.0) -> None:
-        self._secret = secret
-        self._auth_timeout = auth_timeout
+        """Listen on ``host`` at a free port (``.address``) and start accepting at once."""
         self._sock = socket.create_server((host, 0), backlog=128)
         self.address: tuple[str, int] = (host, self._sock.getsockname()[1])
         self._ready: dict[tuple[int, int], socket.socket] = {}
         self._cond = threading.Condition()
         self._closed = False
-        threading.Thread(target=self._accept_loop, name="ringlet-accept", daemon=True).start()
+        self._gate = Gate(
+            self._sock,
+            secret,
+            self._admit,
+            name="ringlet-accept",
+            context=AUTH_CONTEXT,
+            logger=log,
+            extra=HELLO.size,
+            deadline=auth_timeout,
+        )
+        self._gate.start()
 
-    def _accept_loop(self) -> None:
-        while not self._closed:
-            try:
-                conn, addr = self._sock.accept()
-            except OSError:
-                return
-            threading.Thread(
-                target=self._admit, args=(conn, addr), name="ringlet-admit", daemon=True
-            ).start()
-
-    def _admit(self, conn: socket.socket, addr: object) -> None:
-        """Authenticate before reading anything else; drop and log a connection that fails."""
-        try:
-            conn.settimeout(self._auth_timeout)
-            authenticate(
-                conn,
-                self._secret,
-                initiator=False,
-                timeout=self._auth_timeout,
-                context=AUTH_CONTEXT,
-            )
-            comm, rank = HELLO.unpack(_recv_exact(conn, HELLO.size))
-        except (AuthenticationError, OSError, ConnectionError, struct.error) as exc:
-            log.warning("ringlet: dropped connection from %s: %s", addr, exc)
-            conn.close()
-            return
+    def _admit(self, conn: socket.socket, peer: str, hello: bytes) -> None:
+        """File an authenticated peer under the (communicator, rank) it named."""
+        comm, rank = HELLO.unpack(hello)
         conn.settimeout(None)
         _tune(conn)
         with self._cond:
+            if self._closed:
+                conn.close()
+                return
             old = self._ready.pop((comm, rank), None)
             if old is not None:
                 old.close()
@@ -103,7 +99,10 @@ class Listener:
             return self._ready.pop((comm, rank))
 
     def close(self) -> None:
-        self._closed = True
+        """Stop accepting and close every connection not yet taken. Idempotent."""
+        with self._cond:
+            self._closed = True
+        self._gate.close()
         with contextlib.suppress(OSError):
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
