@@ -5,14 +5,19 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import hmac
 import logging
 import os
 import socket
+import threading
 import time
 
+from .auth import JobMismatchError
 from .comm import WORLD_ID, Communicator
 from .core import World
-from .rendezvous import Store, StoreServer, resolve
+from .errors import AuthenticationError, RingletError
+from .rendezvous import JobEnv, Store, StoreServer, resolve
+from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
 from .transport.tcp import Listener
 
 log = logging.getLogger("ringlet")
@@ -42,16 +47,74 @@ def _local_address(master_host: str) -> str:
     return "127.0.0.1"
 
 
-def _fallback_secret(source: str, env: dict[str, str]) -> bytes:
-    """Without RINGLET_SECRET (torchrun, SLURM, mpirun), key the job by its id and say it is weak."""
-    job = env.get("TORCHELASTIC_RUN_ID") or env.get("SLURM_JOB_ID") or env.get("MASTER_PORT", "")
-    log.warning(
-        "ringlet: no RINGLET_SECRET set (started by %s); connections are authenticated with a "
-        "key derived from the job id only. Export RINGLET_SECRET with the same random value "
-        "on every rank to keep other users' processes out.",
-        source,
+_init_lock = threading.Lock()  # one init() at a time; guards _current
+_current: World | None = None  # the world of the last init() of this process, until finalized
+
+
+def _peer_key(secret: bytes, job_id: str) -> bytes:
+    """The key of rank-to-rank handshakes: the secret bound to the job, so jobs never pair up."""
+    return (
+        hmac.new(secret, f"ringlet-peer-key\0{job_id}".encode(), hashlib.sha256)
+        .hexdigest()
+        .encode()
     )
-    return hashlib.sha256(f"ringlet-derived/{job}".encode()).hexdigest().encode()
+
+
+def _local_secret(env: JobEnv) -> LocalSecret | None:
+    """Where a secret is made and shared when none was given; None when one was (or one rank).
+
+    Raises SecretError when the job spans hosts (or this process cannot tell that it does not).
+    """
+    if env.secret is not None or env.world_size == 1:
+        return None
+    one_host = env.local_size in (None, env.world_size) and is_local_address(env.master_host)
+    if not one_host:
+        raise refusal(env.source, env.world_size, env.local_size, env.master_host)
+    return LocalSecret(f"{env.job_id}\0{env.master_host}:{env.store_port}")
+
+
+def _serve_store(env: JobEnv, key: bytes, local: LocalSecret | None) -> StoreServer:
+    """Rank 0: bind the store first, then publish a generated secret, then start serving."""
+    bind = env.master_host if env.world_size > 1 else "127.0.0.1"
+    server = StoreServer(bind, env.store_port, key, job=env.job_id)
+    if local is not None:
+        local.publish(key)
+    server.start()
+    return server
+
+
+def _join_store(
+    env: JobEnv, host: str, port: int, key: bytes | None, local: LocalSecret | None
+) -> tuple[Store, bytes]:
+    """Connect to the store; with a generated secret, read it (again, if rank 0 replaced a stale one)."""
+    if local is None:
+        assert key is not None
+        return Store(host, port, key, timeout=env.timeout, job=env.job_id), key
+    deadline = time.monotonic() + env.timeout
+    key = local.read(deadline) if key is None else key
+    while True:
+        try:
+            return Store(host, port, key, timeout=env.timeout, job=env.job_id), key
+        except JobMismatchError:
+            raise
+        except AuthenticationError as exc:
+            # the file may be a crashed earlier job's; rank 0 replaces it when it starts
+            try:
+                key = local.read(deadline, previous=key)
+            except SecretError as late:
+                raise late from exc
+
+
+def _claim_rank(store: Store, env: JobEnv, value: bytes) -> None:
+    """Register this rank once: a second process claiming the same rank is refused, not mixed in."""
+    held = store.compare_set(f"w/peer/{env.rank}", b"", value)
+    if held != value:
+        raise RingletError(
+            f"ringlet.init(): rank {env.rank} is already registered in the store at"
+            f" {store.host}:{store.port} by another process ({held.decode(errors='replace')}); two"
+            " jobs share this master port and secret (give each its own port, or a job id such as"
+            " RINGLET_JOB_ID), or two processes of this job were given the same rank"
+        )
 
 
 def init(
@@ -69,40 +132,82 @@ def init(
     Open MPI / PMI. Rank 0 hosts the rendezvous store at ``master``. ``deterministic`` (default:
     RINGLET_DETERMINISTIC=1) makes every reduction fold each element in rank order, so results are
     bit-identical whatever the transport, algorithm, size or arrival order; every rank must set it
-    alike (a rank that differs meets a MismatchError). Raises ValueError naming what is missing
-    when no source is complete; CollectiveTimeout/PeerError when the other ranks never come.
+    alike (a rank that differs meets a MismatchError).
+
+    The secret: ``secret``, else RINGLET_SECRET, else the file RINGLET_SECRET_FILE; without any,
+    a job on one host makes its own (rank 0 writes it to a private 0700 directory, the others read
+    it) and a job across hosts is refused (see docs/errors.md, "Security model").
+
+    One world per process: calling init() again before the first world is closed raises
+    RingletError ("already initialized"), like torch.distributed; after ``comm.close()`` (or the
+    ``with`` block) init() may be called again.
+
+    Raises ValueError naming what is missing when no source is complete; SecretError when no
+    secret can be had; JobMismatchError when the store belongs to another job;
+    CollectiveTimeout/PeerError when the other ranks never come.
     """
-    if deterministic is None:
-        flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
-        if flag not in ("", "0", "1", "true", "false", "yes", "no"):
-            raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
-        deterministic = flag in ("1", "true", "yes")
-    env = resolve(rank, world_size, master, secret, timeout)
-    if env.secret is None and env.world_size == 1:
+    global _current
+    with _init_lock:
+        if _current is not None and not _current.finalized:
+            raise RingletError(
+                f"ringlet.init() was already called in this process (rank {_current.rank} of"
+                f" {_current.size}) and its world is still open; use the communicator it"
+                " returned, or close it (comm.close()) before calling init() again"
+            )
+        if deterministic is None:
+            flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
+            if flag not in ("", "0", "1", "true", "false", "yes", "no"):
+                raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
+            deterministic = flag in ("1", "true", "yes")
+        env = resolve(rank, world_size, master, secret, timeout)
+        comm = _join(env, deterministic)
+        _current = comm.world
+        return comm
+
+
+def _join(env: JobEnv, deterministic: bool) -> Communicator:
+    """Meet the other ranks through the store and build the world communicator."""
+    local = _local_secret(env)
+    key = env.secret
+    if key is None and env.world_size == 1:
         key = os.urandom(32).hex().encode()  # nobody else joins; any private key will do
-    else:
-        key = env.secret or _fallback_secret(env.source, dict(os.environ))
     server = None
+    host = env.master_host if env.world_size > 1 else "127.0.0.1"
     port = env.store_port
     if env.rank == 0:
-        bind = env.master_host if env.world_size > 1 else "127.0.0.1"
-        server = StoreServer(bind, port, key)
-        server.start()
+        key = local.create() if local is not None else key
+        assert key is not None
+        server = _serve_store(env, key, local)
         port = server.port
-    store = Store(
-        env.master_host if env.world_size > 1 else "127.0.0.1", port, key, timeout=env.timeout
-    )
-    listener = Listener(_local_address(env.master_host), key)
-    store.set(
-        f"w/peer/{env.rank}", f"{listener.address[0]}:{listener.address[1]}|{_host_id()}".encode()
-    )
-    addresses, hosts = [], []
-    for r in range(env.world_size):
-        text = store.get(f"w/peer/{r}", timeout=env.timeout).decode()
-        addr, host = text.split("|", 1)
-        h, p = addr.rsplit(":", 1)
-        addresses.append((h, int(p)))
-        hosts.append(host)
+    try:
+        store, key = _join_store(env, host, port, key, local)
+    except BaseException:
+        if server is not None:
+            server.close()
+        raise
+    peer_key = _peer_key(key, env.job_id)
+    listener = Listener(_local_address(env.master_host), peer_key)
+    try:
+        _claim_rank(
+            store,
+            env,
+            f"{listener.address[0]}:{listener.address[1]}|{_host_id()}".encode(),
+        )
+        addresses, hosts = [], []
+        for r in range(env.world_size):
+            text = store.get(f"w/peer/{r}", timeout=env.timeout).decode()
+            addr, host_id = text.split("|", 1)
+            h, p = addr.rsplit(":", 1)
+            addresses.append((h, int(p)))
+            hosts.append(host_id)
+    except BaseException:
+        listener.close()
+        store.close()
+        if server is not None:
+            server.close()
+        raise
+    if local is not None and server is not None:
+        local.remove(key)  # every rank has registered, so every rank has read it: no longer needed
     job = (
         os.environ.get("RINGLET_JOB_ID")
         or hashlib.sha256(key + str(port).encode()).hexdigest()[:12]
@@ -112,7 +217,7 @@ def init(
         env.world_size,
         store,
         listener,
-        key,
+        peer_key,
         addresses,
         hosts,
         job,

@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
 import pytest
 
-from ringlet.rendezvous.env import JobEnv, parse_master, resolve
+from ringlet.rendezvous.env import JobEnv, job_id, parse_master, resolve
+from ringlet.rendezvous.secret import (
+    LocalSecret,
+    SecretError,
+    is_local_address,
+    private_dir,
+    read_secret_file,
+)
 from ringlet.rendezvous.slurm import expand_nodelist, expand_tasks_per_node, first_host
+from ringlet.world import _local_secret
 
 RINGLET = {
     "RINGLET_RANK": "2",
@@ -293,3 +307,121 @@ def test_parse_master() -> None:
     assert parse_master(" [::1]:29500 ", "m") == ("::1", 29500)
     with pytest.raises(ValueError, match="m='::1:5'"):
         parse_master("::1:5", "m")
+
+
+# -- the job id and the secret when RINGLET_SECRET is not given (issue 11) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("environ", "expected"),
+    [
+        ({"RINGLET_JOB_ID": "abc", "TORCHELASTIC_RUN_ID": "r"}, "abc"),
+        ({"TORCHELASTIC_RUN_ID": "5f1c", "SLURM_JOB_ID": "9"}, "torchrun:5f1c"),
+        ({"TORCHELASTIC_RUN_ID": "none", "SLURM_JOB_ID": "9", "SLURM_STEP_ID": "2"}, "slurm:9.2"),
+        ({"PMIX_NAMESPACE": "prterun-h-77@1"}, "mpi:prterun-h-77@1"),
+        ({}, ""),
+    ],
+)
+def test_job_id_comes_from_the_launcher(environ: dict[str, str], expected: str) -> None:
+    assert job_id(environ) == expected
+    assert resolve(environ={**TORCHRUN, **environ}).job_id == expected
+
+
+def test_secret_file_is_read_when_private(tmp_path: Path) -> None:
+    path = tmp_path / "secret"
+    path.write_text("  from-a-file\n")
+    path.chmod(0o600)
+    env = resolve(environ={**TORCHRUN, "RINGLET_SECRET_FILE": str(path)})
+    assert env.secret == b"from-a-file" and env.secret_file == str(path)
+    # RINGLET_SECRET wins over the file
+    both = {**TORCHRUN, "RINGLET_SECRET_FILE": str(path), "RINGLET_SECRET": "env"}
+    assert resolve(environ=both).secret == b"env"
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604])
+def test_secret_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "secret"
+    path.write_text("s")
+    path.chmod(mode)
+    with pytest.raises(SecretError, match=f"chmod 600 {path}"):
+        resolve(environ={**TORCHRUN, "RINGLET_SECRET_FILE": str(path)})
+
+
+def test_empty_or_missing_secret_file_is_refused(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("  \n")
+    empty.chmod(0o600)
+    with pytest.raises(SecretError, match="no usable secret"):
+        read_secret_file(str(empty))
+    with pytest.raises(SecretError, match="cannot be read"):
+        read_secret_file(str(tmp_path / "missing"))
+
+
+def test_local_secret_is_private_and_replaced_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(runtime))
+    local = LocalSecret("job\0127.0.0.1:1234")
+    assert local.path.parent == runtime / "ringlet"
+    assert local.path.parent.stat().st_mode & 0o777 == 0o700
+    first = local.create()
+    local.publish(first)
+    assert local.path.stat().st_mode & 0o777 == 0o600
+    assert LocalSecret("job\0127.0.0.1:1234").read(time.monotonic() + 1) == first
+    assert LocalSecret("other\0127.0.0.1:1234").path != local.path
+    second = local.create()
+    assert second != first and len(second) == 64
+    local.publish(second)
+    assert local.read(time.monotonic() + 1, previous=first) == second
+    with pytest.raises(SecretError, match="did not publish a new secret"):
+        local.read(time.monotonic() + 0.1, previous=second)
+    local.remove(first)  # not the secret it holds: kept
+    assert local.path.exists()
+    local.remove(second)
+    assert not local.path.exists()
+
+
+def test_a_directory_someone_else_made_first_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    planted = tmp_path / f"ringlet-{os.geteuid()}"
+    planted.mkdir(mode=0o777)
+    planted.chmod(0o777)
+    with pytest.raises(SecretError, match="other users may read it"):
+        private_dir()
+    planted.rmdir()
+    planted.symlink_to(tmp_path)
+    with pytest.raises(SecretError, match="not a directory"):
+        private_dir()
+    if os.geteuid() == 0:  # as root the test can plant a directory owned by another user
+        planted.unlink()
+        planted.mkdir(mode=0o700)
+        os.chown(planted, 4242, 4242)
+        with pytest.raises(SecretError, match="belongs to uid 4242"):
+            private_dir()
+
+
+def _job(**changes: object) -> JobEnv:
+    base = resolve(environ={**TORCHRUN, "MASTER_ADDR": "127.0.0.1", "LOCAL_WORLD_SIZE": "8"})
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+def test_no_secret_on_one_host_makes_one_and_across_hosts_refuses() -> None:
+    assert _local_secret(_job(secret=b"given")) is None
+    assert _local_secret(_job(world_size=1, rank=0)) is None
+    assert isinstance(_local_secret(_job()), LocalSecret)
+    assert isinstance(_local_secret(_job(local_size=None)), LocalSecret)
+    with pytest.raises(SecretError, match="4 of 8 ranks on this host") as err:
+        _local_secret(_job(local_size=4))
+    assert "RINGLET_SECRET=" in str(err.value) and "RINGLET_SECRET_FILE" in str(err.value)
+    with pytest.raises(SecretError, match="not an address of this host"):
+        _local_secret(_job(local_size=None, master_host="192.0.2.1"))  # TEST-NET: never ours
+
+
+def test_local_addresses() -> None:
+    assert is_local_address("127.0.0.1") and is_local_address("localhost")
+    assert not is_local_address("192.0.2.1") and not is_local_address("no-such-host.invalid")

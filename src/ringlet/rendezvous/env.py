@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ringlet.auth import secret_from_str
+from ringlet.rendezvous.secret import read_secret_file
 from ringlet.rendezvous.slurm import expand_tasks_per_node, first_host
 
 DEFAULT_TIMEOUT = 300.0
@@ -35,6 +36,8 @@ class JobEnv:
     timeout: float
     source: str  # "arguments" | "ringlet" | "torchrun" | "slurm" | "mpi"
     store_port_offset: int = 0  # 1 under torchrun when its agent's own store owns MASTER_PORT
+    job_id: str = ""  # the launcher's id of this job (see job_id()); "" when it gives none
+    secret_file: str | None = None  # where the secret came from, when RINGLET_SECRET_FILE gave it
 
     @property
     def store_port(self) -> int:
@@ -221,7 +224,29 @@ def resolve(
         timeout=_resolve_timeout(timeout, environ),
         source=found.source,
         store_port_offset=found.port_offset,
+        job_id=job_id(environ),
+        secret_file=_secret_file_used(secret, environ),
     )
+
+
+def job_id(environ: Mapping[str, str]) -> str:
+    """The id the launcher gave this job, alike on every rank and different for another job.
+
+    RINGLET_JOB_ID (``ringlet run``), else torchrun's TORCHELASTIC_RUN_ID, else SLURM's job and
+    step (``SLURM_JOB_ID.SLURM_STEP_ID``), else Open MPI / PMIx's namespace; "" when none is set.
+    It goes into every handshake, so ranks of two jobs never join each other's store or peers.
+    """
+    if text := environ.get("RINGLET_JOB_ID", "").strip():
+        return text
+    run_id = environ.get("TORCHELASTIC_RUN_ID", "").strip()
+    if run_id and run_id != "none":  # torchrun's default --rdzv-id is the same for every job
+        return f"torchrun:{run_id}"
+    if slurm := environ.get("SLURM_JOB_ID", "").strip():
+        return f"slurm:{slurm}.{environ.get('SLURM_STEP_ID', '').strip()}"
+    for name in ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"):
+        if text := environ.get(name, "").strip():
+            return f"mpi:{text}"
+    return ""
 
 
 def _complete(found: _Found) -> _Found | None:
@@ -311,10 +336,20 @@ def _check_ranges(found: _Found) -> None:
         )
 
 
+def _secret_file_used(secret: bytes | str | None, environ: Mapping[str, str]) -> str | None:
+    if secret is not None or environ.get("RINGLET_SECRET") is not None:
+        return None
+    return environ.get("RINGLET_SECRET_FILE", "").strip() or None
+
+
 def _resolve_secret(secret: bytes | str | None, environ: Mapping[str, str]) -> bytes | None:
+    """The argument, else RINGLET_SECRET, else the contents of RINGLET_SECRET_FILE, else None."""
     if secret is None:
         text = environ.get("RINGLET_SECRET")
-        return None if text is None else secret_from_str(text)
+        if text is None:
+            path = environ.get("RINGLET_SECRET_FILE", "").strip()
+            return read_secret_file(path) if path else None
+        return secret_from_str(text)
     if isinstance(secret, str):
         return secret_from_str(secret)
     if isinstance(secret, (bytes, bytearray)):
