@@ -272,7 +272,7 @@ class Collectives(InPlaceCollectives):
             flat_in, _ = staged(arr)
             sent = wire_op(rop)
             counts = [block] * self.size
-            if (group := self._group("reduce_scatter", algo, reduces=True)) is not None:
+            if (group := self._group("reduce_scatter", algo)) is not None:
                 group.reduce_scatter(flat_in, out.reshape(-1), counts, sent, call.sig, deadline)
             elif self.size > 1:
                 self._run(

@@ -328,13 +328,11 @@ class CommunicatorCore:
         if self._shm is not None:
             self._shm.abort(f"rank {self.rank}: {err}")
 
-    def _group(self, op: str, algo: str | None, reduces: bool = False) -> Any:
-        """The host's shm group when it should run this call: every rank on this host, no
-        algorithm forced, and (for a reduction) no rank-order fold asked for. Else None, and the
-        call runs as a schedule."""
+    def _group(self, op: str, algo: str | None) -> Any:
+        """The host's shm group when it should run this call: every rank on this host and no
+        algorithm forced; else None, and the call runs as a schedule. (The group folds every
+        element in rank order on all its paths, so deterministic mode keeps it.)"""
         if self._shm is None or algo is not None or op in self._forced:
-            return None
-        if reduces and self._deterministic:
             return None
         self._recorder.note("shm_group", None, "shm")  # shm.py picks its own path by size
         return self._shm

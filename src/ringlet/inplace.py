@@ -95,7 +95,7 @@ class InPlaceCollectives(CommunicatorCore):
             flat, writeback = staged(arr)
             sent = wire_op(rop)
             finish = partial(finish_mean, size=self.size) if rop is _MEAN else None
-            if (group := self._group("all_reduce", algo, reduces=True)) is not None:
+            if (group := self._group("all_reduce", algo)) is not None:
                 group.all_reduce(flat, sent, call.sig, deadline, finish)  # divides in cache
             else:
                 if self.size > 1:
@@ -135,7 +135,7 @@ class InPlaceCollectives(CommunicatorCore):
             flat, writeback = staged(arr)
             sent = wire_op(rop)
             result = flat if self.rank == root else None
-            if (group := self._group("reduce", algo, reduces=True)) is not None:
+            if (group := self._group("reduce", algo)) is not None:
                 group.reduce(flat, result, root, sent, call.sig, deadline)
             elif self.size > 1:
                 work = flat if self.rank == root else flat.copy()
