@@ -9,8 +9,8 @@ a connection to ``admit`` only once it has authenticated. So:
   silent one (else the oldest), so connections an attacker holds open make way instead of locking
   peers out;
 - each has ``deadline`` seconds to finish; each costs a socket and under 200 bytes, no thread;
-- every error (out of file descriptors, a reset, a failing ``admit``) is logged on ``logger`` (at
-  most once a second) and the loop goes on; only :meth:`close` ends it.
+- every error (out of file descriptors, a reset, a failing ``admit``) is logged on ``logger`` (a
+  burst of 20, then one a second) and the loop goes on; only :meth:`close` ends it.
 """
 
 from __future__ import annotations
@@ -33,6 +33,9 @@ MAX_PENDING = 64
 HANDSHAKE_DEADLINE = 10.0
 _TICK = 0.5  # the longest the loop sleeps: how soon close() and deadlines are noticed
 _ERROR_PAUSE = 0.05  # after accept fails (e.g. EMFILE): do not spin on a listener that stays ready
+_LOG_BURST = (
+    20  # warnings logged at once; beyond that one a second, so a flood cannot flood the log
+)
 
 Admit = Callable[[socket.socket, str, bytes], None]
 
@@ -74,7 +77,7 @@ class Gate:
         self._pending: OrderedDict[socket.socket, _Pending] = OrderedDict()
         self._selector = selectors.DefaultSelector()
         self._closed = False
-        self._last_log = 0.0
+        self._log_tokens, self._log_refilled = float(_LOG_BURST), time.monotonic()
         self._quiet = 0  # messages held back since the last one logged
         self._wake_r, self._wake_w = socket.socketpair()
         listener.setblocking(False)
@@ -212,12 +215,15 @@ class Gate:
         item.conn.close()
 
     def _warn(self, message: str, *args: object) -> None:
-        """Log at most one warning a second, so a flood of bad connections cannot flood the log."""
+        """Log a warning: every one of a burst of 20, then one a second (a token bucket)."""
         now = time.monotonic()
-        if now - self._last_log < 1.0:
+        self._log_tokens = min(_LOG_BURST, self._log_tokens + now - self._log_refilled)
+        self._log_refilled = now
+        if self._log_tokens < 1.0:
             self._quiet += 1
             return
+        self._log_tokens -= 1.0
         if self._quiet:
             message += f" (and {self._quiet} similar messages held back)"
-        self._last_log, self._quiet = now, 0
+            self._quiet = 0
         self._log.warning(message, *args)
