@@ -47,8 +47,11 @@ def _local_address(master_host: str) -> str:
     return "127.0.0.1"
 
 
-_init_lock = threading.Lock()  # one init() at a time; guards _current
-_current: World | None = None  # the world of the last init() of this process, until finalized
+_init_lock = threading.Lock()  # one init() at a time; guards _open_worlds
+#: The open worlds of this process by (master host, store port, job id). A process may hold several
+#: worlds (the torch backend starts one per default group, on a port of its own), but never two of
+#: one job: a second init() of the same job would find its own store's port taken.
+_open_worlds: dict[tuple[str, int, str], World] = {}
 
 
 def _peer_key(secret: bytes, job_id: str) -> bytes:
@@ -138,30 +141,36 @@ def init(
     a job on one host makes its own (rank 0 writes it to a private 0700 directory, the others read
     it) and a job across hosts is refused (see docs/errors.md, "Security model").
 
-    One world per process: calling init() again before the first world is closed raises
-    RingletError ("already initialized"), like torch.distributed; after ``comm.close()`` (or the
-    ``with`` block) init() may be called again.
+    One world per job and process: calling init() again for the same job (same master and job id)
+    while its world is open raises RingletError ("already called"), like torch.distributed's
+    "already initialized", before anything is bound or sent; after ``comm.close()`` (or the
+    ``with`` block) it may be called again. Worlds of other masters (e.g. the torch backend's) may
+    be open alongside.
 
     Raises ValueError naming what is missing when no source is complete; SecretError when no
     secret can be had; JobMismatchError when the store belongs to another job;
     CollectiveTimeout/PeerError when the other ranks never come.
     """
-    global _current
     with _init_lock:
-        if _current is not None and not _current.finalized:
-            raise RingletError(
-                f"ringlet.init() was already called in this process (rank {_current.rank} of"
-                f" {_current.size}) and its world is still open; use the communicator it"
-                " returned, or close it (comm.close()) before calling init() again"
-            )
         if deterministic is None:
             flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
             if flag not in ("", "0", "1", "true", "false", "yes", "no"):
                 raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
             deterministic = flag in ("1", "true", "yes")
         env = resolve(rank, world_size, master, secret, timeout)
+        key = (env.master_host, env.store_port, env.job_id)
+        for stale in [k for k, w in _open_worlds.items() if w.finalized]:
+            del _open_worlds[stale]
+        if env.store_port and (open_world := _open_worlds.get(key)) is not None:
+            raise RingletError(
+                f"ringlet.init() was already called in this process for this job (master"
+                f" {env.master_host}:{env.store_port}, rank {open_world.rank} of"
+                f" {open_world.size}) and its world is still open; use the communicator it"
+                " returned, or close it (comm.close()) before calling init() again"
+            )
         comm = _join(env, deterministic)
-        _current = comm.world
+        if env.store_port:
+            _open_worlds[key] = comm.world
         return comm
 
 
