@@ -179,7 +179,7 @@ class Gate:
 
     def _serve(self, item: _Pending, events: int) -> None:
         try:
-            if events & selectors.EVENT_READ:
+            if events & selectors.EVENT_READ and not item.handshake.done:
                 data = item.conn.recv(max(1, item.handshake.wanted()))
                 if not data:
                     raise AuthenticationError("closed the connection while authenticating")
@@ -205,8 +205,11 @@ class Gate:
         if out:
             with contextlib.suppress(BlockingIOError, InterruptedError):
                 del out[: item.conn.send(out)]
-        events = selectors.EVENT_READ | (selectors.EVENT_WRITE if out else 0)
-        self._selector.modify(item.conn, events, item)
+        # done: nothing more to read until admitted (the peer waits for our proof before it speaks)
+        events = 0 if item.handshake.done else selectors.EVENT_READ
+        events |= selectors.EVENT_WRITE if out else 0
+        if events:
+            self._selector.modify(item.conn, events, item)
 
     def _drop(self, item: _Pending) -> None:
         self._pending.pop(item.conn, None)
