@@ -14,7 +14,7 @@ import time
 
 from .auth import JobMismatchError
 from .comm import WORLD_ID, Communicator
-from .core import World
+from .core import World, forced_algorithms
 from .errors import AuthenticationError, RingletError
 from .rendezvous import JobEnv, Store, StoreServer, resolve
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
@@ -147,7 +147,8 @@ def init(
     ``with`` block) it may be called again. Worlds of other masters (e.g. the torch backend's) may
     be open alongside.
 
-    Raises ValueError naming what is missing when no source is complete; SecretError when no
+    Raises ValueError naming what is missing when no source is complete or RINGLET_ALGO names
+    no algorithm (before anything connects, so on every rank alike); SecretError when no
     secret can be had; JobMismatchError when the store belongs to another job;
     CollectiveTimeout/PeerError when the other ranks never come.
     """
@@ -157,6 +158,7 @@ def init(
             if flag not in ("", "0", "1", "true", "false", "yes", "no"):
                 raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
             deterministic = flag in ("1", "true", "yes")
+        forced_algorithms(os.environ.get("RINGLET_ALGO", ""))  # a typo fails here, on every rank
         env = resolve(rank, world_size, master, secret, timeout)
         key = (env.master_host, env.store_port, env.job_id)
         for stale in [k for k, w in _open_worlds.items() if w.finalized]:

@@ -105,6 +105,15 @@ def _counts(size: int) -> list[int]:
     return sorted({0, 1, 7, size + 1, 256, 3 * 1024 + 5, MULTI_SEGMENT})
 
 
+def algos(comm, op: str) -> list[str | None]:  # type: ignore[no-untyped-def]
+    """The default choice (None) and every algorithm of ``op`` worth running here: "hier" only
+    where ranks span hosts (on one host it is the local phases alone), and "ordered" only in
+    deterministic mode (its bits are checked against NumPy's fold in test_topology and
+    tests/unit/test_sched_ordered.py)."""
+    spans = len(set(comm.hosts)) > 1
+    return [None] + [a for a in ALGORITHMS[op] if (a != "hier" or spans) and a != "ordered"]
+
+
 def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
     """Run all cases on this rank; return a description of every wrong result."""
     n, me = comm.size, comm.rank
@@ -118,18 +127,18 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
         inputs = [data(r, count, dtype) for r in range(n)]
         mine = inputs[me]
         case = f"{dtype.name} count={count}"
-        for algo in [None, *ALGORITHMS["all_reduce"]]:
+        for algo in algos(comm, "all_reduce"):
             for op in REDUCE_OPS:
                 if not _valid(op, dtype) or ((fast or big) and op not in ("sum", "max", "bxor")):
                     continue
                 got = comm.all_reduce(mine.copy(), op=op, algo=algo)
                 if not _same(got, reference(op, inputs)):
                     bad.append(f"all_reduce {algo} {op} {case}")
-        for algo, root in itertools.product([None, *ALGORITHMS["broadcast"]], roots):
+        for algo, root in itertools.product(algos(comm, "broadcast"), roots):
             got = comm.broadcast(mine.copy(), root=root, algo=algo)
             if not _same(got, inputs[root]):
                 bad.append(f"broadcast {algo} root={root} {case}")
-        for algo, root in itertools.product([None, *ALGORITHMS["reduce"]], roots):
+        for algo, root in itertools.product(algos(comm, "reduce"), roots):
             op = "max" if dtype.kind != "c" else "sum"
             got = comm.reduce(mine.copy(), root=root, op=op, algo=algo)
             want = reference(op, inputs) if me == root else mine
@@ -137,22 +146,22 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
                 bad.append(f"reduce {algo} root={root} {case}")
         # uneven first dimensions: rank r contributes count + r rows
         uneven = [data(r, count + r, dtype, salt=1) for r in range(n)]
-        for algo in [None, *ALGORITHMS["all_gather"]]:
+        for algo in algos(comm, "all_gather"):
             if not _same(comm.all_gather(uneven[me], algo=algo), np.concatenate(uneven)):
                 bad.append(f"all_gather {algo} {case}")
-        for algo, root in itertools.product([None, *ALGORITHMS["gather"]], roots):
+        for algo, root in itertools.product(algos(comm, "gather"), roots):
             got = comm.gather(uneven[me], root=root, algo=algo)
             if (me == root and not _same(got, np.concatenate(uneven))) or (
                 me != root and got is not None
             ):
                 bad.append(f"gather {algo} root={root} {case}")
         whole = np.concatenate([data(r, count, dtype, salt=2) for r in range(n)])
-        for algo, root in itertools.product([None, *ALGORITHMS["scatter"]], roots):
+        for algo, root in itertools.product(algos(comm, "scatter"), roots):
             got = comm.scatter(whole if me == root else None, root=root, algo=algo)
             if not _same(got, whole[me * count : (me + 1) * count]):
                 bad.append(f"scatter {algo} root={root} {case}")
         blocks = [data(r, count * n, dtype, salt=3) for r in range(n)]
-        for algo in [None, *ALGORITHMS["reduce_scatter"]]:
+        for algo in algos(comm, "reduce_scatter"):
             op = "sum" if dtype.kind != "b" else "bor"
             got = comm.reduce_scatter(blocks[me], op=op, algo=algo)
             if not _same(got, reference(op, blocks)[me * count : (me + 1) * count]):
