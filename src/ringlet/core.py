@@ -57,6 +57,7 @@ class World:
     timeout: float
     server: Any = None
     deterministic: bool = False  # every reduction folds in rank order (RINGLET_DETERMINISTIC)
+    forced: dict[str, str] = field(default_factory=dict)  # op -> algorithm (RINGLET_ALGO)
     comms: list[CommunicatorCore] = field(default_factory=list)
     closer: Any = None  # closes the whole world; called when the world communicator closes
     finalized: bool = False
@@ -141,7 +142,7 @@ class CommunicatorCore:
         me = self.hosts[self.rank]
         self.local_rank = self.hosts[: self.rank].count(me)
         self.local_size = self.hosts.count(me)
-        self._forced = forced_algorithms(os.environ.get("RINGLET_ALGO", ""))
+        self._forced = world.forced
         self._deterministic = world.deterministic
         self._topology = self.hosts if len(set(self.hosts)) > 1 else None
         self.timeout = world.timeout
@@ -169,6 +170,7 @@ class CommunicatorCore:
         self._shm: Any = None
         self._seq = 0
         self._splits = 0
+        self._kinds: dict[int, tuple[Schedule, str]] = {}  # see _transport_of
         self._lock = threading.RLock()
         self._broken: BaseException | None = None
         self._closed = False
@@ -371,9 +373,18 @@ class CommunicatorCore:
         return bufs
 
     def _transport_of(self, sched: Schedule) -> str:
-        """Which transports a schedule's messages use on this rank: "shm", "tcp" or "shm+tcp"."""
-        kinds = {self._transport.kind(p) for p in sched.peers()}
-        return "+".join(sorted(kinds)) or "self"
+        """Which transports a schedule's messages use on this rank: "shm", "tcp" or "shm+tcp".
+
+        Kept per schedule object (schedules come from a cache, so a call repeats the same one):
+        the fast path pays a dict lookup, not a walk over every round's peers."""
+        known = self._kinds.get(id(sched))
+        if known is not None and known[0] is sched:
+            return known[1]
+        kinds = "+".join(sorted({self._transport.kind(p) for p in sched.peers()})) or "self"
+        if len(self._kinds) >= 512:
+            self._kinds.clear()
+        self._kinds[id(sched)] = (sched, kinds)  # holding sched keeps its id from being reused
+        return kinds
 
     # -- lifecycle ----------------------------------------------------------------------------
     def close(self) -> None:

@@ -158,7 +158,7 @@ def init(
             if flag not in ("", "0", "1", "true", "false", "yes", "no"):
                 raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
             deterministic = flag in ("1", "true", "yes")
-        forced_algorithms(os.environ.get("RINGLET_ALGO", ""))  # a typo fails here, on every rank
+        forced = forced_algorithms(os.environ.get("RINGLET_ALGO", ""))  # a typo fails here
         env = resolve(rank, world_size, master, secret, timeout)
         key = (env.master_host, env.store_port, env.job_id)
         for stale in [k for k, w in _open_worlds.items() if w.finalized]:
@@ -170,13 +170,13 @@ def init(
                 f" {open_world.size}) and its world is still open; use the communicator it"
                 " returned, or close it (comm.close()) before calling init() again"
             )
-        comm = _join(env, deterministic)
+        comm = _join(env, deterministic, forced)
         if env.store_port:
             _open_worlds[key] = comm.world
         return comm
 
 
-def _join(env: JobEnv, deterministic: bool) -> Communicator:
+def _join(env: JobEnv, deterministic: bool, forced: dict[str, str]) -> Communicator:
     """Meet the other ranks through the store and build the world communicator."""
     local = _local_secret(env)
     key = env.secret
@@ -235,6 +235,7 @@ def _join(env: JobEnv, deterministic: bool) -> Communicator:
         env.timeout,
         server,
         deterministic=deterministic,
+        forced=forced,
     )
     comm = Communicator(world, WORLD_ID, range(env.world_size))
     world.closer = lambda: finalize(world)
