@@ -12,10 +12,11 @@ each way: (p-1)/p·n per link, the minimum whenever some host holds a single ran
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
-from .base import Copy, Recv, Round, Schedule, Send, first_copies, offsets, timeline
-from .groups import host_members, lift, locate
-from .ring import ring_all_gather_rounds, ring_reduce_scatter_rounds
+from .base import Copy, Recv, Round, Schedule, Send, offsets, timeline
+from .groups import host_members, locate
+from .ring import ring_all_gather_along, ring_reduce_scatter_along
 
 #: Up to this many hosts, all_gather sends each block straight to every other host (one
 #: inter-host round); beyond, each host would send its blocks more than once.
@@ -74,32 +75,19 @@ def host_order(hosts: Sequence[int]) -> tuple[int, ...]:
 def host_ring_all_gather(
     rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
 ) -> Schedule:
-    """Ring all-gather visiting the ranks in host order; blocks stay in rank order in ``out``.
+    """:func:`.ring.ring_all_gather` visiting the ranks in host order.
 
     Steps: p-1. Slowest link: (p-1)/p·n each way for even blocks (each step crosses it once).
     """
-    order, block = host_order(hosts), offsets(counts)
-    chunk = [block[q] for q in order]
-    rounds = lift(ring_all_gather_rounds(order.index(rank), size, chunk), order, {})
-    own = Copy(0, block[rank][0], counts[rank], "in", "out")
-    return timeline(first_copies(rounds, own), "hier_all_gather")
+    flat = ring_all_gather_along(host_order(hosts), rank, counts)
+    return replace(flat, name="hier_all_gather")
 
 
 def host_ring_reduce_scatter(
     rank: int, size: int, counts: Sequence[int], hosts: tuple[int, ...]
 ) -> Schedule:
-    """Ring reduce-scatter in host order on a working copy in ``tmp``; the last step reduces
-    into ``out``. Steps: p-1. Slowest link: (p-1)/p·n each way for even blocks."""
-    order, block = host_order(hosts), offsets(counts)
-    i, total, (lo, hi) = order.index(rank), sum(counts), block[rank]
-    # Position j finishes with chunk j + 1: shift by one so each rank ends with its own block.
-    chunk = [block[order[(j - 1) % size]] for j in range(size)]
-    rounds = ring_reduce_scatter_rounds(i, size, chunk, "tmp")
-    if rounds:  # the last step reduces straight into the result
-        rounds[-1] = Round(rounds[-1].sends, (Recv((i - 1) % size, 0, hi - lo, reduce=True),))
-    copies = (
-        Copy(0, 0, lo, "in", "tmp"),  # the blocks we add into and pass on
-        Copy(hi, hi, total - hi, "in", "tmp"),
-        Copy(lo, 0, hi - lo, "in", "out"),  # own block's contribution waits in the result
-    )
-    return timeline(first_copies(lift(rounds, order, {}), *copies), "hier_reduce_scatter")
+    """:func:`.ring.ring_reduce_scatter` visiting the ranks in host order.
+
+    Steps: p-1. Slowest link: (p-1)/p·n each way for even blocks."""
+    flat = ring_reduce_scatter_along(host_order(hosts), rank, counts)
+    return replace(flat, name="hier_reduce_scatter")

@@ -22,6 +22,7 @@ from .base import (
     offsets,
     timeline,
 )
+from .groups import lift
 from .tree import binomial_scatter_rounds
 
 
@@ -72,10 +73,16 @@ def ring_all_gather(rank: int, size: int, counts: Sequence[int]) -> Schedule:
 
     Steps: p-1. Sent per rank: the n - n_r elements of the other blocks (n = sum of counts).
     """
-    block = offsets(counts)
-    rounds = ring_all_gather_rounds(rank, size, block)  # each step forwards the newest block
+    return ring_all_gather_along(tuple(range(size)), rank, counts)
+
+
+def ring_all_gather_along(ring: tuple[int, ...], rank: int, counts: Sequence[int]) -> Schedule:
+    """:func:`ring_all_gather` around the ranks in the order ``ring``; blocks stay in rank
+    order in ``out``."""
+    size, block = len(ring), offsets(counts)
+    rounds = ring_all_gather_rounds(ring.index(rank), size, [block[q] for q in ring])
     own = Copy(0, block[rank][0], counts[rank], "in", "out")  # own block into its place first
-    return timeline(first_copies(rounds, own), "ring_all_gather")
+    return timeline(first_copies(lift(rounds, ring, {}), own), "ring_all_gather")
 
 
 def ring_reduce_scatter(rank: int, size: int, counts: Sequence[int]) -> Schedule:
@@ -83,21 +90,26 @@ def ring_reduce_scatter(rank: int, size: int, counts: Sequence[int]) -> Schedule
 
     Steps: p-1. Sent per rank: n - n_r elements (about (p-1)/p·n).
     """
-    block = offsets(counts)
+    return ring_reduce_scatter_along(tuple(range(size)), rank, counts)
+
+
+def ring_reduce_scatter_along(ring: tuple[int, ...], rank: int, counts: Sequence[int]) -> Schedule:
+    """:func:`ring_reduce_scatter` around the ranks in the order ``ring``."""
+    size, i, block = len(ring), ring.index(rank), offsets(counts)
     total, (lo, hi) = sum(counts), block[rank]
-    # Shift chunk indices by one so that rank r finishes with its own block r.
+    # Position j finishes with chunk j + 1: shift by one so each rank ends with its own block.
     rounds = ring_reduce_scatter_rounds(
-        rank, size, [block[(i - 1) % size] for i in range(size)], "tmp"
+        i, size, [block[ring[(j - 1) % size]] for j in range(size)], "tmp"
     )
     if rounds:  # the last step reduces straight into the result
         last = rounds[-1]
-        rounds[-1] = Round(last.sends, (Recv((rank - 1) % size, 0, hi - lo, reduce=True),))
+        rounds[-1] = Round(last.sends, (Recv((i - 1) % size, 0, hi - lo, reduce=True),))
     copies = (
         Copy(0, 0, lo, "in", "tmp"),  # the blocks we add into and pass on
         Copy(hi, hi, total - hi, "in", "tmp"),
         Copy(lo, 0, hi - lo, "in", "out"),  # own block's contribution waits in the result
     )
-    return timeline(first_copies(rounds, *copies), "ring_reduce_scatter")
+    return timeline(first_copies(lift(rounds, ring, {}), *copies), "ring_reduce_scatter")
 
 
 def ring_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
