@@ -89,7 +89,7 @@ def test_slurm_variables() -> None:
     assert (env.source, env.rank, env.world_size) == ("slurm", 3, 6)
     assert (env.local_rank, env.local_size) == (1, 2)
     assert env.master_host == "node01"
-    assert env.master_port == 20000 + 4242 % 10000
+    assert env.master_port == 20000 + 4242 * 16 % 10000  # step 0 of job 4242
     assert 20000 <= resolve(environ={**SLURM, "SLURM_JOB_ID": "987654321"}).master_port <= 29999
 
 
@@ -184,7 +184,7 @@ def test_nothing_set_names_every_source_and_its_variables() -> None:
         "MASTER_PORT",
         "SLURM_PROCID",
         "SLURM_NTASKS",
-        "SLURM_JOB_NODELIST",
+        "SLURM_STEP_NODELIST",
         "OMPI_COMM_WORLD_RANK",
         "PMI_RANK",
         "rank=, world_size=, master=",

@@ -1,9 +1,15 @@
 """Where ``ringlet.init()`` learns this process's rank, the world size, the master and the secret.
 
 Sources, first complete one wins: explicit arguments; ``ringlet run``'s RINGLET_* variables;
-torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT; SLURM's srun variables; Open MPI / MPICH
-(PMI) variables. Explicit arguments may be partial: what they leave out is completed from the
-first environment source that, together with them, is complete.
+torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (also what Kubeflow's PyTorchJob sets); SLURM's
+srun variables; Open MPI / MPICH (PMI) variables. Explicit arguments may be partial: what they
+leave out is completed from the first environment source that, together with them, is complete.
+
+Where a launcher names no master, it is derived alike on every rank: SLURM's first host of the
+step and a port from the job and step ids; under mpiexec with every rank on this host, 127.0.0.1
+and a port from the job id (Open MPI's PMIx namespace, or the Hydra proxy that started the ranks).
+Under torchrun, rank 0 publishes its store's address in the agent's own store, keyed by the
+restart count, so a restarted attempt never meets the previous attempt's store.
 """
 
 from __future__ import annotations
@@ -15,11 +21,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ringlet.auth import secret_from_str
+from ringlet.rendezvous.mpi import hydra_job
 from ringlet.rendezvous.secret import read_secret_file
-from ringlet.rendezvous.slurm import expand_tasks_per_node, first_host
+from ringlet.rendezvous.slurm import expand_nodelist, expand_tasks_per_node, first_host
 
 DEFAULT_TIMEOUT = 300.0
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # job-derived store ports land in 20000-29999
+_STEPS_PER_JOB = 16  # concurrent steps of one SLURM job get distinct derived ports
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,7 @@ class _Found:
     local_size: int | None = None
     port_offset: int = 0
     missing: tuple[str, ...] = ()
+    job: str = ""  # a job id the source derived itself (Hydra's proxy), used when none is set
 
 
 def _int_var(environ: Mapping[str, str], *names: str) -> int | None:
@@ -121,32 +130,68 @@ def _from_torchrun(environ: Mapping[str, str]) -> _Found:
     return found
 
 
+def derived_port(job: str) -> int:
+    """A store port every rank derives alike from a job id: 20000-29999."""
+    number = int(job) if job.isdigit() else zlib.crc32(job.encode())
+    return SLURM_PORT_BASE + number % SLURM_PORT_SPAN
+
+
+def _slurm_port(job: str, step: str) -> int:
+    """The port of SLURM job ``job``, step ``step``: consecutive jobs and a job's steps differ."""
+    if job.isdigit():
+        step_number = int(step) % _STEPS_PER_JOB if step.isdigit() else 0
+        return derived_port(str(int(job) * _STEPS_PER_JOB + step_number))
+    return derived_port(f"{job}.{step}")
+
+
+def _slurm_node_index(environ: Mapping[str, str], nodelist: str, nodes: int) -> int | None:
+    """This node's place in the step: by SLURMD_NODENAME in the node list, else SLURM_NODEID."""
+    if nodes == 1:
+        return 0
+    name = environ.get("SLURMD_NODENAME", "").strip()
+    if name and nodelist:
+        for index, host in enumerate(expand_nodelist(nodelist)):
+            if host == name:
+                return index
+            if index >= nodes:
+                break
+    return _int_var(environ, "SLURM_NODEID")
+
+
 def _from_slurm(environ: Mapping[str, str]) -> _Found:
     found = _Found(
         "slurm",
         rank=_int_var(environ, "SLURM_PROCID"),
-        world_size=_int_var(environ, "SLURM_NTASKS"),
+        world_size=_int_var(environ, "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"),
         local_rank=_int_var(environ, "SLURM_LOCALID"),
     )
-    node_id = _int_var(environ, "SLURM_NODEID")
-    tasks_per_node = environ.get("SLURM_TASKS_PER_NODE", "").strip()
-    if node_id is not None and tasks_per_node:
+    nodelist = next(
+        (
+            environ[name].strip()
+            for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+            if environ.get(name, "").strip()
+        ),
+        "",
+    )
+    tasks_per_node = (
+        environ.get("SLURM_STEP_TASKS_PER_NODE", "").strip()
+        or environ.get("SLURM_TASKS_PER_NODE", "").strip()
+    )
+    if tasks_per_node:
         counts = expand_tasks_per_node(tasks_per_node)
-        found.local_size = counts[node_id] if 0 <= node_id < len(counts) else None
-    nodelist = environ.get("SLURM_JOB_NODELIST", "") or environ.get("SLURM_NODELIST", "")
-    if nodelist.strip():
-        found.host = first_host(nodelist)
+        node = _slurm_node_index(environ, nodelist, len(counts))
+        found.local_size = counts[node] if node is not None and 0 <= node < len(counts) else None
+    if nodelist:
+        found.host = first_host(nodelist)  # srun's block distribution puts task 0 there
     if environ.get("MASTER_ADDR", "").strip():  # a batch script may pin the master itself
         found.host = environ["MASTER_ADDR"].strip()
     found.port = _int_var(environ, "MASTER_PORT", "RINGLET_PORT")
-    job_id = environ.get("SLURM_JOB_ID", "").strip()
-    if found.port is None and job_id:
-        # Every task of the job derives the same port, and jobs sharing a node rarely collide.
-        number = int(job_id) if job_id.isdigit() else zlib.crc32(job_id.encode())
-        found.port = SLURM_PORT_BASE + number % SLURM_PORT_SPAN
+    job = environ.get("SLURM_JOB_ID", "").strip()
+    if found.port is None and job:
+        found.port = _slurm_port(job, environ.get("SLURM_STEP_ID", "").strip())
     missing = list(_unset(environ, "SLURM_PROCID", "SLURM_NTASKS"))
     if found.host is None:
-        missing.append("SLURM_JOB_NODELIST")
+        missing.append("SLURM_STEP_NODELIST (or MASTER_ADDR)")
     if found.port is None:
         missing.append("SLURM_JOB_ID (or MASTER_PORT)")
     found.missing = tuple(missing)
@@ -162,13 +207,25 @@ def _from_mpi(environ: Mapping[str, str]) -> _Found:
         local_size=_int_var(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"),
     )
     _master_vars(environ, found, fallback=True)
+    one_host = found.world_size is not None and found.local_size == found.world_size
+    if found.host is None and one_host:
+        found.host = "127.0.0.1"  # every rank is here: rank 0 too
+    if found.port is None and found.host is not None:
+        job = job_id(environ)
+        if not job and one_host and environ.get("PMI_RANK", "").strip():
+            job = found.job = hydra_job()  # alike on this host only: hence one_host
+        if job:
+            found.port = derived_port(job)
     missing = []
     if found.rank is None:
         missing.append("OMPI_COMM_WORLD_RANK or PMI_RANK")
     if found.world_size is None:
         missing.append("OMPI_COMM_WORLD_SIZE or PMI_SIZE")
     if found.host is None or found.port is None:
-        missing.append("MASTER_ADDR+MASTER_PORT or RINGLET_MASTER")
+        spread = ""
+        if found.local_size is not None and found.world_size is not None and not one_host:
+            spread = f"; the ranks span hosts, {found.local_size} of {found.world_size} here"
+        missing.append(f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}")
     found.missing = tuple(missing)
     return found
 
@@ -178,7 +235,7 @@ _HOW_TO_SET = {
     "ringlet": "ringlet run sets them",
     "torchrun": "torchrun sets them",
     "slurm": "srun sets them",
-    "mpi": "mpirun sets the ranks; export the master yourself",
+    "mpi": "mpiexec sets the ranks; across hosts export the master yourself",
 }
 
 
@@ -193,13 +250,20 @@ def resolve(
     secret: bytes | str | None = None,
     timeout: float | None = None,
     environ: Mapping[str, str] | None = None,
+    agent_store: bool | None = None,
 ) -> JobEnv:
     """Work out this process's place in the job from the arguments and the environment.
+
+    Under torchrun with its agent store (TORCHELASTIC_USE_AGENT_STORE=True) and ``agent_store``
+    (default: when reading os.environ), rank 0 publishes its store's address there and the others
+    read it (:mod:`ringlet.rendezvous.torchelastic`); otherwise our store takes MASTER_PORT + 1.
 
     Raises ValueError naming, for each source tried, the variables that were missing, when no
     source is complete, or when a value is malformed or out of range; TypeError for non-int
     ``rank``/``world_size``.
     """
+    if agent_store is None:
+        agent_store = environ is None
     environ = os.environ if environ is None else environ
     for name, value in (("rank", rank), ("world_size", world_size)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
@@ -213,7 +277,7 @@ def resolve(
     assert found.rank is not None and found.world_size is not None
     assert found.host is not None and found.port is not None
     _check_ranges(found)
-    return JobEnv(
+    env = JobEnv(
         rank=found.rank,
         world_size=found.world_size,
         master_host=found.host,
@@ -224,9 +288,14 @@ def resolve(
         timeout=_resolve_timeout(timeout, environ),
         source=found.source,
         store_port_offset=found.port_offset,
-        job_id=job_id(environ),
+        job_id=job_id(environ) or found.job,
         secret_file=_secret_file_used(secret, environ),
     )
+    if agent_store and env.store_port_offset and env.world_size > 1:
+        from ringlet.rendezvous.torchelastic import via_agent_store
+
+        env = via_agent_store(env, environ)
+    return env
 
 
 def job_id(environ: Mapping[str, str]) -> str:
@@ -235,18 +304,21 @@ def job_id(environ: Mapping[str, str]) -> str:
     RINGLET_JOB_ID (``ringlet run``), else torchrun's TORCHELASTIC_RUN_ID, else SLURM's job and
     step (``SLURM_JOB_ID.SLURM_STEP_ID``), else Open MPI / PMIx's namespace; "" when none is set.
     It goes into every handshake, so ranks of two jobs never join each other's store or peers.
+    Under torch elastic the restart count is part of it: a restarted attempt is another job.
     """
     if text := environ.get("RINGLET_JOB_ID", "").strip():
         return text
+    restart = environ.get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    attempt = f"@attempt{restart}" if restart not in ("", "0") else ""
     run_id = environ.get("TORCHELASTIC_RUN_ID", "").strip()
     if run_id and run_id != "none":  # torchrun's default --rdzv-id is the same for every job
-        return f"torchrun:{run_id}"
+        return f"torchrun:{run_id}{attempt}"
     if slurm := environ.get("SLURM_JOB_ID", "").strip():
-        return f"slurm:{slurm}.{environ.get('SLURM_STEP_ID', '').strip()}"
+        return f"slurm:{slurm}.{environ.get('SLURM_STEP_ID', '').strip()}{attempt}"
     for name in ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"):
         if text := environ.get(name, "").strip():
-            return f"mpi:{text}"
-    return ""
+            return f"mpi:{text}{attempt}"
+    return f"torchrun{attempt}" if attempt else ""
 
 
 def _complete(found: _Found) -> _Found | None:
@@ -272,6 +344,7 @@ def _first_complete(given: _Found, environ: Mapping[str, str]) -> _Found | None:
             host=found.host if given.host is None else given.host,
             port=found.port if given.port is None else given.port,
             port_offset=found.port_offset if given.port is None else 0,
+            job=found.job,
         )
         # Local placement is only trusted when the arguments do not move this process elsewhere.
         if (merged.rank, merged.world_size) == (found.rank, found.world_size):
@@ -308,8 +381,8 @@ def _nothing_complete_message(given: _Found, environ: Mapping[str, str]) -> str:
         )
     lines.append(
         "Set RINGLET_RANK/RINGLET_WORLD_SIZE/RINGLET_MASTER (ringlet run sets them), or torchrun's"
-        " RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or run under srun or mpirun (with MASTER_ADDR/"
-        "MASTER_PORT), or pass rank=, world_size=, master='host:port' (world_size=1 needs no"
+        " RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or run under srun or mpiexec (across hosts with"
+        " MASTER_ADDR/MASTER_PORT), or pass rank=, world_size=, master='host:port' (world_size=1 needs no"
         " master)."
     )
     return "\n".join(lines)

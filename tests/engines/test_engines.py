@@ -1,0 +1,196 @@
+"""Jobs started by the engines people already run, with nothing exported by hand.
+
+Each test starts real processes the way that engine starts them: the real ``mpiexec`` of the mpich
+wheel, a real single-node SLURM (slurmctld + slurmd + munged, started here; skipped where it is not
+installed or we are not root), the real ``torchrun``, and Kubernetes' variables exactly as the
+PyTorchJob operator sets them. Every rank checks collectives against NumPy and prints one RESULT
+line; a failure shows every rank's output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+LAUNCHER_PREFIXES = ("RINGLET_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_",
+                     "SLURM", "OMPI_", "PMI", "MPI_LOCAL", "HYDI_", "TORCHELASTIC", "PET_")  # fmt: skip
+
+# One rank: init() from whatever the engine set, three collectives checked against NumPy.
+SCRIPT = textwrap.dedent("""
+    import json, os, sys
+    import numpy as np
+    import ringlet
+    from ringlet.rendezvous import resolve
+
+    comm = ringlet.init()
+    r, n = comm.rank, comm.size
+    table = np.random.default_rng(7).integers(-1000, 1000, size=(n, 257))  # alike on every rank
+    x = table[r].copy()
+    comm.all_reduce(x)
+    assert (x == table.sum(axis=0)).all(), "all_reduce"
+    got = comm.all_gather(np.full(3, r, dtype=np.int64))
+    assert (got == np.repeat(np.arange(n), 3)).all(), "all_gather"
+    b = np.arange(5.0) if r == n - 1 else np.zeros(5)
+    comm.broadcast(b, root=n - 1)
+    assert (b == np.arange(5.0)).all(), "broadcast"
+    source = resolve(agent_store=False).source
+    comm.close()
+    print("RESULT " + json.dumps({"rank": r, "size": n, "source": source}), flush=True)
+""")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """This environment without any launcher's job variables (an engine sets its own)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(LAUNCHER_PREFIXES)}
+    env.update(extra)
+    return env
+
+
+def results(proc: subprocess.CompletedProcess[str], n: int, source: str) -> list[dict[str, object]]:
+    """Every rank's RESULT, checked to be ranks 0..n-1 of n from ``source``; else every output."""
+    report = f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    lines = [json.loads(line.split("RESULT ", 1)[1]) for line in proc.stdout.splitlines()
+             if "RESULT " in line]  # fmt: skip
+    assert sorted(int(line["rank"]) for line in lines) == list(range(n)), report
+    assert all(line["size"] == n and line["source"] == source for line in lines), report
+    return lines
+
+
+@pytest.fixture
+def script(tmp_path: Path) -> Path:
+    path = tmp_path / "train.py"
+    path.write_text(SCRIPT)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# -- mpiexec (MPICH's Hydra, from the mpich wheel) ----------------------------------------------
+
+
+def mpiexec() -> str:
+    found = shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or shutil.which("mpiexec")
+    if found is None:
+        pytest.skip("no mpiexec here (pip install mpich)")
+    return found
+
+
+def test_mpiexec_with_nothing_exported(script: Path) -> None:
+    proc = subprocess.run([mpiexec(), "-n", "4", sys.executable, str(script)], env=clean_env(),
+                          capture_output=True, text=True, timeout=90)  # fmt: skip
+    results(proc, 4, "mpi")
+
+
+# -- srun on a real single-node SLURM ----------------------------------------------------------
+
+
+SLURM_CONF = """\
+ClusterName=ringlet
+SlurmctldHost={host}
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket={munge_socket}
+SlurmUser=root
+SlurmctldPort={ctld_port}
+SlurmdPort={slurmd_port}
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+MpiDefault=none
+ReturnToService=2
+StateSaveLocation={dir}/state
+SlurmdSpoolDir={dir}/spool
+SlurmctldPidFile={dir}/slurmctld.pid
+SlurmdPidFile={dir}/slurmd.pid
+SlurmctldLogFile={dir}/slurmctld.log
+SlurmdLogFile={dir}/slurmd.log
+NodeName={host} CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+"""
+
+
+def _slurm_missing() -> str:
+    if os.geteuid() != 0:
+        return "a private SLURM needs root (slurmd runs jobs as their user)"
+    for tool in ("munged", "slurmctld", "slurmd", "srun", "sinfo"):
+        if shutil.which(tool, path=f"/usr/sbin:/usr/bin:{os.environ.get('PATH', '')}") is None:
+            return f"{tool} is not installed (apt-get install slurm-wlm munge)"
+    if not os.path.exists("/etc/munge/munge.key"):
+        return "no /etc/munge/munge.key (the munge package makes one)"
+    return ""
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
+    """A one-node SLURM of our own (own munged socket, own ports, own state): srun's environment."""
+    if reason := _slurm_missing():
+        pytest.skip(reason)
+    base = tmp_path_factory.mktemp("slurm")
+    for sub in ("state", "spool"):
+        (base / sub).mkdir()
+    host = socket.gethostname().split(".")[0]
+    conf = base / "slurm.conf"
+    conf.write_text(SLURM_CONF.format(
+        host=host, munge_socket=base / "munge.socket", ctld_port=free_port(),
+        slurmd_port=free_port(), dir=base, cpus=os.cpu_count() or 1,
+    ))  # fmt: skip
+    env = clean_env(SLURM_CONF=str(conf), PATH=f"/usr/sbin:/usr/bin:{os.environ['PATH']}")
+    daemons: list[subprocess.Popen[bytes]] = []
+    try:
+        daemons.append(subprocess.Popen(
+            ["munged", "-F", "--force", f"--socket={base / 'munge.socket'}",
+             f"--pid-file={base / 'munged.pid'}", f"--log-file={base / 'munged.log'}",
+             f"--seed-file={base / 'munged.seed'}"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ))  # fmt: skip
+        deadline = time.monotonic() + 15
+        while not (base / "munge.socket").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for cmd in (["slurmctld", "-D", "-i"], ["slurmd", "-D"]):
+            daemons.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                                            stderr=subprocess.DEVNULL))  # fmt: skip
+        state = ""
+        while time.monotonic() < deadline + 30:
+            sinfo = subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True,
+                                   text=True, timeout=10)  # fmt: skip
+            state = sinfo.stdout.strip()
+            if state == "idle":
+                break
+            time.sleep(0.2)
+        else:
+            logs = "\n".join(p.read_text()[-2000:] for p in base.glob("*.log"))
+            pytest.fail(f"SLURM did not come up (node state {state!r}):\n{logs}")
+        yield env
+    finally:
+        for daemon in reversed(daemons):
+            daemon.terminate()
+        for daemon in daemons:
+            try:
+                daemon.wait(10)
+            except subprocess.TimeoutExpired:
+                daemon.kill()
+                daemon.wait()
+
+
+def test_srun_with_nothing_exported(slurm: dict[str, str], script: Path) -> None:
+    proc = subprocess.run(["srun", "-n", "3", "--overcommit", sys.executable, str(script)],
+                          env=slurm, capture_output=True, text=True, timeout=120)  # fmt: skip
+    results(proc, 3, "slurm")
