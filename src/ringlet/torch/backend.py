@@ -51,10 +51,28 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def __init__(self, comm: ringlet.Communicator) -> None:
         super().__init__(comm.rank, comm.size)
         self.comm = comm
+        self._group_name = ""
+        self._group_desc = ""
 
     # -- naming and lifecycle -----------------------------------------------------------------
     def getBackendName(self) -> str:
         return "ringlet"
+
+    # torch keeps a group's name and description in its backends; a Python ProcessGroup has none,
+    # so it answers them itself (DeviceMesh, functional collectives and FSDP2 look groups up by name).
+    def getGroupName(self) -> str:
+        if not self._group_name:
+            raise RuntimeError("ProcessGroup name not set")
+        return self._group_name
+
+    def setGroupName(self, name: str) -> None:
+        self._group_name = name
+
+    def getGroupDesc(self) -> str:
+        return self._group_desc
+
+    def setGroupDesc(self, desc: str) -> None:
+        self._group_desc = desc
 
     def shutdown(self) -> None:
         """Close the communicator (the whole ringlet world for a default group)."""

@@ -44,13 +44,16 @@ class RingletWork(dist.Work):  # type: ignore[misc]
         super().__init__()
         self._future = future
         self._desc = desc
+        # Set by a done callback, which torch may run after ``future.wait()`` has already returned
+        # to another thread: completion is read from the future itself, the event only serves a
+        # wait with a timeout.
         self._done = threading.Event()
         future.add_done_callback(lambda _: self._done.set())
 
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
         """Block until the call finished (or ``timeout`` passed, if not zero); raise its error."""
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout or 0)
-        if seconds > 0 and not self._done.wait(seconds):
+        if seconds > 0 and not self._future.done() and not self._done.wait(seconds):
             raise dist.DistBackendError(
                 f"ringlet: {self._desc or 'the call'} did not finish within {seconds} s of waiting; "
                 "a rank may be late or stuck (the call itself keeps its own deadline)"
@@ -62,13 +65,14 @@ class RingletWork(dist.Work):  # type: ignore[misc]
         return self._future
 
     def is_completed(self) -> bool:
-        return self._done.is_set()
+        """True once the call finished, in success or error (at the latest when ``wait()`` returned)."""
+        return bool(self._future.done())
 
     def is_success(self) -> bool:
-        return self._done.is_set() and self.exception() is None
+        return self.is_completed() and self.exception() is None
 
     def exception(self) -> BaseException | None:
-        if not self._done.is_set():
+        if not self.is_completed():
             return None
         try:
             self._future.wait()
