@@ -26,7 +26,7 @@ from typing import IO, Any
 
 from . import bench_report as report
 from .bench_cases import OPS, format_size, parse_dtype, parse_sizes
-from .bench_run import plan, run_in_ranks, worker_args
+from .bench_run import comparison_problems, plan, run_in_ranks, worker_args
 
 BACKENDS = ("ringlet", "gloo", "mpi")
 Record = dict[str, Any]
@@ -41,11 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "-n",
-        "--nproc",
+        "--nproc-per-node",
+        dest="nproc",
         type=int,
         metavar="N",
-        help="launch N local ranks; without it, run in the current job's ranks",
+        help="start N ranks on this node, as `ringlet run -n N` does (one node: N ranks in all); "
+        "without it, run in the ranks of the job it was started in",
     )
+    parser.add_argument("--nproc", dest="old_nproc", type=int, help=argparse.SUPPRESS)
     parser.add_argument(
         "--ops",
         default=",".join(OPS),
@@ -111,6 +114,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         parser.error(str(error))
     if args.iters < 1 or args.warmup < 0:
         parser.error("--iters must be >= 1 and --warmup >= 0")
+    if args.old_nproc is not None:  # the spelling before -n meant what it means for ringlet run
+        print("ringlet bench: --nproc is deprecated; use -n / --nproc-per-node N (ranks on this "
+              "node, as for ringlet run)", file=sys.stderr)  # fmt: skip
+        args.nproc = args.nproc if args.nproc is not None else args.old_nproc
     if args.nproc is not None and args.nproc < 1:
         parser.error("-n must be >= 1")
     if args.compare_list and args.backend != "ringlet":
@@ -198,6 +205,8 @@ class Display:
 
 
 def show_summary(args: argparse.Namespace, records: list[Record]) -> int:
+    """Comparison table, plot, errors; the exit code: 1 for a wrong result, else 2 when a backend
+    asked for skipped its cases, else 0."""
     ratios = report.ratios(records)
     if args.markdown:
         print(report.markdown(records))
@@ -216,7 +225,12 @@ def show_summary(args: argparse.Namespace, records: list[Record]) -> int:
             f"result {record['check']}",
             file=sys.stderr,
         )
-    return 1 if wrong else 0
+    skipped = [r for r in records if r["kind"] == "skip"]
+    for record in skipped:  # a comparison (or ringlet) asked for that did not run all its cases
+        print(
+            f"ringlet bench: {record['backend']} did not run: {record['reason']}", file=sys.stderr
+        )
+    return 1 if wrong else 2 if skipped else 0
 
 
 def launch_ranks(args: argparse.Namespace) -> int:
@@ -285,6 +299,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.load:
         return show_saved(args)
+    problems = comparison_problems(args.compare_list, args.dtype_obj)
+    for problem in problems:  # before any rank starts: a comparison asked for must run
+        print(f"ringlet bench: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     if args.nproc is not None:
         return launch_ranks(args)
     with _results_sink(args.results, args) as sink:

@@ -151,7 +151,7 @@ class RingletBackend(Backend):
         self.comm.close()
 
 
-_GLOO_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64",
+GLOO_DTYPES = {"float16", "bfloat16", "float32", "float64", "int8", "uint8", "int32", "int64",
                 "complex64", "complex128"}  # fmt: skip
 
 
@@ -177,7 +177,7 @@ class GlooBackend(Backend):
         )
 
     def unsupported(self, dtype: np.dtype) -> str | None:
-        if dtype.name not in _GLOO_DTYPES:
+        if dtype.name not in GLOO_DTYPES:
             return f"torch.distributed's gloo backend does not reduce {dtype.name}"
         return None
 

@@ -15,7 +15,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .bench_backends import Backend, GlooBackend, MpiBackend, RingletBackend, master_host, measure
+from .bench_backends import (
+    GLOO_DTYPES,
+    Backend,
+    GlooBackend,
+    MpiBackend,
+    RingletBackend,
+    master_host,
+    measure,
+)
 from .bench_cases import Case, make_case
 
 
@@ -127,6 +135,35 @@ def _run_gloo(comm: Any, cases: list[Case], args: argparse.Namespace, sink: Any)
         run_cases(gloo, cases, args, sink)
     finally:
         gloo.close()
+
+
+def comparison_problems(names: list[str], dtype: Any) -> list[str]:
+    """Why each requested comparison cannot run here, checked before anything starts (empty: all
+    can). A comparison that fails later, on another rank, is a skip record instead."""
+    problems = []
+    if "gloo" in names:
+        if not _importable("torch"):
+            problems.append("--compare gloo needs torch, which is not importable here "
+                            "(pip install 'torch==2.13.0')")  # fmt: skip
+        elif dtype.name not in GLOO_DTYPES:
+            problems.append(f"--compare gloo: torch.distributed's gloo backend does not reduce "
+                            f"{dtype.name}")  # fmt: skip
+    if "mpi" in names:
+        if not _importable("mpi4py"):
+            problems.append("--compare mpi needs mpi4py, which is not importable here "
+                            "(pip install mpi4py mpich)")  # fmt: skip
+        elif mpiexec_path() is None:
+            problems.append("--compare mpi needs mpiexec, found neither next to this Python nor "
+                            "on PATH (pip install mpich)")  # fmt: skip
+    return problems
+
+
+def _importable(name: str) -> bool:
+    """Whether `import name` would find the module (without importing it)."""
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def mpiexec_path() -> str | None:
