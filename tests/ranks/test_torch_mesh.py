@@ -158,6 +158,131 @@ def _mesh(bad: list[str], n: int, me: int) -> Any:
     return mesh
 
 
+def _surface(bad: list[str], n: int, me: int) -> None:
+    """What Gloo answers besides the plain collectives: coalesced calls, the coalescing manager,
+    ``_allgather_base``/``_reduce_scatter_base``, batches of isend/irecv to every peer."""
+    import torch.distributed as dist
+
+    pg = dist.group.WORLD
+    R = dist.ReduceOp
+    ins = [[_data(r, (3,), salt=20), _data(r, (2, 2), salt=21)] for r in range(n)]
+    outs = [
+        [torch.empty(3) for _ in range(n)],
+        [torch.empty(2, 2) for _ in range(n)],
+    ]
+    dist.all_gather_coalesced(outs, ins[me])
+    for k in range(2):
+        _check(
+            bad, f"all_gather_coalesced {k}", torch.stack(outs[k]), torch.stack([i[k] for i in ins])
+        )
+    mine = [t.clone() for t in ins[me]]
+    dist.all_reduce_coalesced(mine, op=R.MAX)
+    for k in range(2):
+        _check(
+            bad, f"all_reduce_coalesced MAX {k}", mine[k], torch.stack([i[k] for i in ins]).amax(0)
+        )
+    # the coalescing manager: torch's fast path (one coalesced call) and its device path
+    for device in (None, torch.device("cpu")):
+        a, b = ins[me][0].clone(), _data(me, (4,), salt=22)
+        with dist._coalescing_manager(device=device, async_ops=True) as cm:
+            dist.all_reduce(a)
+            dist.all_reduce(b)
+        cm.wait()
+        _check(bad, f"coalescing all_reduce {device}", a, sum(i[0] for i in ins))
+        _check(
+            bad,
+            f"coalescing all_reduce {device} 2",
+            b,
+            sum(_data(r, (4,), salt=22) for r in range(n)),
+        )
+        gathered = [torch.empty(3 * n), torch.empty(4 * n)]
+        with dist._coalescing_manager(device=device, async_ops=True) as cm:
+            dist.all_gather_into_tensor(gathered[0], ins[me][0], async_op=True)
+            dist.all_gather_into_tensor(gathered[1], b, async_op=True)
+        cm.wait()
+        _check(bad, f"coalescing all_gather {device}", gathered[0], torch.cat([i[0] for i in ins]))
+        scattered = torch.empty(2)
+        with dist._coalescing_manager(device=device, async_ops=True) as cm:
+            dist.reduce_scatter_tensor(
+                scattered, _data(me, (2 * n,), salt=23), op=R.AVG, async_op=True
+            )
+        cm.wait()
+        want = sum(_data(r, (2 * n,), salt=23) for r in range(n)) / n
+        _check(
+            bad,
+            f"coalescing reduce_scatter AVG {device}",
+            scattered,
+            want[2 * me : 2 * me + 2],
+            1e-6,
+        )
+    out = torch.empty(n * 3)
+    pg._allgather_base(out, ins[me][0]).wait()
+    _check(bad, "_allgather_base", out, torch.cat([i[0] for i in ins]))
+    got = torch.empty(2)
+    opts = dist.ReduceScatterOptions()
+    opts.reduceOp = R.MIN
+    pg._reduce_scatter_base(got, _data(me, (2 * n,), salt=24), opts).wait()
+    want = torch.stack([_data(r, (2 * n,), salt=24) for r in range(n)]).amin(0)[2 * me : 2 * me + 2]
+    _check(bad, "_reduce_scatter_base MIN", got, want)
+    # batch_isend_irecv with every peer at once, tags differing per direction
+    peers = [r for r in range(n) if r != me]
+    got_from = {r: torch.empty(r + 2) for r in peers}
+    ops = [
+        dist.P2POp(dist.isend, torch.full((me + 2,), float(me * 10 + r)), r, tag=me) for r in peers
+    ]
+    ops += [dist.P2POp(dist.irecv, got_from[r], r, tag=r) for r in peers]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    for r in peers:
+        _check(
+            bad,
+            f"batch_isend_irecv from {r}",
+            got_from[r],
+            torch.full((r + 2,), float(r * 10 + me)),
+        )
+
+
+def _failures(bad: list[str], n: int, me: int) -> None:
+    """Last, since they leave ranks out: monitored_barrier names who is missing; per-call
+    timeouts end a call that not every rank makes."""
+    import time
+
+    import torch.distributed as dist
+
+    import ringlet.torch as rt
+
+    rt.monitored_barrier(timeout=timedelta(seconds=30))  # everyone: passes
+    missing = [r for r in range(1, n) if r % 2 == 1]  # 1 (and 3)
+    if me not in missing:
+        try:
+            rt.monitored_barrier(timeout=timedelta(seconds=1), wait_all_ranks=True)
+            bad.append("monitored_barrier with missing ranks did not raise")
+        except RuntimeError as exc:
+            named = ", ".join(map(str, missing))
+            if me == 0 and f"{named} failed to pass monitoredBarrier" not in str(exc):
+                bad.append(f"monitored_barrier on rank 0: {exc}")
+    dist.barrier()  # the communicator is unharmed
+    sub = dist.new_group(list(range(n)))
+    if me == 0:  # the others never join this all_reduce
+        opts = dist.AllreduceOptions()
+        opts.timeout = timedelta(seconds=0.5)
+        start = time.monotonic()
+        try:
+            sub.allreduce([torch.ones(2)], opts).wait()
+            bad.append("all_reduce with a 0.5 s timeout that only rank 0 called did not raise")
+        except RuntimeError:
+            if time.monotonic() - start > 10:
+                bad.append(f"per-call timeout of 0.5 s took {time.monotonic() - start:.1f} s")
+    t = torch.ones(1)
+    dist.all_reduce(t)
+    _check(
+        bad,
+        "all_reduce on WORLD after a timed-out call on another group",
+        t,
+        torch.tensor([float(n)]),
+    )
+
+
 class Net(torch.nn.Module):
     """A tiny MLP whose sizes do not divide by 3 or 4 (FSDP2 pads uneven shards)."""
 
@@ -224,11 +349,13 @@ def torch_cases(comm: Any, port: int) -> list[str]:
     try:
         _works(bad, n, me)
         _names(bad, n, me)
+        _surface(bad, n, me)
         _mesh(bad, n, me)
         _fsdp(bad, n, me, init_device_mesh("cpu", (n,)), "FSDP2")
         if n % 2 == 0:
             hsdp = init_device_mesh("cpu", (2, n // 2), mesh_dim_names=("replicate", "shard"))
             _fsdp(bad, n, me, hsdp, "HSDP")
+        _failures(bad, n, me)
     finally:
         dist.destroy_process_group()
     return bad

@@ -18,7 +18,7 @@ if not _dist.is_available():  # pragma: no cover - torch built without distribut
     raise ImportError("ringlet.torch needs a PyTorch build with torch.distributed")
 
 from .autograd import all_gather_with_grad
-from .backend import RingletProcessGroup, create_process_group
+from .backend import RingletProcessGroup, create_process_group, monitored_barrier
 from .ddp import DistributedDataParallel
 from .groups import communicator_for as communicator
 from .hooks import allreduce_hook, bf16_compress_hook, fp16_compress_hook
@@ -44,4 +44,5 @@ __all__ = [
     "bf16_compress_hook",
     "communicator",
     "fp16_compress_hook",
+    "monitored_barrier",
 ]

@@ -16,7 +16,9 @@ Work completes. Where ringlet has no direct equivalent:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Sequence
+from datetime import timedelta
 from typing import Any, cast
 
 import torch
@@ -37,7 +39,7 @@ from .tensors import (
 )
 from .works import RingletWork, completed, premultiply, reduce_op
 
-__all__ = ["RingletProcessGroup", "create_process_group"]
+__all__ = ["RingletProcessGroup", "create_process_group", "monitored_barrier"]
 
 
 #: torch's ProcessGroup, untyped here: its stubs list the Python convenience overloads, while a
@@ -48,11 +50,16 @@ _ProcessGroup: Any = dist.ProcessGroup
 class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
     """A torch ProcessGroup over a ringlet :class:`~ringlet.Communicator` (see the module docstring)."""
 
-    def __init__(self, comm: ringlet.Communicator) -> None:
+    def __init__(self, comm: ringlet.Communicator, store: Any = None) -> None:
         super().__init__(comm.rank, comm.size)
         self.comm = comm
+        self.store = store  # torch's store of this group: monitored_barrier meets there
         self._group_name = ""
         self._group_desc = ""
+        self._timeout: float | None = None  # set_timeout(): every call's default deadline
+        self._coalescing: list[RingletWork] | None = None  # works issued since _start_coalescing
+        self._barriers = 0  # monitored_barrier calls so far (alike on every rank)
+        self._sequence = 0
 
     # -- naming and lifecycle -----------------------------------------------------------------
     def getBackendName(self) -> str:
@@ -88,7 +95,99 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def _done(
         self, works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any], call: str
     ) -> RingletWork:
-        return completed(works, finish, f"{call} on rank {self.comm.rank}")
+        work = completed(works, finish, f"{call} on rank {self.comm.rank}")
+        if self._coalescing is not None:
+            self._coalescing.append(work)
+        return work
+
+    def _seconds(self, opts: Any) -> float | None:
+        """The call's own timeout (torch's options), else the group's (set_timeout), else ringlet's."""
+        own = seconds(opts)
+        return own if own is not None else self._timeout
+
+    # -- what torch asks of a backend besides collectives -------------------------------------
+    def name(self) -> str:
+        return "ringlet"
+
+    _get_backend_name = name
+
+    @property
+    def supports_splitting(self) -> bool:
+        return False
+
+    @property
+    def supports_coalescing(self) -> bool:
+        """False: torch then runs batch_isend_irecv as separate isend/irecv, which ringlet orders."""
+        return False
+
+    def set_timeout(self, timeout: timedelta) -> None:
+        """Every later call of this group without a timeout of its own waits at most ``timeout``."""
+        self._timeout = timeout.total_seconds() if timeout.total_seconds() > 0 else None
+
+    _set_default_timeout = set_timeout
+
+    def _set_sequence_number_for_group(self) -> None:
+        self._sequence = 0
+
+    def _get_sequence_number_for_group(self) -> int:
+        return self._sequence
+
+    def _start_coalescing(self, device: Any = None) -> None:
+        """Collect the works of the calls until ``_end_coalescing`` (torch's coalescing manager)."""
+        if self._coalescing is not None:
+            raise RuntimeError("_start_coalescing: this group is already coalescing")
+        self._coalescing = []
+
+    def _end_coalescing(self, device: Any = None) -> RingletWork:
+        """One Work for every call since ``_start_coalescing`` (ringlet already ran them in order)."""
+        works, self._coalescing = self._coalescing, None
+        if works is None:
+            raise RuntimeError("_end_coalescing without _start_coalescing")
+        return self._chain(works, [], "coalesced calls")
+
+    def monitored_barrier(
+        self, timeout: timedelta | None = None, wait_all_ranks: bool = False
+    ) -> None:
+        """A barrier that names the ranks that did not reach it within ``timeout`` (as Gloo's).
+
+        Every rank checks in through the group's torch store; rank 0 waits for each rank in turn
+        (for all of them with ``wait_all_ranks``) and then releases everyone. It moves no ringlet
+        data, so a failed monitored barrier leaves the communicator usable.
+        """
+        if self.store is None:
+            raise RuntimeError("monitored_barrier: this group was made without a torch store")
+        limit = timeout if timeout is not None else timedelta(minutes=30)
+        ms = int(limit.total_seconds() * 1000)
+        self._barriers += 1
+        key = f"ringlet/monitored_barrier/{self._barriers}"
+        me = self.comm.rank
+        self.store.set(f"{key}/{me}", b"1")
+        if me != 0:
+            try:
+                self.store.wait([f"{key}/released"], limit)
+            except Exception as exc:
+                raise dist.DistBackendError(
+                    f"Rank {me} did not receive a reply from rank 0 in monitored_barrier "
+                    f"within {ms} ms (rank 0 or another rank did not reach it)"
+                ) from exc
+            return
+        deadline = time.monotonic() + limit.total_seconds()
+        missing: list[int] = []
+        for r in range(1, self.comm.size):
+            left = max(0.001, deadline - time.monotonic()) if not missing else 0.001
+            try:
+                self.store.wait([f"{key}/{r}"], timedelta(seconds=left))
+            except Exception:
+                missing.append(r)
+                if not wait_all_ranks:
+                    break
+        if missing:
+            who = ", ".join(str(r) for r in missing)
+            raise dist.DistBackendError(
+                f"Rank{'s' if len(missing) > 1 else ''} {who} failed to pass monitoredBarrier "
+                f"in {ms} ms"
+            )
+        self.store.set(f"{key}/released", b"1")
 
     # -- reductions and broadcast (in place, zero-copy) ---------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingletWork:
@@ -97,7 +196,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         op, factor = reduce_op(opts.reduceOp, "allreduce")
         if factor is not None:
             premultiply(t, factor, "allreduce", in_place=True)
-        work = self.comm.all_reduce(t, op, async_op=True, timeout=seconds(opts))
+        work = self.comm.all_reduce(t, op, async_op=True, timeout=self._seconds(opts))
         return self._done([work], lambda _: [t], "allreduce")
 
     def allreduce_coalesced(self, tensors: list[torch.Tensor], opts: Any = None) -> RingletWork:
@@ -110,7 +209,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         joined = torch.cat([flat(t) for t in tensors]) if tensors else torch.empty(0)
         if factor is not None:
             premultiply(joined, factor, "allreduce_coalesced", in_place=True)
-        work = self.comm.all_reduce(joined, op, async_op=True, timeout=seconds(opts))
+        work = self.comm.all_reduce(joined, op, async_op=True, timeout=self._seconds(opts))
 
         def finish(_: list[Any]) -> list[torch.Tensor]:
             for t, part in zip(
@@ -124,7 +223,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def broadcast(self, tensors: list[torch.Tensor], opts: Any = None) -> RingletWork:
         opts = opts or dist.BroadcastOptions()
         t = one(tensors, "broadcast")
-        work = self.comm.broadcast(t, opts.rootRank, async_op=True, timeout=seconds(opts))
+        work = self.comm.broadcast(t, opts.rootRank, async_op=True, timeout=self._seconds(opts))
         return self._done([work], lambda _: [t], "broadcast")
 
     def reduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingletWork:
@@ -132,10 +231,14 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         t = one(tensors, "reduce")
         op, factor = reduce_op(opts.reduceOp, "reduce")
         if factor is None:
-            work = self.comm.reduce(t, opts.rootRank, op, async_op=True, timeout=seconds(opts))
+            work = self.comm.reduce(
+                t, opts.rootRank, op, async_op=True, timeout=self._seconds(opts)
+            )
             return self._done([work], lambda _: [t], "reduce")
         scaled = premultiply(t, factor, "reduce", in_place=False)  # non-roots keep their input
-        work = self.comm.reduce(scaled, opts.rootRank, op, async_op=True, timeout=seconds(opts))
+        work = self.comm.reduce(
+            scaled, opts.rootRank, op, async_op=True, timeout=self._seconds(opts)
+        )
 
         def finish(_: list[Any]) -> list[torch.Tensor]:
             if self.comm.rank == opts.rootRank:
@@ -150,7 +253,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
     ) -> RingletWork:
         outs, inp = one(outputs, "allgather"), one(inputs, "allgather")
         self._check_parts("allgather", outs, inp)
-        work = self.comm.all_gather(flat(inp), async_op=True, timeout=seconds(opts))
+        work = self.comm.all_gather(flat(inp), async_op=True, timeout=self._seconds(opts))
         return self._done(
             [work], lambda res: self._split_into("allgather", res[0], outs), "allgather"
         )
@@ -164,7 +267,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
                 f"{self.comm.size} ranks × {inp.numel()} input elements were expected"
             )
         same_dtype("all_gather_into_tensor", inp.dtype, [output])
-        work = self.comm.all_gather(flat(inp), async_op=True, timeout=seconds(opts))
+        work = self.comm.all_gather(flat(inp), async_op=True, timeout=self._seconds(opts))
 
         def finish(res: list[Any]) -> list[torch.Tensor]:
             copy_into(output, res[0])
@@ -194,7 +297,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         opts = opts or dist.GatherOptions()
         inp, root = one(inputs, "gather"), opts.rootRank
         outs = one(outputs, "gather") if self.comm.rank == root else []
-        work = self.comm.gather(flat(inp), root, async_op=True, timeout=seconds(opts))
+        work = self.comm.gather(flat(inp), root, async_op=True, timeout=self._seconds(opts))
 
         def finish(res: list[Any]) -> list[torch.Tensor]:
             if self.comm.rank != root:
@@ -211,7 +314,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         out, root = one(outputs, "scatter"), opts.rootRank
         # ringlet checks root's list (one tensor per rank, one dtype) and tells every rank
         parts = [flat(p) for p in one(inputs, "scatter")] if self.comm.rank == root else None
-        work = self.comm.scatter(parts, root, async_op=True, timeout=seconds(opts))
+        work = self.comm.scatter(parts, root, async_op=True, timeout=self._seconds(opts))
 
         def finish(res: list[Any]) -> list[torch.Tensor]:
             got = tensor_of(res[0], out)
@@ -248,10 +351,10 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         if factor is not None:
             premultiply(joined, factor, "reduce_scatter", in_place=True)
         if len(set(sizes)) == 1:
-            work = self.comm.reduce_scatter(joined, op, async_op=True, timeout=seconds(opts))
+            work = self.comm.reduce_scatter(joined, op, async_op=True, timeout=self._seconds(opts))
             mine: Callable[[list[Any]], torch.Tensor] = lambda res: res[0]  # noqa: E731
         else:  # uneven parts: every rank reduces everything, then keeps its slice
-            work = self.comm.all_reduce(joined, op, async_op=True, timeout=seconds(opts))
+            work = self.comm.all_reduce(joined, op, async_op=True, timeout=self._seconds(opts))
             start = sum(sizes[: self.comm.rank])
             mine = lambda _: joined[start : start + out.numel()]  # noqa: E731
 
@@ -277,7 +380,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
             if factor is None
             else premultiply(flat(inp), factor, "reduce_scatter_tensor", in_place=False)
         )
-        work = self.comm.reduce_scatter(src, op, async_op=True, timeout=seconds(opts))
+        work = self.comm.reduce_scatter(src, op, async_op=True, timeout=self._seconds(opts))
 
         def finish(res: list[Any]) -> list[torch.Tensor]:
             copy_into(output, res[0])
@@ -316,7 +419,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
                     f"must have the input's size ({output.numel()} != {inp.numel()})"
                 )
             work = self.comm.all_to_all(
-                inp.detach().reshape(size, -1), async_op=True, timeout=seconds(opts)
+                inp.detach().reshape(size, -1), async_op=True, timeout=self._seconds(opts)
             )
 
             def finish(res: list[Any]) -> list[torch.Tensor]:
@@ -354,20 +457,22 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
 
     # -- barrier and point to point ------------------------------------------------------------
     def barrier(self, opts: Any = None) -> RingletWork:
-        work = cast(ringlet.Work, self.comm.barrier(async_op=True, timeout=seconds(opts)))
+        work = cast(ringlet.Work, self.comm.barrier(async_op=True, timeout=self._seconds(opts)))
         return self._done([work], lambda _: [], "barrier")
 
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "send")
-        work = self.comm.send(t, dst, tag, async_op=True)
+        work = self.comm.send(t, dst, tag, async_op=True, timeout=self._timeout)
         return self._done([work], lambda _: [t], "send")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "recv")
-        work = self.comm.recv(t, src, tag, async_op=True)
+        work = self.comm.recv(t, src, tag, async_op=True, timeout=self._timeout)
         return self._done([work], lambda _: [t], "recv")
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> RingletWork:
+        # ringlet's recv reads one source's connection in order; matching the first message from
+        # any of them needs a probe across connections, which ringlet's point-to-point layer lacks.
         raise RuntimeError("recv: backend 'ringlet' cannot receive from any source; pass src=")
 
     # -- helpers -------------------------------------------------------------------------------
@@ -405,6 +510,20 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         return RingletWork(joined.then(settle), call)
 
 
+def monitored_barrier(
+    group: Any = None, timeout: timedelta | None = None, wait_all_ranks: bool = False
+) -> None:
+    """``dist.monitored_barrier`` for groups of backend "ringlet" (torch's own accepts only Gloo).
+
+    Raises on rank 0 naming the rank that did not arrive within ``timeout`` (every such rank
+    with ``wait_all_ranks``); the other ranks raise when rank 0 does not release them in time.
+    """
+    pg = group if group is not None else dist.distributed_c10d._get_default_group()
+    if not isinstance(pg, RingletProcessGroup):
+        raise ValueError(f"monitored_barrier: {pg!r} is not a group of backend 'ringlet'")
+    pg.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
+
+
 def create_process_group(options: Any, backend_options: Any = None) -> RingletProcessGroup:
     """torch's constructor hook for backend "ringlet" (registered with extended_api=True)."""
-    return RingletProcessGroup(groups.group_communicator(options))
+    return RingletProcessGroup(groups.group_communicator(options), options.store)
