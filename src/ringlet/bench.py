@@ -83,7 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--markdown", action="store_true", help="end with the comparison as a Markdown table"
     )
-    parser.add_argument("--plot", metavar="OUT.png", help="save busbw vs size (needs matplotlib)")
+    parser.add_argument(
+        "--plot",
+        metavar="OUT.png",
+        help="save busbw and latency vs size, a row per op (OUT-{op}.png: one file per op; "
+        "needs matplotlib)",
+    )
     parser.add_argument(
         "--load",
         metavar="FILE",
@@ -215,9 +220,9 @@ def show_summary(args: argparse.Namespace, records: list[Record]) -> int:
             print(json.dumps(ratio))
     elif ratios:
         print(report.comparison(records))
-    if args.plot:
-        report.plot(records, args.plot)
-        print(f"# busbw plot saved to {args.plot}", file=sys.stderr)
+    if args.plot and any(r["kind"] == "result" for r in records):
+        for path in report.plot(records, args.plot):
+            print(f"# plot saved to {path}", file=sys.stderr)
     wrong = [r for r in records if r["kind"] == "result" and r["check"] != "ok"]
     for record in wrong:
         print(

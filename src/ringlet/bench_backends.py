@@ -10,6 +10,7 @@ comparison could be unfair about — buffers, check, warmup, barrier, timing, ma
 from __future__ import annotations
 
 import os
+import platform
 import sys
 import time
 from collections.abc import Callable
@@ -58,7 +59,24 @@ class Backend:
             "version": self.version,
             "transport": self.transport,
             "ranks": self.size,
+            "machine": machine(),
         }
+
+
+def machine() -> str:
+    """This machine for a report or plot title: its CPU model and how many CPUs this process
+    may use, e.g. 'AMD EPYC 7B13, 2 CPUs'."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    model = line.partition(":")[2].strip()
+                    break
+    except OSError:
+        pass
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{' '.join(model.split())}, {cpus} CPUs"
 
 
 def measure(backend: Backend, case: Case, iters: int, warmup: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ size), "skip" (what could not run and why) or "ratio" (ringlet's busbw over anot
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Iterable
 from typing import IO, Any
@@ -145,8 +146,11 @@ def _number(value: float) -> str:
     return f"{value:.3g}" if value < 1000 else f"{value:.0f}"
 
 
-def plot(records: list[Record], path: str) -> None:
-    """busbw vs size, one line per backend and op, saved to `path` (needs matplotlib)."""
+MARKERS = {"ringlet": "o", "gloo": "s", "mpi": "^"}
+COLORS = {"ringlet": "C0", "gloo": "C1", "mpi": "C2"}
+
+
+def _pyplot() -> Any:
     try:
         import matplotlib
 
@@ -157,27 +161,96 @@ def plot(records: list[Record], path: str) -> None:
             f"--plot needs matplotlib, which is not importable here ({error}); "
             "install it with `pip install matplotlib` (or `pip install ringlet[bench]`)"
         ) from None
+    return plt
+
+
+def format_time(us: float) -> str:
+    """A time in µs for an axis: '800 ns', '10 µs', '2.5 ms', '1 s'."""
+    for unit, scale in (("s", 1e6), ("ms", 1e3), ("µs", 1.0)):
+        if us >= scale:
+            return f"{us / scale:g} {unit}"
+    return f"{us * 1e3:g} ns"
+
+
+def _plain(value: float) -> str:
+    """0.00001, 0.5, 20: an axis value without an exponent."""
+    return f"{value:.{max(0, -math.floor(math.log10(value)))}f}" if 0 < value < 1 else f"{value:g}"
+
+
+def plot_title(records: list[Record], op: str) -> str:
+    """op, dtype, each library's transport, ranks and machine, from the records of a run."""
+    results = [r for r in records if r["kind"] == "result" and r["op"] == op]
+    dtypes = sorted({r["dtype"] for r in results})
+    via = dict.fromkeys(r["backend"] if r["transport"] == r["backend"] else
+                        f"{r['backend']} over {r['transport']}" for r in results)  # fmt: skip
+    ranks = sorted({r["ranks"] for r in results})
+    machines = dict.fromkeys(r["machine"] for r in records if r["kind"] == "info"
+                             and r.get("machine"))  # fmt: skip
+    parts = [op, "/".join(dtypes), ", ".join(via), "/".join(map(str, ranks)) + " ranks",
+             *machines]  # fmt: skip
+    return " · ".join(parts)
+
+
+def figure(records: list[Record], ops: list[str] | None = None) -> Any:
+    """A matplotlib Figure: per op a row of two log-log panels, busbw and time per call against
+    size, one line with markers per library, every measured size labelled in B/KiB/MiB."""
+    plt = _pyplot()
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
+
     results = _results(records)
     backends, cases = _ordered(results)
-    figure, axes = plt.subplots(figsize=(9, 5.5))
-    for op in dict.fromkeys(op for op, _ in cases):
+    ops = ops or list(dict.fromkeys(op for op, _ in cases))
+    if not ops:
+        raise ValueError("nothing to plot: no results in these records")
+    fig = plt.figure(figsize=(12, 4.4 * len(ops)), layout="constrained")
+    rows = [fig] if len(ops) == 1 else list(fig.subfigures(len(ops), 1))
+    for row, op in zip(rows, ops, strict=True):
+        row.suptitle(plot_title(records, op), fontsize="medium")
+        bw_axes, time_axes = row.subplots(1, 2)
+        sizes = sorted({n for _, o, n in results if o == op})
         for backend in backends:
-            points = sorted((n, r["busbw_gbps"]) for (b, o, n), r in results.items()
-                            if b == backend and o == op)  # fmt: skip
-            if points:
-                style = "-" if backend == PRIMARY else "--" if backend == "gloo" else ":"
-                sizes, busbws = [n for n, _ in points], [bw for _, bw in points]
-                axes.plot(sizes, busbws, style, marker="o", markersize=3, label=f"{backend} {op}")
-    axes.set_xscale("log", base=2)
-    axes.set_xlabel("size (bytes, nccl-tests convention)")
-    axes.set_ylabel("busbw (GB/s)")
-    ranks = next((r["ranks"] for r in results.values()), "?")
-    axes.set_title(f"ringlet bench, {ranks} ranks")
-    axes.grid(True, which="both", alpha=0.3)
-    axes.legend(fontsize="small", ncol=2)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
+            points = sorted((n, r) for (b, o, n), r in results.items() if b == backend and o == op)
+            if not points:
+                continue
+            xs = [n for n, _ in points]
+            style = {"marker": MARKERS.get(backend, "D"), "color": COLORS.get(backend),
+                     "markersize": 5, "linewidth": 1.5, "label": backend}  # fmt: skip
+            bw_axes.plot(xs, [r["busbw_gbps"] for _, r in points], **style)
+            time_axes.plot(xs, [r["time_us"] for _, r in points], **style)
+        for axes, ylabel, fmt in (
+            (bw_axes, "busbw (GB/s)", lambda v, _: _plain(v)),
+            (time_axes, "time per call (median of the slowest rank)", lambda v, _: format_time(v)),
+        ):
+            axes.set_xscale("log", base=2)
+            axes.set_yscale("log")
+            axes.xaxis.set_major_locator(FixedLocator(sizes))
+            axes.xaxis.set_minor_locator(NullLocator())
+            axes.xaxis.set_major_formatter(FuncFormatter(lambda v, _: format_size(round(v))))
+            axes.yaxis.set_major_formatter(FuncFormatter(fmt))
+            axes.tick_params(axis="x", labelrotation=60 if len(sizes) > 8 else 0, labelsize=8)
+            axes.set_xlabel("message size (nccl-tests convention)")
+            axes.set_ylabel(ylabel)
+            axes.grid(True, which="both", alpha=0.3)
+            axes.legend(fontsize="small")
+        bw_axes.set_title("bus bandwidth (higher is better)", fontsize="small")
+        time_axes.set_title("latency (lower is better)", fontsize="small")
+    return fig
+
+
+def plot(records: list[Record], path: str) -> list[str]:
+    """Save the plots: one PNG with a row per op, or one PNG per op when `path` contains '{op}'
+    (busbw-{op}.png). Returns the paths written (needs matplotlib)."""
+    plt = _pyplot()
+    ops = list(dict.fromkeys(op for op, _ in _ordered(_results(records))[1]))
+    groups = [[op] for op in ops] if "{op}" in path else [ops]
+    written = []
+    for group in groups:
+        fig = figure(records, group)
+        out = path.replace("{op}", group[0]) if "{op}" in path else path
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+        written.append(out)
+    return written
 
 
 class Progress:
