@@ -204,7 +204,10 @@ def _round_costs(
     out = _Rounds([], [], [], max(totals.values(), default=0))
     order = sorted(scheds)
     for rank in order:
-        me, durs, busy, peers = hosts[rank], [], [], []
+        me = hosts[rank]
+        durs: list[float] = []
+        busy: list[bool] = []
+        talks: list[tuple[int, ...]] = []
         for k, (lo, li, no, ni, red, cp, many, pr) in enumerate(per[rank]):
             t = 0.0
             if lo or li:
@@ -217,10 +220,10 @@ def _round_costs(
             t += itemsize * (p.reduce * red + p.copy * cp)
             durs.append(t)
             busy.append(bool(pr))
-            peers.append(pr)
+            talks.append(pr)
         out.dur.append(np.array(durs))
         out.busy.append(np.array(busy, dtype=bool))
-        out.peers.append(peers)
+        out.peers.append(talks)
     return out
 
 
