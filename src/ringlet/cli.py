@@ -1,4 +1,4 @@
-"""The `ringlet` command line: `ringlet run`, `ringlet bench`, `ringlet version`.
+"""The `ringlet` command line: `ringlet run`, `ringlet bench`, `ringlet plan`, `ringlet version`.
 
 Only argument parsing lives here; each subcommand's work is in its own module.
 """
@@ -15,7 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringlet", description="Collective communication for Python processes."
     )
-    commands = parser.add_subparsers(dest="subcommand", metavar="{run,bench,version}")
+    parser.add_argument(
+        "--version", action="version", version=f"ringlet {metadata.version('ringlet')}"
+    )
+    commands = parser.add_subparsers(dest="subcommand", metavar="{run,bench,plan,version}")
     commands.required = True
 
     run = commands.add_parser(
@@ -25,55 +28,17 @@ def build_parser() -> argparse.ArgumentParser:
         "One rank failing ends the job and exits non-zero.",
         usage="ringlet run [options] -n N (script.py | command) [args …]",
     )
-    run.add_argument(
-        "-n",
-        "--nproc-per-node",
-        type=int,
-        required=True,
-        metavar="N",
-        help="ranks to start on this node",
-    )
-    run.add_argument("--nnodes", type=int, default=1, metavar="M", help="nodes in the job (1)")
-    run.add_argument(
-        "--node-rank", type=int, default=0, metavar="K", help="this node's index, 0…M-1 (0)"
-    )
-    run.add_argument(
-        "--master",
-        metavar="HOST:PORT",
-        help="rendezvous address, the same on every node (one node: 127.0.0.1, a free port)",
-    )
-    run.add_argument(
-        "--no-prefix",
-        dest="prefix",
-        action="store_false",
-        help="do not prefix each output line with [rRANK]",
-    )
-    run.add_argument(
-        "--grace",
-        type=float,
-        default=3.0,
-        metavar="SECONDS",
-        help="after a failure or a signal, how long ranks get to finish, and again to exit "
-        "after SIGTERM before SIGKILL (3.0)",
-    )
-    run.add_argument(
-        "--timeout",
-        type=float,
-        metavar="SECONDS",
-        help="how long any blocking call may wait (sets RINGLET_TIMEOUT)",
-    )
-    run.add_argument(
-        "--secret",
-        help="the job's shared secret (default: RINGLET_SECRET, else a fresh one on one node); "
-        "prefer RINGLET_SECRET, which other users cannot see in the process list",
-    )
-    run.add_argument("--transport", help="transport to use (sets RINGLET_TRANSPORT)")
-    run.add_argument(
-        "command", nargs=argparse.REMAINDER, help="script.py and its arguments, or a command"
-    )
+    from ringlet.launch import add_arguments
+
+    add_arguments(run)
 
     commands.add_parser(
         "bench", add_help=False, help="measure collective bandwidth (see ringlet bench --help)"
+    )
+    commands.add_parser(
+        "plan",
+        add_help=False,
+        help="predict a collective's time per algorithm (see ringlet plan --help)",
     )
     commands.add_parser("version", help="print ringlet's version")
     return parser
@@ -90,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ringlet bench is not available in this installation ({error})", file=sys.stderr)
             return 2
         return int(bench_main(rest))
+    if args.subcommand == "plan":
+        from ringlet.plan_cli import main as plan_main
+
+        return plan_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.subcommand == "version":

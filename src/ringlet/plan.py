@@ -106,13 +106,19 @@ LINKS: dict[str, Link] = {
 
 def params_for(link: str, local: str = "shm", calibration: dict[str, Any] | None = None) -> Params:
     """The parameters of a layout whose hosts are joined by ``link`` (a preset name or a
-    bandwidth like ``40gbit``) and whose ranks share a host over ``local``; measured values
-    from ``calibration`` (:func:`ringlet.calibrate.load`) replace the presets they cover."""
+    bandwidth like ``40gbit``) and whose ranks share a host over ``local`` (shm or tcp);
+    measured values from ``calibration`` (:func:`ringlet.calibrate.load`) replace the presets
+    they cover. Raises ValueError for an unknown link."""
     cal = calibration or {}
     links = {**LINKS, **{k: Link(**v) for k, v in cal.get("links", {}).items()}}
-    net = links.get(link) or _gbit(link)
-    rates = {k: cal[k] for k in ("reduce", "copy", "call", "gap") if k in cal}
-    source = cal.get("source", "defaults") if cal else "defaults"
+    if local not in links:
+        raise ValueError(f"unknown local link {local!r}; choose shm or tcp")
+    net = links.get(link.lower()) or _gbit(link)
+    rates = {k: cal[k] for k in ("reduce", "copy", "gap") if k in cal}
+    call = cal.get("call_by_link", {}).get(local, cal.get("call"))
+    if call is not None:
+        rates["call"] = call
+    source = str(cal.get("source", "file")) if cal else "defaults"
     return Params(links[local], net, source=source, **rates)
 
 
@@ -444,10 +450,11 @@ def predict(
     params: Params,
     algos: Sequence[str] | None = None,
     itemsize: int = 4,
+    deterministic: bool = False,
 ) -> list[Prediction]:
     """One prediction per algorithm of ``op`` (``algos``: those only), fastest marked ``best``,
     select's choice marked ``chosen``. Raises ValueError for an unknown op or algorithm."""
-    names = list(algos) if algos else algorithms_for(op, hosts, ranks_per_host)
+    names = list(algos) if algos else algorithms_for(op, hosts, ranks_per_host, deterministic)
     size = hosts * ranks_per_host
     chosen = chosen_algo(op, nbytes, hosts, ranks_per_host)
     found = []
