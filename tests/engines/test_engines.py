@@ -194,3 +194,67 @@ def test_srun_with_nothing_exported(slurm: dict[str, str], script: Path) -> None
     proc = subprocess.run(["srun", "-n", "3", "--overcommit", sys.executable, str(script)],
                           env=slurm, capture_output=True, text=True, timeout=120)  # fmt: skip
     results(proc, 3, "slurm")
+
+
+# -- torchrun (torch elastic: the agent's store, restarts) -------------------------------------
+
+
+def torchrun(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    pytest.importorskip("torch")
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", *args], env=clean_env(),
+                          capture_output=True, text=True, timeout=timeout)  # fmt: skip
+
+
+def test_torchrun_restart_never_meets_the_previous_attempts_store(tmp_path: Path) -> None:
+    """Attempt 0 loses rank 1 after init(); attempt 1 must find its own store, not attempt 0's."""
+    path = tmp_path / "flaky.py"
+    path.write_text(textwrap.dedent("""
+        import os, sys
+        if os.environ["TORCHELASTIC_RESTART_COUNT"] == "0":
+            import ringlet
+            comm = ringlet.init()
+            if comm.rank == 1:
+                os._exit(3)  # dies with its world open; rank 0 then fails too
+            comm.barrier()
+    """) + SCRIPT)  # fmt: skip
+    proc = torchrun("--standalone", "--nproc-per-node", "2", "--max-restarts", "1",
+                    "--monitor-interval", "0.1", str(path))  # fmt: skip
+    results(proc, 2, "torchrun")
+
+
+# -- ringlet beside torch's gloo, under torchrun and under ringlet run -------------------------
+
+BESIDE_GLOO = textwrap.dedent("""
+    import json
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    import ringlet
+
+    comm = ringlet.init()
+    dist.init_process_group("gloo")  # env://: MASTER_ADDR/MASTER_PORT are torch's
+    assert (dist.get_rank(), dist.get_world_size()) == (comm.rank, comm.size)
+    t = torch.full((4,), float(comm.rank + 1))
+    dist.all_reduce(t)
+    x = np.full(4, float(comm.rank + 1))
+    comm.all_reduce(x)
+    expected = comm.size * (comm.size + 1) / 2
+    assert t.tolist() == x.tolist() == [expected] * 4, (t, x)
+    dist.destroy_process_group()
+    comm.close()
+    print("RESULT " + json.dumps({"rank": comm.rank, "size": comm.size, "source": "both"}))
+""")
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "ringlet run"])
+def test_ringlet_and_gloo_side_by_side(launcher: str, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    path = tmp_path / "beside.py"
+    path.write_text(BESIDE_GLOO)
+    if launcher == "torchrun":
+        proc = torchrun("--standalone", "--nproc-per-node", "2", str(path))
+    else:
+        proc = subprocess.run([sys.executable, "-m", "ringlet", "run", "--nproc-per-node", "2",
+                               str(path)], env=clean_env(), capture_output=True, text=True,
+                              timeout=120)  # fmt: skip
+    results(proc, 2, "both")

@@ -39,6 +39,7 @@ TORCHRUN_VARS = [
     "LOCAL_WORLD_SIZE",
     "MASTER_ADDR",
     "MASTER_PORT",
+    "OMP_NUM_THREADS",
 ]
 PRINT_ENV = (
     "import json, os; "
@@ -60,7 +61,7 @@ def clean_env(**extra: str) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith("RINGLET_") and k not in TORCHRUN_VARS
+        if not k.startswith(("RINGLET_", "PET_")) and k not in TORCHRUN_VARS
     }
     env.update(extra)
     return env
@@ -128,7 +129,10 @@ def test_every_rank_gets_its_variables_and_prefix() -> None:
         assert values["RINGLET_LOCAL_SIZE"] == values["LOCAL_WORLD_SIZE"] == "4"
         assert values["RINGLET_NODE_RANK"] == "0"
         assert values["RINGLET_MASTER"] == master
-        assert (values["MASTER_ADDR"], values["MASTER_PORT"]) == (host, port)
+        # torch's master is its own: init_process_group binds MASTER_PORT beside ringlet's store
+        assert values["MASTER_ADDR"] == host and values["MASTER_PORT"] != port
+        assert values["MASTER_PORT"] == ranks[0]["MASTER_PORT"]
+        assert values["OMP_NUM_THREADS"] == "1"  # set like torchrun does
         assert values["RINGLET_TIMEOUT"] == "12.5"
         assert values["RINGLET_TRANSPORT"] == "tcp"
         # one job: one secret and one job id, shared by every rank
@@ -207,10 +211,12 @@ def test_failing_rank_ends_the_job_and_its_traceback_is_shown() -> None:
     assert "[r2] ValueError: rank two broke" in result.stderr
     assert "ringlet run: rank 2 failed first (exit code 1)" in result.stderr
     summary = result.stderr.split("ringlet run: job summary", 1)[1]
-    assert "rank 2: exit code 1" in summary
+    assert "rank 2: exit code 1: ValueError: rank two broke  <- failed first" in summary
     for rank in (0, 1, 3):
         assert f"rank {rank}: terminated by launcher (SIGTERM)" in summary
-    assert "ValueError: rank two broke" in summary.split("rank 2 stderr", 1)[1]
+    # the traceback is printed once (not again in the summary), the summary last
+    assert result.stderr.count("Traceback (most recent call last)") == 1
+    assert result.stderr.rstrip().splitlines()[-1].startswith("(rank 2's traceback is above")
 
 
 @pytest.mark.timeout(20)
@@ -345,7 +351,8 @@ def test_two_nodes_see_one_world() -> None:
         assert values["RINGLET_WORLD_SIZE"] == values["WORLD_SIZE"] == "4"
         assert values["RINGLET_LOCAL_RANK"] == values["LOCAL_RANK"] == str(rank % 2)
         assert values["RINGLET_NODE_RANK"] == str(rank // 2)
-        assert values["RINGLET_MASTER"] == f"127.0.0.1:{port}"
+        assert values["RINGLET_MASTER"] == f"127.0.0.1:{port + 1}"  # torch's is {port}
+        assert (values["MASTER_ADDR"], values["MASTER_PORT"]) == ("127.0.0.1", str(port))
         assert values["RINGLET_SECRET"] == "two-node-test-secret"
         assert values["RINGLET_JOB_ID"] == ranks[0]["RINGLET_JOB_ID"]
 
@@ -379,3 +386,90 @@ def test_two_nodes_all_reduce(tmp_path: Path) -> None:
         assert node.returncode == 0, stderr
     lines = sorted(outputs[0][0].splitlines() + outputs[1][0].splitlines())
     assert lines == [f"[r{r}] all_reduce ok {r} 4" for r in range(4)]
+
+
+def error_blocks(stderr: str) -> dict[int, list[int]]:
+    """{rank: indexes of its [rK] lines in stderr}, to see that each rank's lines are one block."""
+    where: dict[int, list[int]] = {}
+    for index, line in enumerate(stderr.splitlines()):
+        if match := re.match(r"\[r(\d+)\] ", line):
+            where.setdefault(int(match.group(1)), []).append(index)
+    return where
+
+
+@pytest.mark.timeout(30)
+def test_one_error_on_three_ranks_prints_each_traceback_once_as_a_block() -> None:
+    code = "import time, os; time.sleep(0.3); len(5)  # TypeError on every rank at once"
+    result = run("-n", "3", "--grace", "1", "python", "-c", code)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.count("Traceback (most recent call last)") == 3, result.stderr
+    for rank, indexes in error_blocks(result.stderr).items():
+        assert indexes == list(range(indexes[0], indexes[0] + len(indexes))), (rank, result.stderr)
+        assert len(indexes) == 3, result.stderr  # Traceback, File "<string>", TypeError
+    assert len(result.stderr.splitlines()) < 25, result.stderr
+    assert result.stderr.rstrip().splitlines()[-1].startswith("(rank ")
+
+
+RING_AFTER = textwrap.dedent("""
+    import os, signal, sys
+    import numpy as np
+    import ringlet
+    comm = ringlet.init()
+    comm.barrier()
+    if comm.rank == int(sys.argv[1]):
+        if sys.argv[2] == "stop":
+            os.kill(os.getpid(), signal.SIGSTOP)
+        else:
+            os._exit(0)  # leaves without a word while the others still need it
+    comm.all_reduce(np.ones(4))
+""")
+
+
+@pytest.mark.timeout(40)
+@pytest.mark.parametrize(("culprit", "how"), [(2, "leave"), (0, "stop")])
+def test_the_rank_that_caused_the_end_is_named_not_its_victims(
+    culprit: int, how: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "ring_after.py"
+    script.write_text(RING_AFTER)
+    result = run("-n", "3", "--timeout", "3", "--grace", "1", str(script), str(culprit), how,
+                 timeout=35)  # fmt: skip
+    assert result.returncode != 0
+    summary = result.stderr.split("ringlet run: job summary", 1)[1]
+    marked = [line for line in summary.splitlines() if "<-" in line]
+    assert len(marked) == 1 and marked[0].startswith(f"  rank {culprit}:"), result.stderr
+    if how == "stop":
+        assert "stopped (not running)" in marked[0] and "timed out waiting" in marked[0]
+    else:
+        assert "left while the others still needed it" in marked[0]
+    victims = [r for r in range(3) if r != culprit]
+    for rank in victims:  # failed because of it, or still waiting when the launcher ended it
+        assert re.search(
+            rf"rank {rank}: (exit code 1, because of another rank \((PeerError|"
+            r"CollectiveTimeout)\)|terminated by launcher)",
+            summary,
+        ), result.stderr
+
+
+@pytest.mark.timeout(30)
+def test_torchrun_spellings_and_kubeflow_defaults() -> None:
+    port = free_port()
+    result = run("--nproc_per_node", "2", "--nnodes", "1:1", "--master-addr", "127.0.0.1",
+                 "--master-port", str(port), "--rdzv-backend", "c10d", "--rdzv-id", "job-7",
+                 "python", "-c", PRINT_ENV)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    ranks = rank_json_lines(result.stdout)
+    assert sorted(ranks) == [0, 1]
+    for values in ranks.values():
+        assert (values["MASTER_ADDR"], values["MASTER_PORT"]) == ("127.0.0.1", str(port))
+        assert values["RINGLET_MASTER"] == f"127.0.0.1:{port + 1}"
+        assert values["RINGLET_JOB_ID"] == "job-7"
+    # Kubeflow's PyTorchJob/TrainJob set PET_*: `ringlet run script.py` alone takes them
+    pet = clean_env(PET_NPROC_PER_NODE="2", PET_NNODES="1", PET_NODE_RANK="0",
+                    PET_MASTER_ADDR="127.0.0.1", PET_MASTER_PORT=str(port))  # fmt: skip
+    result = run("python", "-c", PRINT_ENV, env=pet)
+    assert result.returncode == 0, result.stderr
+    assert {v["MASTER_PORT"] for v in rank_json_lines(result.stdout).values()} == {str(port)}
+    elastic = run("--nnodes", "1:4", "-n", "1", "python", "-c", "pass")
+    assert elastic.returncode == 2 and "elastic range" in elastic.stderr
+    assert "how many ranks" in run("python", "-c", "pass").stderr
