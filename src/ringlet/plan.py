@@ -114,7 +114,7 @@ def params_for(link: str, local: str = "shm", calibration: dict[str, Any] | None
     if local not in links:
         raise ValueError(f"unknown local link {local!r}; choose shm or tcp")
     net = links.get(link.lower()) or _gbit(link)
-    rates = {k: cal[k] for k in ("reduce", "copy", "gap") if k in cal}
+    rates: dict[str, Any] = {k: cal[k] for k in ("reduce", "copy", "gap") if k in cal}
     call = cal.get("call_by_link", {}).get(local, cal.get("call"))
     if call is not None:
         rates["call"] = call
