@@ -1,4 +1,4 @@
-"""The `ringlet` command line: `ringlet run`, `ringlet bench`, `ringlet version`.
+"""The `ringlet` command line: `ringlet run`, `ringlet bench`, `ringlet plan`, `ringlet version`.
 
 Only argument parsing lives here; each subcommand's work is in its own module.
 """
@@ -15,7 +15,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringlet", description="Collective communication for Python processes."
     )
-    commands = parser.add_subparsers(dest="subcommand", metavar="{run,bench,version}")
+    parser.add_argument(
+        "--version", action="version", version=f"ringlet {metadata.version('ringlet')}"
+    )
+    commands = parser.add_subparsers(dest="subcommand", metavar="{run,bench,plan,version}")
     commands.required = True
 
     run = commands.add_parser(
@@ -32,6 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench", add_help=False, help="measure collective bandwidth (see ringlet bench --help)"
     )
+    commands.add_parser(
+        "plan",
+        add_help=False,
+        help="predict a collective's time per algorithm (see ringlet plan --help)",
+    )
     commands.add_parser("version", help="print ringlet's version")
     return parser
 
@@ -47,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"ringlet bench is not available in this installation ({error})", file=sys.stderr)
             return 2
         return int(bench_main(rest))
+    if args.subcommand == "plan":
+        from ringlet.plan_cli import main as plan_main
+
+        return plan_main(rest)
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.subcommand == "version":
