@@ -39,6 +39,9 @@ def _data(rank: int, salt: int = 0, n: int = 6) -> np.ndarray:
 class Member:
     """One rank of the groups formed in a test; runs every collective and returns what it got."""
 
+    def __init__(self) -> None:
+        import ringlet.ray  # noqa: F401  registers the backend in this actor's process
+
     def ops(self, group: str, kind: str) -> dict[str, Any]:
         as_t = _as_torch if kind == "torch" else (lambda a: a)
         col.barrier(group)  # forms the group in this actor (Ray creates it on first use)
@@ -91,6 +94,11 @@ class Member:
     def destroy(self, group: str) -> bool:
         col.destroy_collective_group(group)
         return col.is_group_initialized(group)
+
+    def join(self, name: str, rank: int, size: int) -> np.ndarray:
+        """ringlet.ray.init outside any collective group, as in a Ray Train worker."""
+        with ringlet.ray.init(name, rank, size, timeout=CALL_TIMEOUT) as comm:
+            return comm.all_gather(np.array([comm.rank, comm.size]))
 
     def join_alone(self, timeout: float) -> str:
         """Rank 0 of a world of 2 whose rank 1 never comes: must fail within ``timeout``."""
@@ -149,12 +157,7 @@ def _get_all(refs: list[Any], timeout: float = CALL_TIMEOUT) -> list[Any]:
 @pytest.fixture(scope="module")
 def members() -> Iterator[list[Any]]:
     """A local Ray cluster and three actors that register the backend as they start."""
-    ray.init(
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,
-        runtime_env={"worker_process_setup_hook": "ringlet.ray.register"},
-    )
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         pool = [Member.remote() for _ in range(3)]
         yield pool
@@ -212,6 +215,12 @@ def test_destroy_and_create_again(members: list[Any]) -> None:
             time.sleep(0.05)
 
 
+def test_init_without_a_group(members: list[Any]) -> None:
+    got = _get_all([m.join.remote("plain", r, 3) for r, m in enumerate(members)])
+    for res in got:
+        np.testing.assert_array_equal(res, [0, 3, 1, 3, 2, 3])
+
+
 def test_rank_that_never_comes_times_out(members: list[Any]) -> None:
     (message,) = _get_all([members[2].join_alone.remote(2.0)])
     seconds, _, text = message.partition("s ")
@@ -220,7 +229,8 @@ def test_rank_that_never_comes_times_out(members: list[Any]) -> None:
 
 
 def test_dead_actor_is_a_peer_error(members: list[Any]) -> None:
-    pair = [Member.remote(), Member.remote()]
+    """Kills the pool's last actor: keep this test last in the module."""
+    pair = members[1:]
     _form(pair, "doomed")
     _get_all([m.allreduce.remote("doomed", 1.0) for m in pair])
     ray.kill(pair[1], no_restart=True)
