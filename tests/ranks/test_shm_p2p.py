@@ -3,7 +3,6 @@ copy paths (mailbox slots and cross-memory single copy), mismatches and a dead p
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import os
 import tempfile
 import time
@@ -12,12 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from test_shm_spmd import FileExchange
 
+import spmd
 from ringlet.errors import CollectiveTimeout, MismatchError, PeerError
 from ringlet.transport import shm_p2p
 from ringlet.transport.base import Tag
 from ringlet.transport.shm_p2p import ShmTransport
-from unit.test_shm_spmd import FileExchange
 
 SIZES = [0, 1, 7, 4096, 100_000, 200_000, 3_000_000]
 
@@ -82,7 +82,7 @@ def _child(fn: Any, rank: int, k: int, directory: str, direct: bool, q: Any) -> 
 
 
 def _run(fn: Any, k: int, direct: bool = True, expect: int | None = None) -> list[Any]:
-    ctx = mp.get_context("spawn")
+    ctx = spmd.context()
     q = ctx.Queue()
     directory = tempfile.mkdtemp(prefix="ringlet-p2p-")
     procs = [ctx.Process(target=_child, args=(fn, r, k, directory, direct, q)) for r in range(k)]

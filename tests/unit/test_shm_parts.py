@@ -8,8 +8,6 @@ import errno
 import itertools
 import json
 import os
-import subprocess
-import sys
 import threading
 import time
 
@@ -22,7 +20,7 @@ from ringlet.transport import shm_staged
 from ringlet.transport.cma import CrossMemory
 from ringlet.transport.shm import ShmGroup, ShmTuning, ShmUnavailable
 from ringlet.transport.shm_segment import LINE, PAGE, SLOT_WORDS, Layout, Segment
-from ringlet.transport.shm_wait import Futex, PeerWatch, process_start_time
+from ringlet.transport.shm_wait import Futex
 
 
 @pytest.mark.parametrize("size", [1, 2, 3, 8, 64])
@@ -144,21 +142,6 @@ def test_futex_times_out_and_is_woken_early() -> None:
         seg.close()
 
 
-def test_process_start_time_tells_live_dead_and_reused_pids() -> None:
-    me = process_start_time(os.getpid())
-    assert me is not None and me == process_start_time(os.getpid())
-    child = subprocess.Popen([sys.executable, "-c", "pass"])
-    start = process_start_time(child.pid)
-    deadline = time.monotonic() + 10
-    while process_start_time(child.pid) is not None and time.monotonic() < deadline:
-        time.sleep(0.01)  # exited but not reaped: a zombie counts as dead
-    assert process_start_time(child.pid) is None
-    child.wait()
-    watch = PeerWatch([(os.getpid(), me), (child.pid, start), (os.getpid(), (me or 0) + 1)])
-    assert watch.dead([0, 1, 2]) == [1, 2]  # rank 2: same pid, other start time = reused pid
-    assert PeerWatch([(child.pid, None)]).dead([0]) == []  # not watchable: left to the deadline
-
-
 def test_cross_memory_reads_and_writes_and_reports_bad_addresses() -> None:
     cma = CrossMemory(0, [os.getpid()])
     src = np.arange(100_000, dtype=np.int64)
@@ -206,3 +189,12 @@ def test_a_rank_that_cannot_attach_makes_every_rank_raise_shm_unavailable() -> N
     with pytest.raises(ShmUnavailable, match="rank 1 cannot attach ringlet-no-such-segment"):
         ShmGroup.open(1, 2, job="x", exchange=exchange, timeout=1.0)
     assert len(seen) == 2 and seen[1]["problem"]  # it still took part in the second round
+
+
+def test_size_one_needs_no_segment() -> None:
+    group = ShmGroup.open(0, 1, job="solo", exchange=lambda b: [b], timeout=1.0)
+    x = np.arange(5.0)
+    group.all_reduce(x, "sum", 1, time.monotonic() + 1)  # type: ignore[arg-type]
+    assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
+    group.close()
+    group.close()

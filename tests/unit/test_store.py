@@ -6,8 +6,6 @@ import errno
 import logging
 import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 import tracemalloc
@@ -163,29 +161,6 @@ def test_a_thread_blocked_in_get_does_not_block_the_same_client(
     store.set("signal", b"go")  # same client object, other thread
     waiter.join(timeout=5.0)
     assert got == [b"go"]
-
-
-def test_client_in_a_subprocess(server: StoreServer, connect: Callable[[], Store]) -> None:
-    script = (
-        "import sys; from ringlet.rendezvous import Store\n"
-        "s = Store('127.0.0.1', int(sys.argv[1]), sys.argv[2].encode(), timeout=10.0)\n"
-        "s.set('from-child', b'hello parent')\n"
-        "s.add('count', 10)\n"
-        "sys.stdout.write(s.get('from-parent').decode())\n"
-    )
-    child = subprocess.Popen(
-        [sys.executable, "-c", script, str(server.port), SECRET.decode()],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    store = connect()
-    assert store.get("from-child", timeout=15.0) == b"hello parent"
-    store.set("from-parent", b"hello child")
-    out, err = child.communicate(timeout=15.0)
-    assert child.returncode == 0, err.decode()
-    assert out == b"hello child"
-    assert store.add("count", 1) == 11
 
 
 def test_wrong_secret_is_rejected_and_others_are_served(

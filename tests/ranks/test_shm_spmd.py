@@ -1,5 +1,6 @@
-"""A small SPMD harness for ShmGroup tests: N spawned processes, a file-based exchange, and a
-report of every rank (result, traceback, "timed out" or "killed by signal") on failure.
+"""A small SPMD harness for ShmGroup tests: N processes (forked by spmd's fork server), a
+file-based exchange, and a report of every rank (result, traceback, "timed out" or "killed by
+signal") on failure.
 
 ``run_group(body, n, *args)`` starts n processes; each opens a ShmGroup (exchange through files in
 a temporary directory), calls ``body(group, *args)`` and sends back its return value or its
@@ -9,12 +10,12 @@ exception. The tests of this module check the harness and the group's set-up its
 from __future__ import annotations
 
 import faulthandler
-import multiprocessing as mp
 import os
 import pickle
 import queue
 import secrets
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -24,10 +25,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
+import spmd
 from ringlet.transport.shm import ShmGroup, ShmTuning
+from ringlet.transport.shm_wait import PeerWatch, process_start_time
 
 
 class FileExchange:
@@ -123,7 +125,7 @@ def run_group(
 
     Unless ``expect_errors``, any rank not ending "ok" fails the test with a report of all ranks.
     """
-    ctx = mp.get_context("spawn")
+    ctx = spmd.context()
     results = ctx.Queue()
     job = job or f"t{secrets.token_hex(4)}"
     with tempfile.TemporaryDirectory(prefix="ringlet-shm-test-") as directory:
@@ -226,13 +228,20 @@ def test_use_cma_false_is_honoured() -> None:
     assert [o.value["cma"] for o in outcomes] == [False, False]
 
 
-def test_size_one_needs_no_segment() -> None:
-    group = ShmGroup.open(0, 1, job="solo", exchange=lambda b: [b], timeout=1.0)
-    x = np.arange(5.0)
-    group.all_reduce(x, "sum", 1, time.monotonic() + 1)  # type: ignore[arg-type]
-    assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
-    group.close()
-    group.close()
+# -- telling a dead peer from a live one (needs a process that exits) -------------------------
+def test_process_start_time_tells_live_dead_and_reused_pids() -> None:
+    me = process_start_time(os.getpid())
+    assert me is not None and me == process_start_time(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    start = process_start_time(child.pid)
+    deadline = time.monotonic() + 10
+    while process_start_time(child.pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.01)  # exited but not reaped: a zombie counts as dead
+    assert process_start_time(child.pid) is None
+    child.wait()
+    watch = PeerWatch([(os.getpid(), me), (child.pid, start), (os.getpid(), (me or 0) + 1)])
+    assert watch.dead([0, 1, 2]) == [1, 2]  # rank 2: same pid, other start time = reused pid
+    assert PeerWatch([(child.pid, None)]).dead([0]) == []  # not watchable: left to the deadline
 
 
 if __name__ == "__main__":  # pragma: no cover
