@@ -79,8 +79,10 @@ def fit(records: list[dict[str, Any]], reduce: float, copy: float) -> tuple[Link
         rounds = model_time(*args, replace(unit, local=Link(1.0, 0.0)))[0]
         nbytes = model_time(*args, replace(unit, local=Link(0.0, 1.0)))[0]
         local = model_time(*args, replace(unit, reduce=reduce, copy=copy))[0]
-        rows.append([1.0, rounds, nbytes])
-        times.append(rec["time_us"] * 1e-6 - local)
+        measured = rec["time_us"] * 1e-6
+        # Relative errors: an 8-byte call counts as much as a 4 MiB one (alpha lives there).
+        rows.append([1.0 / measured, rounds / measured, nbytes / measured])
+        times.append((measured - local) / measured)
     sol, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
     call, alpha, beta = (max(float(x), 0.0) for x in sol)
     return Link(alpha, max(beta, 1e-12)), call
@@ -104,7 +106,7 @@ def calibrate(quick: bool = False) -> dict[str, Any]:
     return {
         "version": 1,
         "source": f"calibrated on {host} at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC",
-        "cpus": os.cpu_count(),
+        "cores": os.cpu_count() or 0,
         "links": links,
         "call_by_link": calls,
         "call": calls["shm"],

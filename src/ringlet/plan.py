@@ -76,6 +76,7 @@ class Params:
     call: float = 30e-6  # fixed cost of a call: dispatch and the progress thread's wake-up
     gap: float = 2e-6  # each message of a round past the first (posting it, completing it)
     source: str = "defaults"
+    cores: int = 0  # CPU cores per host (0: at least one per rank); fewer stretch local work
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,7 +120,7 @@ def params_for(link: str, local: str = "shm", calibration: dict[str, Any] | None
     if call is not None:
         rates["call"] = call
     source = str(cal.get("source", "file")) if cal else "defaults"
-    return Params(links[local], net, source=source, **rates)
+    return Params(links[local], net, source=source, cores=int(cal.get("cores", 0)), **rates)
 
 
 def _gbit(text: str) -> Link:
@@ -163,6 +164,7 @@ class _Rounds:
     busy: list[np.ndarray]
     peers: list[list[tuple[int, ...]]]
     link: int = 0  # elements the busiest link (a host's NIC; on one host a rank's) carries
+    senders: list[list[tuple[int, ...]]] = field(default_factory=list)  # whom each round waits for
 
 
 def _round_costs(
@@ -171,7 +173,9 @@ def _round_costs(
     """Durations of the rounds of ``scheds`` (rank -> schedule, all ranks of their hosts)."""
     load_out: dict[tuple[int, int], int] = {}
     load_in: dict[tuple[int, int], int] = {}
-    per: dict[int, list[tuple[int, int, int, int, int, int, int, tuple[int, ...]]]] = {}
+    per: dict[
+        int, list[tuple[int, int, int, int, int, int, int, tuple[int, ...], tuple[int, ...]]]
+    ] = {}
     for rank, sched in scheds.items():
         me, rows = hosts[rank], []
         for k, rnd in enumerate(sched.rounds):
@@ -197,7 +201,9 @@ def _round_costs(
             if ni:
                 load_in[(me, k)] = load_in.get((me, k), 0) + ni
             many = max(len(rnd.sends), len(rnd.recvs))
-            rows.append((lo, li, no, ni, red, cp, many, tuple(peers)))
+            rows.append(
+                (lo, li, no, ni, red, cp, many, tuple(peers), tuple(v.peer for v in rnd.recvs))
+            )
         per[rank] = rows
     one_host = len(set(hosts)) == 1
     totals: dict[tuple[int, int], int] = {}
@@ -209,40 +215,47 @@ def _round_costs(
         totals[(key, 1)] = totals.get((key, 1), 0) + got
     out = _Rounds([], [], [], max(totals.values(), default=0))
     order = sorted(scheds)
+    per_host = {h: hosts.count(h) for h in {hosts[r] for r in order}}
     for rank in order:
         me = hosts[rank]
+        # More ranks than cores: local copies, folds and loopback transfers share the CPUs.
+        cpu = max(1.0, per_host[me] / p.cores) if p.cores else 1.0
         durs: list[float] = []
         busy: list[bool] = []
         talks: list[tuple[int, ...]] = []
-        for k, (lo, li, no, ni, red, cp, many, pr) in enumerate(per[rank]):
+        waits: list[tuple[int, ...]] = []
+        for k, (lo, li, no, ni, red, cp, many, pr, src) in enumerate(per[rank]):
             t = 0.0
             if lo or li:
-                t = p.local.alpha + p.local.beta * itemsize * max(lo, li)
+                t = cpu * (p.local.alpha + p.local.beta * itemsize * max(lo, li))
             if no or ni:
                 link = max(load_out.get((me, k), 0), load_in.get((me, k), 0))
                 t = max(t, p.net.alpha + p.net.beta * itemsize * link)
             if many > 1:  # every message past the first costs its posting and completion
                 t += p.gap * (many - 1)
-            t += itemsize * (p.reduce * red + p.copy * cp)
+            t += cpu * itemsize * (p.reduce * red + p.copy * cp)
             durs.append(t)
             busy.append(bool(pr))
             talks.append(pr)
+            waits.append(src)
         out.dur.append(np.array(durs))
         out.busy.append(np.array(busy, dtype=bool))
         out.peers.append(talks)
+        out.senders.append(waits)
     return out
 
 
 def _simulate(rounds: _Rounds, size: int) -> tuple[float, int]:
     """(finish time, steps) of all ranks' rounds: a round starts once this rank and every peer
-    of the round finished their previous round."""
+    it receives from in the round finished their previous round (sends are eager: the engine
+    hands them to the transport without waiting for the receiver)."""
     length = max((len(d) for d in rounds.dur), default=0)
     ready, steps = np.zeros(size), np.zeros(size)
     for k in range(length):
         start, sstart = ready.copy(), steps.copy()
         for r in range(size):
             if k < len(rounds.dur[r]):
-                for q in rounds.peers[r][k]:
+                for q in rounds.senders[r][k]:
                     start[r] = max(start[r], ready[q])
                     sstart[r] = max(sstart[r], steps[q])
         for r in range(size):
