@@ -17,6 +17,7 @@ from .comm import WORLD_ID, Communicator
 from .core import World, forced_algorithms
 from .errors import AuthenticationError, RingletError
 from .rendezvous import JobEnv, Store, StoreServer, resolve
+from .rendezvous.arrival import check_world_size, wait_for_peers
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
 from .transport.tcp import Listener
 
@@ -199,14 +200,14 @@ def _join(env: JobEnv, deterministic: bool, forced: dict[str, str]) -> Communica
     peer_key = _peer_key(key, env.job_id)
     listener = Listener(_local_address(env.master_host), peer_key)
     try:
+        check_world_size(store, env)  # a node started with another size fails here, in seconds
         _claim_rank(
             store,
             env,
             f"{listener.address[0]}:{listener.address[1]}|{_host_id()}".encode(),
         )
         addresses, hosts = [], []
-        for r in range(env.world_size):
-            text = store.get(f"w/peer/{r}", timeout=env.timeout).decode()
+        for text in wait_for_peers(store, env):  # names the ranks that never come
             addr, host_id = text.split("|", 1)
             h, p = addr.rsplit(":", 1)
             addresses.append((h, int(p)))
