@@ -258,3 +258,28 @@ def test_ringlet_and_gloo_side_by_side(launcher: str, tmp_path: Path) -> None:
                                str(path)], env=clean_env(), capture_output=True, text=True,
                               timeout=120)  # fmt: skip
     results(proc, 2, "both")
+
+
+# -- Kubernetes: Kubeflow's PyTorchJob / TrainJob ----------------------------------------------
+
+
+def test_kubeflow_pytorchjob_variables(script: Path) -> None:
+    """Each pod of a PyTorchJob gets MASTER_ADDR/MASTER_PORT/WORLD_SIZE/RANK from the operator
+    (and here RINGLET_SECRET from a Kubernetes Secret: pods are separate hosts)."""
+    port = free_port()
+    pods = [
+        subprocess.Popen(
+            [sys.executable, str(script)],
+            env=clean_env(MASTER_ADDR="localhost", MASTER_PORT=str(port), WORLD_SIZE="2",
+                          RANK=str(rank), PYTHONUNBUFFERED="0",
+                          RINGLET_SECRET="from-a-kubernetes-secret-0123456789"),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(2)
+    ]  # fmt: skip
+    outputs = [pod.communicate(timeout=90) for pod in pods]
+    merged = subprocess.CompletedProcess(
+        "pods", max(p.returncode for p in pods), "".join(o for o, _ in outputs),
+        "".join(e for _, e in outputs),
+    )  # fmt: skip
+    results(merged, 2, "torchrun")

@@ -425,3 +425,55 @@ def test_no_secret_on_one_host_makes_one_and_across_hosts_refuses() -> None:
 def test_local_addresses() -> None:
     assert is_local_address("127.0.0.1") and is_local_address("localhost")
     assert not is_local_address("192.0.2.1") and not is_local_address("no-such-host.invalid")
+
+
+# -- engines with nothing exported (issue 14) ---------------------------------------------------
+
+
+def test_srun_step_variables_win_over_the_allocation() -> None:
+    env = resolve(
+        environ={
+            **SLURM,
+            "SLURM_JOB_NODELIST": "c[1-4]",
+            "SLURM_STEP_NODELIST": "c[3-4]",
+            "SLURM_STEP_TASKS_PER_NODE": "3,1",
+            "SLURMD_NODENAME": "c4",
+            "SLURM_NODEID": "3",  # the allocation's index; the step's is 1
+            "SLURM_NTASKS": "4",
+            "SLURM_STEP_ID": "2",
+        }
+    )
+    assert (env.master_host, env.local_size) == ("c3", 1)
+    assert env.master_port == 20000 + (4242 * 16 + 2) % 10000
+    assert env.job_id == "slurm:4242.2"
+
+
+def test_open_mpi_on_one_host_needs_nothing_exported() -> None:
+    from ringlet.rendezvous.env import derived_port
+
+    environ = {
+        "OMPI_COMM_WORLD_RANK": "1",
+        "OMPI_COMM_WORLD_SIZE": "2",
+        "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+        "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+        "PMIX_NAMESPACE": "prterun-vm-4711@1",
+    }
+    env = resolve(environ=environ)
+    assert (env.master_host, env.master_port) == (
+        "127.0.0.1",
+        derived_port("mpi:prterun-vm-4711@1"),
+    )
+    assert 20000 <= env.master_port <= 29999
+    spread = {**environ, "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}
+    with pytest.raises(ValueError, match="the ranks span hosts, 1 of 2 here"):
+        resolve(environ=spread)
+
+
+def test_torch_elastic_restart_is_another_job() -> None:
+    from ringlet.rendezvous.torchelastic import key
+
+    first = {"TORCHELASTIC_RUN_ID": "5f1c", "TORCHELASTIC_RESTART_COUNT": "0"}
+    again = {**first, "TORCHELASTIC_RESTART_COUNT": "2"}
+    assert (job_id(first), job_id(again)) == ("torchrun:5f1c", "torchrun:5f1c@attempt2")
+    assert key(first) != key(again) == "ringlet/5f1c/attempt2/store"
+    assert job_id({"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "1"}) != ""
