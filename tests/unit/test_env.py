@@ -440,6 +440,7 @@ def test_srun_step_variables_win_over_the_allocation() -> None:
             "SLURMD_NODENAME": "c4",
             "SLURM_NODEID": "3",  # the allocation's index; the step's is 1
             "SLURM_NTASKS": "4",
+            "SLURM_LOCALID": "0",
             "SLURM_STEP_ID": "2",
         }
     )
