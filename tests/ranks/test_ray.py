@@ -228,6 +228,31 @@ def test_rank_that_never_comes_times_out(members: list[Any]) -> None:
     assert "1" in text, message  # names what rank 1 never did
 
 
+def _train_loop(config: dict[str, Any]) -> None:
+    """A Ray Train worker: ringlet.ray.init() takes rank and size from Ray Train's context."""
+    import ringlet.ray as rr
+
+    with rr.init() as comm:
+        x = np.full(4, float(comm.rank + 1))
+        comm.all_reduce(x)
+        want = comm.size * (comm.size + 1) / 2
+        if comm.size != config["n"] or not np.array_equal(x, np.full(4, want)):
+            raise AssertionError(f"rank {comm.rank} of {comm.size}: got {x}, want {want}")
+
+
+@pytest.mark.slow
+def test_init_in_ray_train_workers(members: list[Any]) -> None:
+    """Only where ray[train] is installed (.ci/run does not: pandas and pyarrow, ~30 s, 250 MB)."""
+    pytest.importorskip("ray.train", reason="needs ray[train]")
+    from ray.train import ScalingConfig
+    from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
+
+    trainer = DataParallelTrainer(
+        _train_loop, train_loop_config={"n": 2}, scaling_config=ScalingConfig(num_workers=2)
+    )
+    trainer.fit()  # raises TrainingFailedError with the worker's traceback if a check failed
+
+
 def test_dead_actor_is_a_peer_error(members: list[Any]) -> None:
     """Kills the pool's last actor: keep this test last in the module."""
     pair = members[1:]
