@@ -17,13 +17,15 @@ from __future__ import annotations
 import contextlib
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 import ringlet
 from ringlet.transport.shm_tuning import usable_cores
@@ -32,7 +34,7 @@ from .groups import communicator_for
 from .hooks import CommHook, allreduce_hook
 from .trace import BucketTiming, StepTrace
 
-__all__ = ["BucketTiming", "DistributedDataParallel", "StepTrace"]
+__all__ = ["BucketTiming", "DistributedDataParallel", "GradBucket", "StepTrace"]
 
 MB = 1024 * 1024
 _EMPTY = torch.empty(0)
@@ -139,21 +141,36 @@ def _should_overlap(comm: ringlet.Communicator) -> bool:
     return comm.transport != "shm" or busy < usable_cores()
 
 
-class DistributedDataParallel(nn.Module):
+class DistributedDataParallel(nn.Module, Joinable):
     """Data parallelism over a ringlet communicator: gradients averaged in buckets, in place.
+
+    Takes torch DDP's arguments, in torch's order, where they mean something on a CPU; the
+    ringlet-only ones are keyword-only.
 
     Args:
         module: the model; every rank must build the same one (rank 0's parameters win).
-        bucket_cap_mb: gradients are averaged in buckets of about this many MiB.
+        device_ids, output_device: for CUDA modules in torch; None (or "cpu") here.
+        dim: accepted for torch's signature (it only matters with ``device_ids``).
+        broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) to all before each
+            forward (None: True).
+        init_sync: broadcast rank 0's parameters and buffers at construction.
+        process_group: a torch group of backend "ringlet" (default: the default group); it is
+            also the state torch's built-in comm hooks get when ``register_comm_hook`` is given
+            None, and the group ``join()`` counts ranks on.
+        bucket_cap_mb: gradients are averaged in buckets of about this many MiB (None: 25).
         find_unused_parameters: allow parameters that get no gradient in a step (they count as
             zero; parameters no rank used keep their ``grad``). Without it such a parameter is a
             RuntimeError after the step's averaging.
+        check_reduction: deprecated in torch, ignored.
         gradient_as_bucket_view: make ``param.grad`` a view into its bucket, saving a copy each way.
-        comm_hook: ``hook(comm, bucket) -> Future[Tensor]`` that averages a bucket (see
-            :mod:`ringlet.torch.hooks`); default :func:`allreduce_hook`.
-        comm: the ringlet communicator; default: the one behind torch.distributed's default group
-            (backend "ringlet").
-        broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) to all before each forward.
+        static_graph: the same parameters are used in every step: the first step finds the unused
+            ones (as ``find_unused_parameters``) and later steps reuse that set without a search
+            or an extra all_reduce.
+        device_mesh: a 1-D DeviceMesh whose group is used as ``process_group``.
+        comm_hook: ringlet's ``hook(comm, bucket) -> Future[Tensor]`` that averages a bucket (see
+            :mod:`ringlet.torch.hooks`); default :func:`allreduce_hook`. For torch's hook
+            signature use :meth:`register_comm_hook`.
+        comm: a ringlet communicator instead of a torch group.
         first_bucket_cap_mb: a smaller first bucket, so communication starts early in backward.
         direct_mb: a gradient of at least this many MiB is averaged in place in ``param.grad``,
             as a bucket of its own, instead of being copied into a bucket and back.
@@ -163,40 +180,93 @@ class DistributedDataParallel(nn.Module):
             overlapping only slows backward down (2 ranks on 2 cores: ~20 ms per step slower,
             benchmarks/ddp_step.py). The default (None) overlaps unless the communicator is
             shared-memory and its ranks on this host times torch's threads fill the cores.
+
+    torch's ``delay_all_reduce_named_params``, ``param_to_hook_all_reduce``, ``mixed_precision``,
+    ``skip_all_reduce_unused_params`` and ``bucket_cap_mb_list`` raise ValueError: use
+    ``comm_hook=bf16_compress_hook`` (or ``register_comm_hook``) for reduced-precision gradients.
     """
 
     def __init__(
         self,
         module: nn.Module,
-        bucket_cap_mb: float = 25.0,
+        device_ids: Any = None,
+        output_device: Any = None,
+        dim: int = 0,
+        broadcast_buffers: bool | None = True,
+        init_sync: bool = True,
+        process_group: Any = None,
+        bucket_cap_mb: float | None = 25.0,
         find_unused_parameters: bool = False,
+        check_reduction: bool = False,
         gradient_as_bucket_view: bool = False,
+        static_graph: bool = False,
+        delay_all_reduce_named_params: Any = None,
+        param_to_hook_all_reduce: Any = None,
+        mixed_precision: Any = None,
+        device_mesh: Any = None,
+        skip_all_reduce_unused_params: bool = False,
+        bucket_cap_mb_list: Any = None,
+        batched_grad_copy: bool = False,
+        forward_sync_buffers: bool | None = None,
+        *,
         comm_hook: CommHook | None = None,
         comm: ringlet.Communicator | None = None,
-        broadcast_buffers: bool = True,
         first_bucket_cap_mb: float = 1.0,
         direct_mb: float = 1.0,
         overlap: bool | None = None,
     ) -> None:
         super().__init__()
+        Joinable.__init__(self)
+        _refuse_cuda("device_ids", device_ids)
+        _refuse_cuda("output_device", output_device)
+        for name, value in (
+            ("delay_all_reduce_named_params", delay_all_reduce_named_params),
+            ("param_to_hook_all_reduce", param_to_hook_all_reduce),
+            ("mixed_precision", mixed_precision),
+            ("bucket_cap_mb_list", bucket_cap_mb_list),
+            ("skip_all_reduce_unused_params", skip_all_reduce_unused_params or None),
+        ):
+            if value is not None:
+                raise ValueError(
+                    f"ringlet's DistributedDataParallel does not support {name}=; for "
+                    "reduced-precision gradients pass comm_hook=bf16_compress_hook or "
+                    "register torch's fp16/bf16 compress hooks with register_comm_hook"
+                )
+        if device_mesh is not None:
+            if process_group is not None or device_mesh.ndim != 1:
+                raise ValueError(
+                    "device_mesh= must be a 1-D DeviceMesh, and not given with process_group="
+                )
+            process_group = device_mesh.get_group()
+        if process_group is not None and comm is not None:
+            raise ValueError("pass process_group= (a torch group) or comm= (ringlet), not both")
+        bucket_cap_mb = 25.0 if bucket_cap_mb is None else bucket_cap_mb
         if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0 or direct_mb <= 0:
             raise ValueError(
                 f"bucket_cap_mb, first_bucket_cap_mb and direct_mb must be > 0, got "
                 f"{bucket_cap_mb}, {first_bucket_cap_mb} and {direct_mb}"
             )
         self.module = module
-        self.comm = comm if comm is not None else communicator_for(None)
+        self.process_group = process_group
+        self.comm = comm if comm is not None else communicator_for(process_group)
         self.comm_hook: CommHook = comm_hook or allreduce_hook
-        self.find_unused_parameters = find_unused_parameters
+        self._torch_hook: tuple[Any, Callable[..., Any]] | None = None
+        self.find_unused_parameters = find_unused_parameters or static_graph
+        self.static_graph = static_graph
+        self._static_used: Any = None  # static_graph: which parameters the ranks used, once known
         self.gradient_as_bucket_view = gradient_as_bucket_view
-        self.broadcast_buffers = broadcast_buffers
+        self.broadcast_buffers = True if broadcast_buffers is None else broadcast_buffers
         self.overlap = _should_overlap(self.comm) if overlap is None else overlap
         self.require_sync = True
         self.last_trace: StepTrace | None = None
+        self._grad_scale = 1.0  # join(divide_by_initial_world_size=False): size / ranks active
+        self._divide_by_initial_world_size = True
+        self._join_work: Any = None
         unique = {id(p): p for p in module.parameters() if p.requires_grad}
         self._params = list(unique.values())
         self._names = {id(p): name for name, p in module.named_parameters()}
-        self._sync_module_states()
+        if init_sync:
+            self._sync_module_states()
         self._buckets = _make_buckets(
             self._params,
             int(bucket_cap_mb * MB),
@@ -228,6 +298,65 @@ class DistributedDataParallel(nn.Module):
                         b.slot(i).copy_(p.grad)
                     p.grad = b.slot(i)
 
+    # -- torch's comm hooks and join -----------------------------------------------------------
+    def register_comm_hook(self, state: Any, hook: Callable[..., Any]) -> None:
+        """torch's ``hook(state, bucket) -> Future[Tensor]``, e.g. torch's ``allreduce_hook``,
+        ``fp16_compress_hook``, ``bf16_compress_hook`` or ``powerSGD_hook`` with its state.
+
+        ``bucket`` answers what torch's GradBucket does (``buffer()``, ``index()``,
+        ``is_last()``, ``gradients()``, ``parameters()``, ``set_buffer()``); the future's value
+        is the averaged bucket. Register once, before the first backward.
+        """
+        if self._torch_hook is not None:
+            raise RuntimeError("register_comm_hook: a comm hook is already registered")
+        if self.last_trace is not None or self._step is not None:
+            raise RuntimeError("register_comm_hook must be called before the first backward")
+        if not callable(hook):
+            raise TypeError(f"register_comm_hook: hook must be callable, not {type(hook).__name__}")
+        self._torch_hook = (state, hook)
+
+    def join(
+        self,
+        divide_by_initial_world_size: bool = True,
+        enable: bool = True,
+        throw_on_early_termination: bool = False,
+    ) -> Join:
+        """torch's context manager for uneven inputs: ranks that ran out of batches shadow the
+        others' steps (their gradients count as zeros) until every rank is done.
+
+        With ``divide_by_initial_world_size=False`` a step's gradients are averaged over the
+        ranks still training instead of over all of them.
+        """
+        return Join(
+            [self],
+            enable,
+            throw_on_early_termination,
+            divide_by_initial_world_size=divide_by_initial_world_size,
+        )
+
+    def join_hook(self, **kwargs: Any) -> JoinHook:
+        return _DDPJoinHook(self, bool(kwargs.get("divide_by_initial_world_size", True)))
+
+    @property
+    def join_device(self) -> torch.device:
+        return torch.device("cpu")
+
+    @property
+    def join_process_group(self) -> Any:
+        if self.process_group is not None:
+            return self.process_group
+        world = dist.group.WORLD if dist.is_initialized() else None
+        if world is None or communicator_for(None) is not self.comm:
+            raise ValueError(
+                "join() needs the torch group this model averages over: build "
+                "DistributedDataParallel with process_group= (not comm=)"
+            )
+        return world
+
+    def _set_static_graph(self) -> None:
+        self.static_graph = True
+        self.find_unused_parameters = True
+
     # -- setup ---------------------------------------------------------------------------------
     def _broadcast_coalesced(self, tensors: list[torch.Tensor]) -> None:
         """Copy rank 0's ``tensors`` to every rank: one broadcast per dtype, of their concatenation."""
@@ -258,12 +387,17 @@ class DistributedDataParallel(nn.Module):
                 )
             self._reset_step()
         syncing = torch.is_grad_enabled() and self.require_sync
+        if syncing and self._join_config.enable:
+            # inside join(): counts this rank as not yet joined (an all_reduce the joined shadow)
+            self._join_work = Join.notify_join_context(self)
         buffers = list(self.module.buffers())
         if syncing and self.broadcast_buffers and buffers and self.comm.size > 1:
             self._broadcast_coalesced(buffers)
         out = self.module(*args, **kwargs)
         self._unused = set()
-        if syncing and self.find_unused_parameters:
+        if syncing and self._static_used is not None:  # static_graph, after its first step
+            self._unused = {id(p) for k, p in enumerate(self._params) if not self._static_used[k]}
+        elif syncing and self.find_unused_parameters:
             reachable = _reachable_params(out)
             self._unused = {id(p) for p in self._params if id(p) not in reachable}
         return out
@@ -328,11 +462,20 @@ class DistributedDataParallel(nn.Module):
         )
         self._step.buckets.append(timing)
         bucket.timing = timing
-        bucket.future = self.comm_hook(self.comm, bucket.buffer)
+        bucket.future = self._average(bucket)
         start = self._step.start
         bucket.future.add_done_callback(
             lambda _: setattr(timing, "finished", time.perf_counter() - start)
         )
+
+    def _average(self, bucket: _Bucket) -> torch.futures.Future[torch.Tensor]:
+        """Start averaging ``bucket`` with torch's registered hook, else ringlet's ``comm_hook``."""
+        if self._torch_hook is not None:
+            state, hook = self._torch_hook
+            last = bucket.index == len(self._buckets) - 1
+            future: torch.futures.Future[torch.Tensor] = hook(state, GradBucket(bucket, last))
+            return future
+        return self.comm_hook(self.comm, bucket.buffer)
 
     # -- end of backward -----------------------------------------------------------------------
     def _finish_step(self) -> None:
@@ -347,7 +490,7 @@ class DistributedDataParallel(nn.Module):
             self._launch_ready()  # without overlap, every bucket starts here
             unused = self._unused | {id(p) for p in missing}
             used_flags = None
-            if self.find_unused_parameters:
+            if self.find_unused_parameters and self._static_used is None:
                 local = [0 if id(p) in unused else 1 for p in self._params]
                 used_flags = self.comm.all_reduce(np.array(local, np.uint8), "max", async_op=True)
             for bucket in self._buckets:
@@ -356,12 +499,18 @@ class DistributedDataParallel(nn.Module):
                 if averaged is not bucket.buffer:
                     bucket.buffer.copy_(averaged)
             step.synced = time.perf_counter() - step.start
-            globally_used = used_flags.wait() if used_flags is not None else None
+            globally_used = used_flags.wait() if used_flags is not None else self._static_used
+            if self.static_graph and self._static_used is None:
+                self._static_used = globally_used
+            if self._join_work is not None and self._grad_scale_active():
+                for bucket in self._buckets:
+                    bucket.buffer.mul_(self._grad_scale)
             for k, p in enumerate(self._params):
                 if globally_used is None or globally_used[k]:
                     self._write_grad(p)
             self.last_trace = step
         finally:
+            self._join_work = None
             self._reset_step()  # a failed step leaves no half state; the communicator reports it
         if missing and not self.find_unused_parameters:
             names = ", ".join(self._names.get(id(p), "?") for p in missing[:8])
@@ -369,6 +518,47 @@ class DistributedDataParallel(nn.Module):
                 f"DistributedDataParallel on rank {self.comm.rank}: parameters got no gradient in "
                 f"this backward ({names}); pass find_unused_parameters=True if that is intended"
             )
+
+    def _grad_scale_active(self) -> bool:
+        """join(divide_by_initial_world_size=False): rescale a step's averages to the ranks active."""
+        if self._divide_by_initial_world_size:
+            return False
+        self._join_work.wait()
+        active = float(self._join_work.get_future().value()[0].item())
+        self._grad_scale = self.comm.size / active if active > 0 else 1.0
+        return True
+
+    def _shadow_step(self) -> None:
+        """A joined rank's share of one step of the others: the same calls, with zero gradients."""
+        buffers = list(self.module.buffers())
+        if self.broadcast_buffers and buffers and self.comm.size > 1:
+            self._broadcast_coalesced(buffers)
+        for bucket in self._buckets:
+            if bucket.direct:
+                bucket.take(None)
+            else:
+                bucket.buffer.zero_()
+            self._average(bucket).wait()
+        if self.find_unused_parameters and self._static_used is None:
+            self.comm.all_reduce(np.zeros(len(self._params), np.uint8), "max")
+        self._reset_step()
+
+    def _sync_final_model(self, is_last_joiner: bool) -> None:
+        """After join(): every rank takes the parameters and buffers of a rank that joined last."""
+        mine = np.array([self.comm.rank if is_last_joiner else -1], np.int64)
+        source = int(self.comm.all_reduce(mine, "max")[0])
+        tensors = [*self.module.parameters(), *self.module.buffers()]
+        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_dtype.setdefault(t.dtype, []).append(t)
+        for group in by_dtype.values():
+            flat = torch.cat([t.detach().reshape(-1) for t in group])
+            self.comm.broadcast(flat, source)
+            with torch.no_grad():
+                for t, part in zip(
+                    group, torch.split(flat, [t.numel() for t in group]), strict=True
+                ):
+                    t.copy_(part.view_as(t))
 
     def _write_grad(self, p: nn.Parameter) -> None:
         bucket, i = self._where[id(p)]
@@ -390,3 +580,56 @@ class DistributedDataParallel(nn.Module):
             b.timing = None
             if b.direct:  # let go of last step's gradient
                 b.buffer = _EMPTY
+
+
+def _refuse_cuda(name: str, value: Any) -> None:
+    """device_ids / output_device: torch's, for CUDA modules; a CPU module takes None."""
+    if value is None or value == [] or str(value) == "cpu" or value == [torch.device("cpu")]:
+        return
+    raise ValueError(
+        f"ringlet's DistributedDataParallel runs CPU modules: {name}={value!r} is for CUDA "
+        f"modules in torch; pass {name}=None"
+    )
+
+
+class GradBucket:
+    """What torch's comm hooks read of a bucket (torch's ``dist.GradBucket``, over a ringlet bucket)."""
+
+    def __init__(self, bucket: _Bucket, last: bool) -> None:
+        self._bucket = bucket
+        self._last = last
+
+    def index(self) -> int:
+        return self._bucket.index
+
+    def buffer(self) -> torch.Tensor:
+        """The flat gradients of the bucket; a hook may average it in place."""
+        return self._bucket.buffer
+
+    def gradients(self) -> list[torch.Tensor]:
+        """Each parameter's gradient: views into ``buffer()``."""
+        return [self._bucket.slot(i) for i in range(len(self._bucket.params))]
+
+    def parameters(self) -> list[torch.Tensor]:
+        return list(self._bucket.params)
+
+    def is_last(self) -> bool:
+        """True for the bucket averaged last in a step (PowerSGD counts steps by it)."""
+        return self._last
+
+    def set_buffer(self, tensor: torch.Tensor) -> None:
+        self._bucket.buffer.copy_(tensor.reshape(-1))
+
+
+class _DDPJoinHook(JoinHook):
+    """join(): a joined rank shadows every step of the others, then all take the last joiner's model."""
+
+    def __init__(self, ddp: DistributedDataParallel, divide_by_initial_world_size: bool) -> None:
+        self.ddp = ddp
+        ddp._divide_by_initial_world_size = divide_by_initial_world_size
+
+    def main_hook(self) -> None:
+        self.ddp._shadow_step()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.ddp._sync_final_model(is_last_joiner)
