@@ -172,7 +172,7 @@ def _exchange(port: int, data: bytes, *, authenticated: bool) -> bytes:
             sock.sendall(data)
             sock.shutdown(socket.SHUT_WR)
         answer = bytearray()
-        sock.settimeout(3.0)
+        sock.settimeout(10.0)  # a WAIT notices our end within a second; slack for a busy machine
         with contextlib.suppress(ConnectionResetError):
             while chunk := sock.recv(1 << 16):
                 answer += chunk
