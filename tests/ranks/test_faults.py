@@ -196,6 +196,7 @@ def test_sigkill_between_small_collectives(transport: str, tmp_path: Path) -> No
 
 
 @pytest.mark.slow
+@pytest.mark.drill
 @pytest.mark.timeout(3600)
 @pytest.mark.parametrize("transport", ["tcp", "auto"])
 def test_repeated_random_sigkills_on_8_ranks(transport: str, tmp_path: Path) -> None:
