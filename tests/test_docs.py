@@ -385,9 +385,8 @@ SEARCH = """new Promise((resolve, reject) => {
         meta: document.querySelector(".md-search-result__meta").textContent,
         hrefs: items.map(i => (i.querySelector("a") || {}).href),
       });
-    } else if (Date.now() - started > 15000) {
-      reject(new Error("no search result after 15 s: " +
-        document.querySelector(".md-search-result__meta").textContent));
+    } else if (Date.now() - started > 10000) {
+      resolve(null);
     } else {
       setTimeout(poll, 50);
     }
@@ -411,9 +410,14 @@ def test_search_finds_pages_in_chromium(
     """The site's own search (its JS, its worker, its index), typed into as a user does, lists the
     page that explains the query."""
     events = browser.open(served)
-    browser.evaluate('document.querySelector("input.md-search__input").focus()')
-    browser.call("Input.insertText", session=browser.session, text=query)
-    found = browser.evaluate(SEARCH)
+    found = None
+    for _ in range(3):  # typed again if the search worker was not ready yet on a busy machine
+        browser.evaluate('(e => { e.focus(); e.value = ""; })'
+                         '(document.querySelector("input.md-search__input"))')  # fmt: skip
+        browser.call("Input.insertText", session=browser.session, text=query)
+        if found := browser.evaluate(SEARCH):
+            break
+    assert found, f"the search for {query!r} listed nothing in 30 s"
     assert not _problems(events + browser.events), _problems(events + browser.events)
     assert "matching document" in found["meta"], found
     assert any(urlsplit(h).path == "/" + page for h in found["hrefs"]), (query, found)
