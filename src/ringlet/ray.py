@@ -74,7 +74,8 @@ def _master_of_this_node() -> str:
 
 
 def _kv_key(name: str) -> str:
-    return f"group/{name}"
+    """The group's key, scoped like Ray's named actors: two jobs may both use "default"."""
+    return f"{ray.get_runtime_context().namespace}/{name}"
 
 
 def init(

@@ -250,7 +250,7 @@ def test_init_in_ray_train_workers(members: list[Any]) -> None:
     trainer = DataParallelTrainer(
         _train_loop, train_loop_config={"n": 2}, scaling_config=ScalingConfig(num_workers=2)
     )
-    trainer.fit()  # raises TrainingFailedError with the worker's traceback if a check failed
+    trainer.fit()  # raises (WorkerGroupError) with each worker's traceback if a check failed
 
 
 def test_dead_actor_is_a_peer_error(members: list[Any]) -> None:
