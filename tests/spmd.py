@@ -25,6 +25,7 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -193,3 +194,17 @@ def run(
             report.append(f"===== rank {r}: {text}")
         raise AssertionError(f"{fn.__name__} failed on {n} ranks:\n" + "\n".join(report))
     return [outcome[r][1] for r in range(n)]
+
+
+def concurrently(jobs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
+    """Run independent jobs (each a call of ``run``) at the same time and return their results by
+    name: for jobs that mostly wait (timeouts, sleeps, a failure to detect), so their waits
+    overlap. If any job fails, one AssertionError names every failed job with its report."""
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        futures = {name: pool.submit(job) for name, job in jobs.items()}
+    failed = [(name, f.exception()) for name, f in futures.items() if f.exception() is not None]
+    if failed:
+        raise AssertionError(
+            "\n".join(f"===== job {name}: {type(exc).__name__}: {exc}" for name, exc in failed)
+        )
+    return {name: f.result() for name, f in futures.items()}

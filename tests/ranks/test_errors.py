@@ -6,6 +6,7 @@ communicator runs on a ``dup()`` of the world communicator, so one job can run s
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
@@ -273,32 +274,48 @@ def timeouts(comm) -> dict[str, Any]:  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("transport", ["tcp", "auto"])
-def test_timeouts_name_the_missing_rank(transport: str) -> None:
-    env = {**_env(transport), "RINGLET_TIMEOUT": str(TIMEOUT)}
-    results = spmd.run(timeouts, 3, env=env, timeout=50)
+def test_timeouts_name_the_missing_rank() -> None:
+    """Over TCP and over shared memory; the two jobs run at once, as they mostly wait."""
+    jobs = {
+        transport: functools.partial(
+            spmd.run,
+            timeouts,
+            3,
+            env={**_env(transport), "RINGLET_TIMEOUT": str(TIMEOUT)},
+            timeout=50,
+        )
+        for transport in ("tcp", "auto")
+    }
+    for transport, results in spmd.concurrently(jobs).items():
+        _check_timeouts(transport, results)
+
+
+def _check_timeouts(transport: str, results: list[dict[str, Any]]) -> None:
     for rank in (0, 2):
         out = results[rank]
         wrong, message, took, missing = out["never"]
-        assert wrong == "" and out["never is TimeoutError"], out["never"]
+        assert wrong == "" and out["never is TimeoutError"], (transport, out["never"])
         assert missing == (1,) and "rank 1 has not arrived at call #" in message, message
         assert "all_reduce(float64 (4,), op=sum)" in message and f"on rank {rank}" in message
-        assert TIMEOUT <= took < 2 * TIMEOUT, took
-        assert out["later"][0] == "" and out["later"][1] < 0.1, out["later"]
+        assert TIMEOUT <= took < 2 * TIMEOUT, (transport, took)
+        assert out["later"][0] == "" and out["later"][1] < 0.1, (transport, out["later"])
         cls, message, took = out["late"]
         assert cls == "CollectiveTimeout" and "rank 1 has not arrived" in message, message
-        assert out["short"][0] == "" and 0.4 <= out["short"][1] < 0.4 + 1.5, out["short"]
-    assert all(out["long"] == 3 for out in results)
+        assert out["short"][0] == "" and 0.4 <= out["short"][1] < 0.4 + 1.5, (
+            transport,
+            out["short"],
+        )
+    assert all(out["long"] == 3 for out in results), transport
     cls, message, took = results[1]["late"]
     if transport == "auto" and cls == "no error":
         pytest.xfail(
             "shm: a rank arriving after the others timed out completes the call "
             "(the arrival wait's fast path does not look at the abort flag)"
         )
-    assert cls == "CollectiveTimeout", message
+    assert cls == "CollectiveTimeout", (transport, message)
     assert "this rank arrived at call #" in message and "had given up" in message, message
-    assert took < 0.5, f"the late rank took {took:.2f} s to learn it was too late"
-    assert results[1]["short"][0] == "", results[1]["short"]
+    assert took < 0.5, f"{transport}: the late rank took {took:.2f} s to learn it was too late"
+    assert results[1]["short"][0] == "", (transport, results[1]["short"])
 
 
 # -- 6. hostile connections to a rank's listener -----------------------------------------------
