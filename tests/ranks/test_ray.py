@@ -27,6 +27,7 @@ pytestmark = pytest.mark.ray
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 CALL_TIMEOUT = 60.0
+STARTUP_TIMEOUT = 240.0
 OPS = {"sum": np.add, "max": np.maximum, "min": np.minimum, "prod": np.multiply}
 
 
@@ -85,6 +86,9 @@ class Member:
         )
         col.barrier(group)
         return {k: _plain(v) for k, v in out.items()}
+
+    def ready(self) -> bool:
+        return True
 
     def allreduce(self, group: str, value: float) -> np.ndarray:
         x = np.full(4, value)
@@ -160,6 +164,9 @@ def members() -> Iterator[list[Any]]:
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
     try:
         pool = [Member.remote() for _ in range(3)]
+        # starting a worker imports torch (ray.util.collective does): slow on a busy machine, and
+        # not what the per-call timeouts of the tests are about
+        _get_all([m.ready.remote() for m in pool], timeout=STARTUP_TIMEOUT)
         yield pool
     finally:
         ray.shutdown()
