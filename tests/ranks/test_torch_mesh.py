@@ -20,7 +20,10 @@ torch = pytest.importorskip(
 )
 import spmd  # noqa: E402
 
-TRANSPORT = {"RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp")}
+TRANSPORT = {
+    "RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp"),
+    "RINGLET_TORCH_ANYSOURCE": "1",  # sends announce themselves: recv from any source works
+}
 STEPS, BATCH, TOL = 4, 12, 1e-5
 
 
@@ -242,6 +245,37 @@ def _surface(bad: list[str], n: int, me: int) -> None:
         )
 
 
+def _any_source(bad: list[str], n: int, me: int) -> None:
+    """recv / irecv without src (RINGLET_TORCH_ANYSOURCE=1) return the rank the message came from."""
+    import torch.distributed as dist
+
+    if me != 0:
+        dist.send(torch.full((2,), float(me)), dst=0, tag=5)
+        if me == 1:
+            dist.send(torch.full((2,), 10.0), dst=0, tag=6)
+            dist.send(torch.full((2,), 11.0), dst=0, tag=6)
+        return
+    seen = set()
+    for k in range(n - 1):
+        t = torch.empty(2)
+        if k % 2:
+            work = dist.irecv(t, tag=5)
+            work.wait()
+            src = work._source_rank()
+        else:
+            src = dist.recv(t, tag=5)
+        seen.add(src)
+        _check(bad, f"recv from any source ({src})", t, torch.full((2,), float(src)))
+    if seen != set(range(1, n)):
+        bad.append(f"recv from any source: sources {sorted(seen)}")
+    t = torch.empty(2)
+    dist.recv(t, src=1, tag=6)  # takes the first; the any-source recv skips its announcement
+    _check(bad, "recv src=1 before any source", t, torch.full((2,), 10.0))
+    if dist.recv(t, tag=6) != 1:
+        bad.append("recv from any source after recv src=: wrong source")
+    _check(bad, "recv from any source after recv src=", t, torch.full((2,), 11.0))
+
+
 def _failures(bad: list[str], n: int, me: int) -> None:
     """Last, since they leave ranks out: monitored_barrier names who is missing; per-call
     timeouts end a call that not every rank makes."""
@@ -313,12 +347,12 @@ def _train(model: Any, shard: int, shards: int) -> Any:
     return model
 
 
-def _fsdp(bad: list[str], n: int, me: int, mesh: Any, name: str) -> None:
+def _fsdp(bad: list[str], n: int, me: int, mesh: Any, name: str, mixed: bool = False) -> None:
     """fully_shard on ``mesh`` trains like one process on the global batch."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     want = _train(Net(), 0, 1)
-    for policy in (None, MixedPrecisionPolicy(reduce_dtype=torch.float64)):
+    for policy in (None, MixedPrecisionPolicy(reduce_dtype=torch.float64))[: 1 + mixed]:
         model = Net()
         kw = {"mesh": mesh} | ({"mp_policy": policy} if policy else {})
         for layer in (model.a, model.b, model.c):
@@ -350,8 +384,9 @@ def torch_cases(comm: Any, port: int) -> list[str]:
         _works(bad, n, me)
         _names(bad, n, me)
         _surface(bad, n, me)
+        _any_source(bad, n, me)
         _mesh(bad, n, me)
-        _fsdp(bad, n, me, init_device_mesh("cpu", (n,)), "FSDP2")
+        _fsdp(bad, n, me, init_device_mesh("cpu", (n,)), "FSDP2", mixed=True)
         if n % 2 == 0:
             hsdp = init_device_mesh("cpu", (2, n // 2), mesh_dim_names=("replicate", "shard"))
             _fsdp(bad, n, me, hsdp, "HSDP")

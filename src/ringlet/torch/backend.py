@@ -11,11 +11,15 @@ Work completes. Where ringlet has no direct equivalent:
 - reduce_scatter of a list whose tensors differ in size: all_reduce of the concatenation, then
   each rank keeps its slice.
 - PREMUL_SUM(f): ``sum`` of the inputs scaled by ``f`` (floating dtypes).
-- recv from any source: not supported (RuntimeError).
+- recv from any source: with RINGLET_TORCH_ANYSOURCE=1 on every rank, each send also announces
+  itself in the group's torch store and the receive follows the announcements (see
+  ``recv_anysource``); without it, a RuntimeError.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
@@ -37,7 +41,7 @@ from .tensors import (
     split_rows,
     tensor_of,
 )
-from .works import RingletWork, completed, premultiply, reduce_op
+from .works import RingletWork, completed, premultiply, reduce_op, torch_error
 
 __all__ = ["RingletProcessGroup", "create_process_group", "monitored_barrier"]
 
@@ -45,6 +49,21 @@ __all__ = ["RingletProcessGroup", "create_process_group", "monitored_barrier"]
 #: torch's ProcessGroup, untyped here: its stubs list the Python convenience overloads, while a
 #: Python subclass overrides the C++ virtual methods (tensor lists + options) that torch calls.
 _ProcessGroup: Any = dist.ProcessGroup
+
+
+#: Where sends announce themselves for receives from any source (RINGLET_TORCH_ANYSOURCE=1).
+_ANYSOURCE = "ringlet/anysource"
+
+
+class _AnySourceWork(RingletWork):
+    """The Work of a receive from any source: ``_source_rank()`` is the rank it came from."""
+
+    source = -1
+
+    def _source_rank(self) -> int:
+        return self.source
+
+    source_rank = _source_rank
 
 
 class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
@@ -59,6 +78,11 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self._timeout: float | None = None  # set_timeout(): every call's default deadline
         self._coalescing: list[RingletWork] | None = None  # works issued since _start_coalescing
         self._barriers = 0  # monitored_barrier calls so far (alike on every rank)
+        self._anysource = store is not None and os.environ.get("RINGLET_TORCH_ANYSOURCE") == "1"
+        self._anysource_lock = threading.Lock()
+        self._anysource_recv = threading.Lock()
+        self._credits: dict[tuple[int, int], int] = {}  # (src, tag): recvs with src not yet skipped
+        self._cursors: dict[int, int] = {}  # tag: announcements read
         self._sequence = 0
 
     # -- naming and lifecycle -----------------------------------------------------------------
@@ -174,8 +198,12 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         deadline = time.monotonic() + limit.total_seconds()
         missing: list[int] = []
         for r in range(1, self.comm.size):
-            left = max(0.001, deadline - time.monotonic()) if not missing else 0.001
+            if self.store.check([f"{key}/{r}"]):
+                continue
+            left = deadline - time.monotonic()
             try:
+                if left <= 0:  # past the deadline: only ranks already there pass
+                    raise TimeoutError
                 self.store.wait([f"{key}/{r}"], timedelta(seconds=left))
             except Exception:
                 missing.append(r)
@@ -463,17 +491,59 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "send")
         work = self.comm.send(t, dst, tag, async_op=True, timeout=self._timeout)
+        if self._anysource:  # tell dst, through the store, that a message from us is on its way
+            key = f"{_ANYSOURCE}/{dst}/{tag}"
+            self.store.set(f"{key}/{self.store.add(key, 1)}", str(self.comm.rank))
         return self._done([work], lambda _: [t], "send")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "recv")
         work = self.comm.recv(t, src, tag, async_op=True, timeout=self._timeout)
+        if self._anysource:  # its announcement, when read, is skipped
+            with self._anysource_lock:
+                self._credits[(src, tag)] = self._credits.get((src, tag), 0) + 1
         return self._done([work], lambda _: [t], "recv")
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> RingletWork:
-        # ringlet's recv reads one source's connection in order; matching the first message from
-        # any of them needs a probe across connections, which ringlet's point-to-point layer lacks.
-        raise RuntimeError("recv: backend 'ringlet' cannot receive from any source; pass src=")
+        """The next message with ``tag`` from whichever rank announced one first.
+
+        ringlet's recv reads one source's connection, in order, and has no probe across
+        connections; so with RINGLET_TORCH_ANYSOURCE=1 on every rank each send also announces
+        itself in the group's torch store (one counter increment and one key: a store round
+        trip per send), and this reads the announcements in order, skipping those of messages a
+        recv with ``src`` took, then receives from that source.
+        """
+        t = one(tensors, "recv")
+        if not self._anysource:
+            raise RuntimeError(
+                "recv: backend 'ringlet' receives from any source only with "
+                "RINGLET_TORCH_ANYSOURCE=1 set on every rank (each send then announces itself "
+                "in the torch store); pass src= otherwise"
+            )
+        future: torch.futures.Future[Any] = torch.futures.Future()
+        work = _AnySourceWork(future, f"recv from any source on rank {self.comm.rank}")
+
+        def run() -> None:
+            try:
+                with self._anysource_recv:  # one any-source receive at a time, in call order
+                    key = f"{_ANYSOURCE}/{self.comm.rank}/{tag}"
+                    while True:
+                        self._cursors[tag] = self._cursors.get(tag, 0) + 1
+                        src = int(self.store.get(f"{key}/{self._cursors[tag]}"))
+                        with self._anysource_lock:
+                            credit = self._credits.get((src, tag), 0)
+                            if credit:
+                                self._credits[(src, tag)] = credit - 1
+                        if not credit:
+                            break
+                    self.comm.recv(t, src, tag, async_op=True, timeout=self._timeout).wait()
+                work.source = src
+                future.set_result([t])
+            except BaseException as exc:
+                future.set_exception(torch_error(exc))
+
+        threading.Thread(target=run, name="ringlet-recv-anysource", daemon=True).start()
+        return work
 
     # -- helpers -------------------------------------------------------------------------------
     def _check_parts(self, call: str, outs: Sequence[torch.Tensor], inp: torch.Tensor) -> None:
