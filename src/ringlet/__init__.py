@@ -9,6 +9,7 @@ from .errors import (
     RingletError,
 )
 from .ops import ReduceOp
+from .survive import Elastic, elastic, shrink
 from .work import Work
 from .world import init
 
@@ -18,11 +19,14 @@ __all__ = [
     "BrokenCommunicator",
     "CollectiveTimeout",
     "Communicator",
+    "Elastic",
     "MismatchError",
     "PeerError",
     "ReduceOp",
     "RingletError",
     "Work",
     "__version__",
+    "elastic",
     "init",
+    "shrink",
 ]

@@ -284,6 +284,8 @@ class Elastic:
             del self._snaps[k]
         self.comm, self.step = new, redo
         if self._rebuild is not None:
+            for handle in getattr(self.model, "_hooks", ()):  # ringlet DDP's gradient hooks
+                handle.remove()  # the old wrapper must not average on the failed communicator
             self.model = self._rebuild(new)
         self.shrinks.append({
             "error": f"{type(exc).__name__}: {exc}", "redo": redo, "at": lost_at,

@@ -279,3 +279,51 @@ def test_numpy_training_drill_20_runs(transport: str, tmp_path: Path) -> None:
     print(f"numpy drill, 20 runs ({transport}): loss -> next step median "
           f"{statistics.median(times):.3f} s, max {max(times):.3f} s")
     assert max(times) < 5.0
+
+
+def ddp_drill(
+    comm: ringlet.Communicator, victim: int, kill_at: int, steps: int, deathfile: Path
+) -> dict[str, Any]:
+    """The NumPy drill with a torch MLP under ringlet's DistributedDataParallel and SGD with
+    momentum (optimizer state is rolled back too); digests are of the exact parameter bytes."""
+    import torch
+
+    from ringlet.torch import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    job = survive.elastic(comm, [model, opt], lambda c: DistributedDataParallel(model, comm=c))
+    digests: dict[int, str] = {}
+    done: dict[int, float] = {}
+    for step in job.steps(steps):
+        with job.guard():
+            if step == kill_at and comm.rank == victim:
+                deathfile.write_text(repr(time.time()))
+                _die()
+            c = job.comm
+            x, y = (torch.from_numpy(a).float() for a in _batch(step))
+            opt.zero_grad()
+            torch.nn.functional.mse_loss(job.model(x.chunk(c.size)[c.rank]),
+                                         y.chunk(c.size)[c.rank]).backward()
+            opt.step()
+        if job.step == step + 1:
+            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+            digests[step] = flat.numpy().tobytes().hex()
+            done[step] = time.time()
+    return {"digests": digests, "done": done, "members": job.comm.members, "shrinks": job.shrinks}
+
+
+@pytest.mark.torch
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("transport", ["tcp", pytest.param("auto", marks=pytest.mark.slow)])
+def test_ddp_training_carries_on(transport: str, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    victim, kill_at = (3, 4) if transport == "tcp" else (1, 2)
+    death = tmp_path / "death"
+    out = spmd.run(ddp_drill, 4, victim, kill_at, 7, death, env=_env(transport), timeout=90,
+                   expect_failure=True)
+    took = _recovery(out, victim, kill_at, death)
+    print(f"DDP drill ({transport}): kill -> next completed step {took:.3f} s")
+    assert took < 5.0
