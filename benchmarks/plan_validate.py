@@ -22,7 +22,8 @@ from typing import Any
 
 from ringlet.bench_cases import format_size
 from ringlet.calibrate import fit, load, local_rates
-from ringlet.plan import model_time, params_for
+from ringlet.plan import model_time
+from ringlet.plan_params import params_for
 from ringlet.schedules.select import select
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -22,7 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from .plan import LINKS, Link, Params, model_time
+from .plan import model_time
+from .plan_params import LINKS, Link, Params
 
 #: Where `ringlet plan` looks for a calibration when --calibration is not given.
 DEFAULT_PATH = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) / "ringlet"

@@ -6,13 +6,15 @@ count, reduce op, root); it rides in every frame, so ranks in different calls ar
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
 
 import numpy as np
 
-from .ops import dtype_code
+from .arrays import to_numpy
+from .ops import ReduceOp, check_dtype, check_op_dtype, dtype_code, parse_op
 
 KINDS = (
     "barrier",
@@ -28,6 +30,10 @@ KINDS = (
     "split",
     "send",
 )
+#: Signature bit of the small exchange that precedes a call's data (row counts, scatter's header).
+PHASE_SIG = 0x5A5A_0000_0000_0001
+#: Ops whose schedules sum into every rank's buffer, so a rank that gets no result works on a copy.
+SUMS_INTO_INPUT = frozenset({"reduce"})
 
 
 def signature(
@@ -61,3 +67,52 @@ class Call:
     seq: int
     sig: int
     desc: str
+
+    def phase(self) -> Call:
+        """The same call under its own signature, for the small exchange that precedes its data."""
+        return Call(self.kind, self.seq, self.sig ^ PHASE_SIG, self.desc)
+
+
+@functools.lru_cache(maxsize=4096)
+def named(
+    kind: str, dtype: np.dtype | None, shape: tuple[int, ...], op: str, root: int
+) -> tuple[int, str]:
+    """A call's signature and description, cached: the fast path pays a dict lookup, not a hash."""
+    return signature(kind, dtype, shape, op, root), describe(kind, dtype, shape, op, root)
+
+
+@functools.lru_cache(maxsize=1024)
+def reduce_op(op: str | ReduceOp, dtype: np.dtype, kind: str) -> ReduceOp:
+    """Parse the reduce op and check it suits the dtype (cached; raises ValueError/TypeError)."""
+    rop = parse_op(op, call=kind)
+    check_dtype(dtype, call=kind)
+    check_op_dtype(rop, dtype, call=kind)
+    return rop
+
+
+def total(itemsize: int, **kw: object) -> int:
+    """The bytes a call moves as select counts them, alike on every rank: the element count of
+    the call (``count``, or the sum of ``counts`` / ``send_counts``) times the item size."""
+    for name in ("count", "counts", "send_counts"):
+        if (value := kw.get(name)) is not None:
+            n = value if isinstance(value, int) else sum(value)  # type: ignore[call-overload]
+            return int(n) * itemsize
+    return itemsize
+
+
+def reducible(x: object, op: str | ReduceOp, kind: str) -> tuple[np.ndarray, ReduceOp]:
+    """A reduction's array (writable: results land in it) and its checked reduce op."""
+    arr = to_numpy(x, call=kind, writable=True)
+    try:
+        return arr, reduce_op(op, arr.dtype, kind)
+    except TypeError:
+        if isinstance(op, str | ReduceOp):
+            raise
+        return arr, reduce_op.__wrapped__(op, arr.dtype, kind)  # unhashable op: a clear error
+
+
+def check_root(root: int, size: int, kind: str) -> int:
+    """``root`` as an int, or ValueError when it is not a rank of the communicator."""
+    if not isinstance(root, (int, np.integer)) or not 0 <= root < size:
+        raise ValueError(f"{kind}: root={root!r} is not a rank of this communicator (0..{size - 1})")
+    return int(root)

@@ -7,19 +7,20 @@ as MPI's unexpected messages do). A message whose dtype or shape differs from th
 raises MismatchError and stays kept. Each message is a small header (tag, dtype, shape) then the
 data, so ``recv(None, src)`` can allocate the result. Sends and receives run on separate threads
 when asynchronous, so a pair may exchange both ways; receives run one at a time, in the order
-they were posted.
+they were posted. The communicator holds one ``PointToPoint`` and hands its send and recv to it.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .arrays import from_numpy_like, staged, to_numpy
-from .collectives import Collectives
 from .engine import as_bytes
 from .errors import CollectiveTimeout, MismatchError, PeerError, RingletError
 from .ops import check_dtype, dtype_code, dtype_from_code
@@ -27,34 +28,48 @@ from .transport.base import Tag
 from .transport.tcp import TcpTransport
 from .work import Worker
 
+if TYPE_CHECKING:
+    from .world import World
+
 #: Communicator id bit that gives point-to-point messages their own sockets.
 P2P_BIT = 1 << 63
 MAX_DIMS = 32
 P2P_SIG = 0x5032_5032
 
 
-class PointToPoint(Collectives):
-    """send / recv between two ranks of the communicator."""
+class PointToPoint:
+    """send / recv between two ranks of a communicator, on connections of their own (opened at
+    the first message). ``check`` raises if the communicator is closed or broken; ``timeout``
+    gives the communicator's current default timeout."""
 
-    _p2p: TcpTransport | None = None
+    def __init__(
+        self,
+        world: World,
+        comm_id: int,
+        members: Sequence[int],
+        rank: int,
+        poll: Callable[[], None],
+        check: Callable[[], None],
+        timeout: Callable[[], float],
+    ) -> None:
+        self.rank, self.size = rank, len(members)
+        addresses = [world.addresses[g] for g in members]
+        self._connect: Callable[[], TcpTransport] = functools.partial(
+            TcpTransport, comm_id | P2P_BIT, rank, addresses, world.listener, world.secret, poll
+        )
+        self._check_usable, self._timeout = check, timeout
+        self._p2p: TcpTransport | None = None
+        self._open_lock = threading.Lock()
+        self._p2p_counts: dict[tuple[str, int], int] = {}
+        self._p2p_workers = {"send": Worker("ringlet-send"), "recv": Worker("ringlet-recv")}
+        self._p2p_lock = threading.Lock()
+        # per source: messages that arrived before a recv asked for their tag, in order
+        self._p2p_kept: dict[int, list[tuple[int, np.ndarray]]] = {}
 
     def _p2p_transport(self) -> TcpTransport:
-        with self._lock:
+        with self._open_lock:
             if self._p2p is None:
-                w = self._world
-                self._p2p = TcpTransport(
-                    self.id | P2P_BIT,
-                    self.rank,
-                    [w.addresses[g] for g in self.members],
-                    w.listener,
-                    w.secret,
-                    self._poll,
-                )
-                self._p2p_counts: dict[tuple[str, int], int] = {}
-                self._p2p_workers = {"send": Worker("ringlet-send"), "recv": Worker("ringlet-recv")}
-                self._p2p_lock = threading.Lock()
-                # per source: messages that arrived before a recv asked for their tag, in order
-                self._p2p_kept: dict[int, list[tuple[int, np.ndarray]]] = {}
+                self._p2p = self._connect()
             return self._p2p
 
     def _peer(self, peer: int, name: str) -> int:
@@ -106,7 +121,7 @@ class PointToPoint(Collectives):
 
         def run() -> None:
             flat, _ = staged(arr)
-            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            deadline = time.monotonic() + (self._timeout() if timeout is None else timeout)
             tr, n = self._p2p_transport(), self._next("send", dst)
             try:
                 tr.exchange([(dst, as_bytes(meta))], [], Tag(n, P2P_SIG, 0), deadline)
@@ -137,7 +152,7 @@ class PointToPoint(Collectives):
             return x
 
         def run() -> Any:
-            deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
+            deadline = time.monotonic() + (self._timeout() if timeout is None else timeout)
             kept = self._p2p_kept.setdefault(src, [])
             for k, (their_tag, data) in enumerate(kept):
                 if their_tag == tag:
@@ -190,10 +205,8 @@ class PointToPoint(Collectives):
         return PeerError(f"{what} on rank {self.rank} failed: {exc}")
 
     def close(self) -> None:
-        if self._closed:
-            return
+        """Stop the send and recv threads and close the connections, if any were opened."""
+        for w in self._p2p_workers.values():
+            w.close()
         if self._p2p is not None:
-            for w in self._p2p_workers.values():
-                w.close()
             self._p2p.close()
-        super().close()

@@ -12,7 +12,8 @@ import time
 from collections.abc import Sequence
 
 from .bench_cases import format_size, parse_sizes
-from .plan import LINKS, PLAN_OPS, Params, Prediction, params_for, predict
+from .plan import PLAN_OPS, Prediction, predict
+from .plan_params import LINKS, Params, params_for
 
 SWEEP_SIZES = "8,64K,1M,16M,256M"
 SWEEP_HOSTS = "1,2,8,64"

@@ -11,14 +11,16 @@ import os
 import socket
 import threading
 import time
+from dataclasses import dataclass, field
+from typing import Any
 
 from .auth import JobMismatchError
 from .comm import WORLD_ID, Communicator
-from .core import World, forced_algorithms
 from .errors import AuthenticationError, RingletError
 from .rendezvous import JobEnv, Store, StoreServer, resolve
 from .rendezvous.arrival import check_world_size, wait_for_peers
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
+from .schedules import select
 from .transport.tcp import Listener
 
 log = logging.getLogger("ringlet")
@@ -46,6 +48,27 @@ def _local_address(master_host: str) -> str:
         addr: str = probe.getsockname()[0]
         return addr
     return "127.0.0.1"
+
+
+@dataclass
+class World:
+    """What every communicator of this process shares: store, listener, secret, peer addresses."""
+
+    rank: int
+    size: int
+    store: Any
+    listener: Listener
+    secret: bytes
+    addresses: list[tuple[str, int]]
+    hosts: list[str]
+    job: str
+    timeout: float
+    server: Any = None
+    deterministic: bool = False  # every reduction folds in rank order (RINGLET_DETERMINISTIC)
+    forced: dict[str, str] = field(default_factory=dict)  # op -> algorithm (RINGLET_ALGO)
+    comms: list[Communicator] = field(default_factory=list)
+    closer: Any = None  # closes the whole world; called when the world communicator closes
+    finalized: bool = False
 
 
 _init_lock = threading.Lock()  # one init() at a time; guards _open_worlds
@@ -159,7 +182,7 @@ def init(
             if flag not in ("", "0", "1", "true", "false", "yes", "no"):
                 raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
             deterministic = flag in ("1", "true", "yes")
-        forced = forced_algorithms(os.environ.get("RINGLET_ALGO", ""))  # a typo fails here
+        forced = select.forced(os.environ.get("RINGLET_ALGO", ""))  # a typo fails here
         env = resolve(rank, world_size, master, secret, timeout)
         key = (env.master_host, env.store_port, env.job_id)
         for stale in [k for k, w in _open_worlds.items() if w.finalized]:
@@ -252,10 +275,11 @@ def finalize(world: World) -> None:
     for comm in list(world.comms):
         with contextlib.suppress(Exception):
             comm.close()
-    with contextlib.suppress(Exception):
+    failed = any(comm.failed for comm in world.comms)
+    wait = FAILED_CLOSE_WAIT if failed else CLOSE_WAIT
+    with contextlib.suppress(Exception), world.store.bounded(wait):  # a stalled rank 0 too
         count = world.store.add("w/closed", 1)
-        failed = any(comm._broken is not None for comm in world.comms)
-        end = time.monotonic() + (FAILED_CLOSE_WAIT if failed else CLOSE_WAIT)
+        end = time.monotonic() + wait
         while world.server is not None and count < world.size and time.monotonic() < end:
             time.sleep(0.02)
             count = world.store.add("w/closed", 0)

@@ -281,3 +281,24 @@ def _check_args(op: str, rank: int, size: int, kw: dict[str, Any]) -> None:
             raise ValueError(
                 f"{op} on rank {rank}: {name} must be {size} non-negative numbers, got {counts}"
             )
+
+
+def forced(value: str) -> dict[str, str]:
+    """RINGLET_ALGO as op -> algorithm: ``op=name,op=name`` per op, or a bare name for every op
+    that has it. Raises ValueError for an op or algorithm that does not exist, so a typo is an
+    error on every rank and every transport, never silently ignored."""
+    chosen: dict[str, str] = {}
+    for item in filter(None, (i.strip() for i in value.split(","))):
+        name, _, algo = (part.strip() for part in item.partition("="))
+        if algo:
+            select(name, 2, 0, algo)  # raises for an unknown op or algorithm
+            chosen[name] = algo
+            continue
+        ops = [op for op, algos in ALGORITHMS.items() if name in algos]
+        if not ops:
+            raise ValueError(
+                f"RINGLET_ALGO={value!r}: no collective has an algorithm named {name!r}; use "
+                "op=name pairs, e.g. all_reduce=ring"
+            )
+        chosen.update(dict.fromkeys(ops, name))
+    return chosen

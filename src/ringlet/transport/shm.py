@@ -12,6 +12,7 @@ protocol under both is described in shm_channel.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -146,6 +147,51 @@ class ShmGroup:
         if self._cma is not None and nbytes >= self._cma_min[kind]:
             return self._cma
         return None
+
+    def run(
+        self,
+        op: str,
+        bufs: dict[str, np.ndarray],
+        rop: ReduceOp | None,
+        sig: int,
+        deadline: float,
+        finish: Finish | None = None,
+        **kw: Any,
+    ) -> None:
+        """Collective ``op`` on a call's named buffers ("in", "out": the engine's names) with the
+        arguments its schedule would take (``count``, ``counts``, ``root``, …); ``finish`` is
+        applied to this rank's result (an all_reduce's in cache, piece by piece)."""
+        inp, out, counts, root = bufs.get("in"), bufs.get("out"), kw.get("counts"), kw.get("root")
+        if op == "all_reduce":
+            assert out is not None and rop is not None
+            return self.all_reduce(out, rop, sig, deadline, finish)
+        if op == "reduce":
+            assert out is not None and rop is not None and root is not None
+            self.reduce(out, out if self.rank == root else None, root, rop, sig, deadline)
+        elif op == "broadcast":
+            assert out is not None and root is not None
+            self.broadcast(out, root, sig, deadline)
+        elif op == "all_gather":
+            assert inp is not None and out is not None and counts is not None
+            self.all_gather(inp, out, counts, sig, deadline)
+        elif op == "gather":
+            assert inp is not None and counts is not None and root is not None
+            self.gather(inp, out, counts, root, sig, deadline)
+        elif op == "scatter":
+            assert out is not None and counts is not None and root is not None
+            self.scatter(inp, out, counts, root, sig, deadline)
+        elif op == "reduce_scatter":
+            assert inp is not None and out is not None and counts is not None and rop is not None
+            self.reduce_scatter(inp, out, counts, rop, sig, deadline)
+        elif op == "all_to_all":
+            assert inp is not None and out is not None
+            self.all_to_all(inp, out, kw["send_counts"], kw["recv_counts"], sig, deadline)
+        elif op == "barrier":
+            self.barrier(sig, deadline)
+        else:
+            raise ValueError(f"the shm group has no collective {op!r}")
+        if finish is not None and out is not None:
+            finish(out)
 
     def all_reduce(
         self,

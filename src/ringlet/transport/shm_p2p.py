@@ -365,7 +365,16 @@ class ShmTransport:
                 continue
             if now >= next_check or now >= deadline or self.cancel.is_set():
                 next_check = now + POLL_SECONDS
-                self._check_health(pending, deadline, now)
+                try:
+                    self._check_health(pending, deadline, now)
+                except PeerError:
+                    # A peer may post its last message and exit between the step above and
+                    # this check: take what it left before calling it lost.
+                    moved = [op for op in pending if not self._step(op, tag)]
+                    if (len(moved), sum(op.piece for op in moved)) == before:
+                        raise
+                    pending, idle = moved, now
+                    continue
             if now - idle < SPIN_SECONDS:
                 continue
             if now - idle < SPIN_SECONDS + YIELD_SECONDS:

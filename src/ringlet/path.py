@@ -1,0 +1,135 @@
+"""The one way a collective's data moves: select → schedule → engine → transports.
+
+A communicator holds one ``Path``. ``move`` takes a call's named flat buffers and the arguments
+its schedule is built from; select picks the algorithm from the op, the size, the hosts the
+communicator spans and what ``algo=`` / RINGLET_ALGO force, and the engine runs the (cached)
+schedule over the routes: shared memory to this host's ranks, TCP to the others. (A communicator
+whose ranks all share one host still runs its default choices through the host's shm group,
+shm.py, until those algorithms are schedules too; forcing an algorithm runs it as a schedule.)
+The flight recorder notes the algorithm and transports of every call.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import calls
+from .calls import Call
+from .engine import Engine
+from .links import connect
+from .ops import ReduceOp, finish_mean, wire_op
+from .recorder import FlightRecorder
+from .schedules import select
+from .schedules.base import Schedule, extent
+
+if TYPE_CHECKING:
+    from .world import World
+
+_MEAN = ReduceOp.MEAN
+
+
+@functools.lru_cache(maxsize=512)
+def _schedule(
+    op: str, algo: str, rank: int, size: int, hosts: tuple[int, ...] | None, **kw: Any
+) -> Schedule:
+    return select.build(op, algo, rank, size, hosts=hosts, **kw)
+
+
+class Path:
+    """Routes, engine and shm group of one communicator, and the move every collective makes."""
+
+    def __init__(
+        self,
+        world: World,
+        comm_id: int,
+        members: Sequence[int],
+        hosts: tuple[int, ...],
+        rank: int,
+        recorder: FlightRecorder,
+        poll: Callable[[], None],
+        timeout: float,
+    ) -> None:
+        self.rank, self.size = rank, len(members)
+        self._forced, self._deterministic = world.forced, world.deterministic
+        self._topology = hosts if len(set(hosts)) > 1 else None
+        self._recorder = recorder
+        self.routes, self._shm = connect(world, comm_id, members, hosts, rank, poll, timeout)
+        self._engine = Engine(self.routes)
+        self._kinds: dict[int, tuple[Schedule, str]] = {}  # see _transport_of
+
+    @property
+    def transport(self) -> str:
+        """"shm" (every rank on this host), "tcp", "shm+tcp" or "self" (a single rank)."""
+        if self.size == 1:
+            return "self"
+        if not self.routes.local_peers:
+            return "tcp"
+        return "shm" if len(self.routes.local_peers) == self.size - 1 else "shm+tcp"
+
+    def move(
+        self,
+        call: Call,
+        op: str,
+        algo: str | None,
+        bufs: dict[str, np.ndarray],
+        rop: ReduceOp | None,
+        deadline: float,
+        **kw: Any,
+    ) -> None:
+        """Move a call's data: ``bufs`` are the engine's named flat buffers ("in", "out", "tmp"),
+        ``kw`` what the op's schedule is built from (count, counts, root, …). A mean travels as
+        a sum and is divided once where the result lands (by the shm group in cache)."""
+        root = kw.get("root")
+        lands = "out" in bufs and rop is not None and (root is None or root == self.rank)
+        finish = functools.partial(finish_mean, size=self.size) if rop is _MEAN and lands else None
+        sent = wire_op(rop) if rop is not None else None
+        forced = algo or self._forced.get(op)
+        if self._shm is not None and forced is None:
+            self._recorder.note("shm_group", None, "shm")  # shm.py picks its own path by size
+            self._shm.run(op, bufs, sent, call.sig, deadline, finish, **kw)
+            return
+        nbytes = calls.total(next(iter(bufs.values())).itemsize, **kw)
+        chosen = select.select(
+            op, self.size, nbytes, forced, hosts=self._topology, deterministic=self._deterministic
+        )
+        sched = _schedule(op, chosen, self.rank, self.size, self._topology, **kw)
+        self._recorder.note(chosen, sched, self._transport_of(sched))
+        if op in calls.SUMS_INTO_INPUT and root != self.rank:
+            bufs = {"out": bufs["out"].copy()}  # a non-root's input must come back unchanged
+        dtype = next(iter(bufs.values())).dtype
+        for name in ("out", "tmp"):
+            need = extent(sched, name)  # type: ignore[arg-type]
+            if name not in bufs or bufs[name].size < need:
+                bufs[name] = np.empty(need, dtype)
+        self._engine.run(sched, bufs, sent, call.seq, call.sig, deadline)
+        if finish is not None:
+            finish(bufs["out"])
+
+    def _transport_of(self, sched: Schedule) -> str:
+        """Which transports a schedule's messages use on this rank: "shm", "tcp" or "shm+tcp".
+
+        Kept per schedule object (schedules come from a cache, so a call repeats the same one):
+        the fast path pays a dict lookup, not a walk over every round's peers."""
+        known = self._kinds.get(id(sched))
+        if known is not None and known[0] is sched:
+            return known[1]
+        kinds = "+".join(sorted({self.routes.kind(p) for p in sched.peers()})) or "self"
+        if len(self._kinds) >= 512:
+            self._kinds.clear()
+        self._kinds[id(sched)] = (sched, kinds)  # holding sched keeps its id from being reused
+        return kinds
+
+    def abort(self, reason: str) -> None:
+        """Tell every connected peer this communicator failed, so none waits on it."""
+        self.routes.abort(reason)
+        if self._shm is not None:
+            self._shm.abort(reason)
+
+    def close(self) -> None:
+        self.routes.close()
+        if self._shm is not None:
+            self._shm.close()
