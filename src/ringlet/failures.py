@@ -15,11 +15,10 @@ deadlocked in different collectives into a MismatchError long before the timeout
 
 from __future__ import annotations
 
-import functools
+import contextlib
 import json
 import time
-from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from .calls import Call
 from .errors import CollectiveTimeout, MismatchError, PeerError, RingletError
@@ -27,6 +26,10 @@ from .recorder import FlightRecorder
 
 #: How long a failing rank waits for the other ranks' descriptions of the failed call.
 GATHER_SECONDS = 0.5
+#: The longest a waiting rank's check of the store may take (a stalled store host is skipped).
+POLL_BOUND = 0.5
+#: The longest a failing or rejecting rank spends telling the others through the store.
+REPORT_BOUND = 2.0
 #: After waiting this long in a call, a rank checks that the others wait in the same call.
 SLOW_WAIT = 1.0
 WAIT_SLOTS = 16
@@ -35,9 +38,6 @@ REJECT_CHARS = 160
 #: How many of its last calls a rank describes when a call fails (to find where ranks diverged).
 HISTORY = 8
 REJECTED_MARK = " rejected its arguments ("
-
-F = TypeVar("F", bound=Callable[..., Any])
-
 
 def _kind(exc: BaseException) -> str:
     if isinstance(exc, MismatchError):
@@ -73,6 +73,12 @@ class Reporter:
     def _key(self, name: str) -> str:
         return self.prefix + name
 
+    def _bounded(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        """The store's requests end within ``seconds`` inside (a frozen rank 0 cannot hold a call
+        past its deadline); a store without the bound is used as it is."""
+        bounded = getattr(self.store, "bounded", None)
+        return bounded(seconds) if bounded is not None else contextlib.nullcontext()
+
     # -- waiting ranks -------------------------------------------------------------------------
     def poll(self, call: Call | None) -> None:
         """Raise the job's failure if another rank reported one, rejected this call's arguments,
@@ -85,18 +91,21 @@ class Reporter:
         first: dict[str, Any] | None = None
         rejected = other = None
         try:
-            events = self.store.try_get(self._key("events"))
+            with self._bounded(POLL_BOUND):  # the usual case: one short request
+                events = self.store.try_get(self._key("events"))
             mark = (call.seq if call is not None else -1, events or b"")
             if events is not None and mark != self._checked:
-                self._checked = mark
-                if self.store.try_get(self._key("aborted")) is not None:
-                    self._seen_abort = True
-                    first = json.loads(self.store.get(self._key("abort/first"), timeout=5.0))
-                    self._publish_desc(call)
-                elif call is not None:
-                    rejected = self.store.try_get(self._key(f"reject/{call.seq}"))
+                with self._bounded(REPORT_BOUND):
+                    self._checked = mark
+                    if self.store.try_get(self._key("aborted")) is not None:
+                        self._seen_abort = True
+                        first = json.loads(self.store.get(self._key("abort/first"), timeout=5.0))
+                        self._publish_desc(call)
+                    elif call is not None:
+                        rejected = self.store.try_get(self._key(f"reject/{call.seq}"))
             if first is None and rejected is None and call is not None:
-                other = self._other_waiter(call)
+                with self._bounded(POLL_BOUND):
+                    other = self._other_waiter(call)
         except (OSError, RingletError):
             return  # the store's host left; the transport still sees dead peers
         if first is not None:
@@ -155,19 +164,27 @@ class Reporter:
         if record["blame"] is None:
             record["blame"] = self.rank
         try:
-            if self.store.add(self._key("abort/count"), 1) == 1:
-                first = record
-                self.store.set(self._key("abort/first"), json.dumps(record).encode())
-                self.store.set(self._key("aborted"), b"1")
-                self.store.add(self._key("events"), 1)
-            else:  # another rank failed first: raise what it reported, so every rank agrees
-                first = json.loads(self.store.get(self._key("abort/first"), timeout=5.0))
-            self._publish_desc(call)
-            return self._error(first, call, own=exc)
+            with self._bounded(REPORT_BOUND):
+                if self.store.add(self._key("abort/count"), 1) == 1:
+                    first = record
+                    self.store.set(self._key("abort/first"), json.dumps(record).encode())
+                    self.store.set(self._key("aborted"), b"1")
+                    self.store.add(self._key("events"), 1)
+                else:  # another rank failed first: raise what it reported, so every rank agrees
+                    first = json.loads(self.store.get(self._key("abort/first"), timeout=5.0))
+                self._publish_desc(call)
+                return self._error(first, call, own=exc)
         except (OSError, RingletError, TimeoutError) as gone:
-            # Only the death of its host takes the store away: blame that rank.
             blame = self.store_rank if self.store_rank is not None else getattr(exc, "rank", None)
             where = f"{call.desc} (call #{call.seq}) on rank {self.rank}" if call else ""
+            if isinstance(gone, CollectiveTimeout):  # the store's host is there but silent
+                return CollectiveTimeout(
+                    f"{where}: {exc}; the rendezvous store does not answer either ({gone}), so "
+                    f"rank {blame}, which hosts it, is stopped or stalled. The communicator "
+                    "cannot be used any more.",
+                    missing=() if blame is None else (blame,),
+                )
+            # Only the death of its host takes the store away: blame that rank.
             return PeerError(
                 f"{where}: {exc}; the rendezvous store is unreachable too ({gone}), so rank "
                 f"{blame}, which hosts it, has probably died. The communicator cannot be used any "
@@ -180,10 +197,11 @@ class Reporter:
         if self.size == 1:
             return
         try:
-            self._publish_desc(call, final=False)
-            info = {"rank": self.rank, "desc": call.desc}
-            self.store.set(self._key(f"reject/{call.seq}"), json.dumps(info).encode())
-            self.store.add(self._key("events"), 1)
+            with self._bounded(REPORT_BOUND):
+                self._publish_desc(call, final=False)
+                info = {"rank": self.rank, "desc": call.desc}
+                self.store.set(self._key(f"reject/{call.seq}"), json.dumps(info).encode())
+                self.store.add(self._key("events"), 1)
         except (OSError, RingletError):
             pass  # the store's host left; the others learn of it from their transports
 
@@ -322,40 +340,3 @@ def rejected_call(kind: str, seq: int, exc: BaseException) -> Call:
         why = why[: REJECT_CHARS - 1] + "…"
     return Call(kind, seq, 0, f"{kind}{REJECTED_MARK}{why})")
 
-
-#: The collectives whose argument errors are reported to the other ranks.
-REPORTED_REJECTIONS = ("barrier", "broadcast", "reduce", "all_reduce", "gather", "all_gather",
-                       "scatter", "reduce_scatter", "all_to_all", "split")  # fmt: skip
-
-
-def report_rejections(cls: type) -> None:
-    """Wrap the collectives of a communicator class with :func:`rejections_reported`."""
-    for name in REPORTED_REJECTIONS:
-        if (method := getattr(cls, name, None)) is not None:
-            setattr(cls, name, rejections_reported(method))
-
-
-def rejections_reported(method: F) -> F:
-    """Wrap a collective so an argument it rejects before taking a sequence number is reported.
-
-    The rejected call still counts (it takes the sequence number the call would have had), so
-    ranks that all reject alike stay in step, while ranks that accepted stop waiting for this one.
-    """
-    if getattr(method, "__ringlet_rejections__", False):
-        return method
-
-    @functools.wraps(method)
-    def wrapper(comm: Any, *args: Any, **kwargs: Any) -> Any:
-        seq = comm._seq
-        try:
-            return method(comm, *args, **kwargs)
-        except (ValueError, TypeError) as exc:
-            if comm._seq == seq and not comm._closed and comm._broken is None:
-                call = rejected_call(method.__name__, seq, exc)
-                comm._seq += 1
-                comm._recorder.reject(call, exc)
-                comm._reporter.reject(call)
-            raise
-
-    wrapper.__ringlet_rejections__ = True  # type: ignore[attr-defined]
-    return wrapper  # type: ignore[return-value]

@@ -8,10 +8,12 @@ wire format is in :mod:`ringlet.rendezvous.wire`, the server in :mod:`ringlet.re
 
 from __future__ import annotations
 
+import contextlib
 import math
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from typing import Protocol
 
 from ringlet.auth import authenticate
@@ -98,6 +100,7 @@ class Store:
         self._open: set[socket.socket] = set()
         self._closed = False
         self._gone: str | None = None  # why the server is known to be gone
+        self._bound = threading.local()  # .until: this thread's requests end by then (bounded)
         sock = self._connect(retry=True)
         self._open.add(sock)
         self._idle.append(sock)
@@ -110,6 +113,20 @@ class Store:
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def bounded(self, seconds: float) -> Iterator[None]:
+        """Inside, this thread's requests (and waits) end within ``seconds``: one that gets no
+        answer in time raises CollectiveTimeout — the store's host is stopped or stalled — and,
+        unlike a dead server, leaves the store usable. A collective's checks use it so that a
+        frozen rank 0 cannot hold them past the call's own deadline."""
+        outer = getattr(self._bound, "until", None)
+        until = time.monotonic() + max(seconds, 0.0)
+        self._bound.until = until if outer is None else min(outer, until)
+        try:
+            yield
+        finally:
+            self._bound.until = outer
 
     def set(self, key: str, value: bytes) -> None:
         """Store ``value`` under ``key``, replacing any earlier value, and wake its waiters."""
@@ -186,16 +203,20 @@ class Store:
             sock.close()
 
     def _wait_seconds(self, timeout: float | None) -> float:
-        if timeout is None:
-            return self.timeout
-        if not (timeout >= 0 and math.isfinite(timeout)):
+        if timeout is not None and not (timeout >= 0 and math.isfinite(timeout)):
             raise ValueError(f"timeout must be a non-negative number of seconds, got {timeout}")
-        return float(timeout)
+        wait = self.timeout if timeout is None else float(timeout)
+        if (until := getattr(self._bound, "until", None)) is not None:
+            wait = max(min(wait, until - time.monotonic()), 0.0)
+        return wait
 
     def _connect(self, *, retry: bool) -> socket.socket:
         """A new authenticated connection; with ``retry``, keep trying until the timeout passes."""
         address = f"{self.host}:{self.port}"
         deadline = time.monotonic() + self.timeout
+        bounded = (until := getattr(self._bound, "until", None)) is not None
+        if until is not None:
+            deadline = min(deadline, until)
         delay = 0.01
         while True:
             remaining = deadline - time.monotonic()
@@ -221,12 +242,18 @@ class Store:
                 sock,
                 self._secret,
                 initiator=True,
-                timeout=max(deadline - time.monotonic(), 1.0),
+                timeout=max(deadline - time.monotonic(), 0.01 if bounded else 1.0),
                 context=AUTH_CONTEXT,
                 job=self._job,
             )
         except AuthenticationError as exc:
             sock.close()
+            if bounded and time.monotonic() >= deadline:  # no hello in time: a stalled server
+                raise CollectiveTimeout(
+                    f"rendezvous store at {address} accepted a connection but did not answer"
+                    f" within the bound: the process that hosts it (usually rank 0) is stopped"
+                    f" or stalled ({exc})"
+                ) from exc
             raise type(exc)(f"rendezvous store at {address}: {exc}") from exc
         except BaseException:
             sock.close()
@@ -279,10 +306,13 @@ class Store:
     ) -> tuple[Status, bytes, int]:
         """Send one request and read its answer on a connection of our own."""
         raw_key = _encode_key(key)
+        limit, until = self.timeout, getattr(self._bound, "until", None)
+        if until is not None:
+            limit = max(min(limit, until - time.monotonic()), 0.01)
         sock = self._acquire()
         reusable = False
         try:
-            sock.settimeout(self.timeout + wait)  # the server answers a wait when it ends
+            sock.settimeout(limit + wait)  # the server answers a wait when it ends
             header = REQUEST.pack(op, len(raw_key), len(value), len(second), argument)
             send_parts(sock, header, raw_key, value, second)
             status, length, out_argument = RESPONSE.unpack(recv_bytes(sock, RESPONSE.size))
@@ -294,6 +324,12 @@ class Store:
             if self._closed:
                 raise RingletError(
                     f"this rendezvous store client was closed during {op.name.lower()}({key!r})"
+                ) from exc
+            if until is not None and isinstance(exc, TimeoutError):
+                raise CollectiveTimeout(  # bounded: its host stalls; the store may answer later
+                    f"rendezvous store at {self.host}:{self.port} did not answer "
+                    f"{op.name.lower()}({key!r}) within {limit + wait:.3g} s: the process that "
+                    "hosts it (usually rank 0) is stopped or stalled"
                 ) from exc
             raise self._mark_gone(f"{op.name.lower()}({key!r}) failed: {exc}") from exc
         finally:
@@ -328,6 +364,10 @@ class PrefixStore:
 
     def get(self, key: str, timeout: float | None = None) -> bytes:
         return self.store.get(self._key(key), timeout)
+
+    def bounded(self, seconds: float) -> contextlib.AbstractContextManager[None]:
+        inner = getattr(self.store, "bounded", None)
+        return inner(seconds) if inner is not None else contextlib.nullcontext()
 
     def try_get(self, key: str) -> bytes | None:
         return self.store.try_get(self._key(key))
