@@ -478,3 +478,16 @@ def test_torch_elastic_restart_is_another_job() -> None:
     assert (job_id(first), job_id(again)) == ("torchrun:5f1c", "torchrun:5f1c@attempt2")
     assert key(first) != key(again) == "ringlet/5f1c/attempt2/store"
     assert job_id({"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "1"}) != ""
+
+
+def test_kubernetes_jobset_variables() -> None:
+    pod = {"JOBSET_NAME": "train", "REPLICATED_JOB_NAME": "trainer", "JOB_INDEX": "0",
+           "JOB_COMPLETION_INDEX": "3", "WORLD_SIZE": "4"}  # fmt: skip
+    env = resolve(environ=pod)
+    assert (env.source, env.rank, env.world_size, env.local_size) == ("jobset", 3, 4, 1)
+    assert env.master_host == "train-trainer-0-0.train"  # JobSet's pod 0-0 under its subdomain
+    assert 20000 <= env.master_port <= 29999 and env.job_id == "jobset:train"
+    with pytest.raises(ValueError, match=r"RANK \(JOB_INDEX > 0\)"):
+        resolve(environ={**pod, "JOB_INDEX": "1"})
+    assert resolve(environ={**pod, "JOB_INDEX": "1", "RANK": "5", "WORLD_SIZE": "8",
+                            "MASTER_PORT": "29500"}).rank == 5  # fmt: skip

@@ -2,8 +2,9 @@
 
 Sources, first complete one wins: explicit arguments; ``ringlet run``'s RINGLET_* variables;
 torchrun's RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT (also what Kubeflow's PyTorchJob sets); SLURM's
-srun variables; Open MPI / MPICH (PMI) variables. Explicit arguments may be partial: what they
-leave out is completed from the first environment source that, together with them, is complete.
+srun variables; Open MPI / MPICH (PMI) variables; a Kubernetes JobSet's. Explicit arguments may
+be partial: what they leave out is completed from the first environment source that, together
+with them, is complete.
 
 Where a launcher names no master, it is derived alike on every rank: SLURM's first host of the
 step and a port from the job and step ids; under mpiexec with every rank on this host, 127.0.0.1
@@ -42,7 +43,7 @@ class JobEnv:
     local_size: int | None
     secret: bytes | None
     timeout: float
-    source: str  # "arguments" | "ringlet" | "torchrun" | "slurm" | "mpi"
+    source: str  # "arguments" | "ringlet" | "torchrun" | "slurm" | "mpi" | "jobset"
     store_port_offset: int = 0  # 1 under torchrun when its agent's own store owns MASTER_PORT
     job_id: str = ""  # the launcher's id of this job (see job_id()); "" when it gives none
     secret_file: str | None = None  # where the secret came from, when RINGLET_SECRET_FILE gave it
@@ -230,12 +231,46 @@ def _from_mpi(environ: Mapping[str, str]) -> _Found:
     return found
 
 
-_SOURCES = (_from_ringlet, _from_torchrun, _from_slurm, _from_mpi)
+def _from_jobset(environ: Mapping[str, str]) -> _Found:
+    """Kubernetes JobSet: rank from the Indexed Job's JOB_COMPLETION_INDEX; the master is pod 0-0.
+
+    JobSet names pods ``<jobset>-<replicated job>-<job index>-<pod index>`` under the subdomain
+    ``<jobset>``; the world size is the template's WORLD_SIZE. With several Jobs in the replicated
+    job (JOB_INDEX > 0) a pod's rank is not in its variables: set RANK there.
+    """
+    found = _Found(
+        "jobset",
+        world_size=_int_var(environ, "WORLD_SIZE", "RINGLET_WORLD_SIZE"),
+        local_rank=0,
+        local_size=1,  # one rank per pod; a pod that starts several runs torchrun or ringlet run
+    )
+    name = environ.get("JOBSET_NAME", "").strip()
+    replicated = environ.get("REPLICATED_JOB_NAME", "").strip()
+    job_index = _int_var(environ, "JOB_INDEX") or 0
+    index = _int_var(environ, "JOB_COMPLETION_INDEX")
+    found.rank = _int_var(environ, "RANK")
+    if found.rank is None and job_index == 0:
+        found.rank = index
+    found.host = environ.get("MASTER_ADDR", "").strip() or None
+    if found.host is None and name and replicated:
+        found.host = f"{name}-{replicated}-0-0.{name}"
+    found.port = _int_var(environ, "MASTER_PORT")
+    if found.port is None and name:
+        found.port = derived_port(f"jobset:{name}")
+    missing = list(_unset(environ, "JOBSET_NAME", "REPLICATED_JOB_NAME", "WORLD_SIZE"))
+    if found.rank is None:
+        missing.append("JOB_COMPLETION_INDEX" if job_index == 0 else "RANK (JOB_INDEX > 0)")
+    found.missing = tuple(missing)
+    return found
+
+
+_SOURCES = (_from_ringlet, _from_torchrun, _from_slurm, _from_mpi, _from_jobset)
 _HOW_TO_SET = {
     "ringlet": "ringlet run sets them",
     "torchrun": "torchrun sets them",
     "slurm": "srun sets them",
     "mpi": "mpiexec sets the ranks; across hosts export the master yourself",
+    "jobset": "a Kubernetes JobSet sets them, with WORLD_SIZE in the pod template",
 }
 
 
@@ -318,6 +353,8 @@ def job_id(environ: Mapping[str, str]) -> str:
     for name in ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"):
         if text := environ.get(name, "").strip():
             return f"mpi:{text}{attempt}"
+    if text := environ.get("JOBSET_NAME", "").strip():
+        return f"jobset:{text}{attempt}"
     return f"torchrun{attempt}" if attempt else ""
 
 
