@@ -1,4 +1,4 @@
-"""A stopped rank 0 (SIGSTOP: the store's host frozen, its sockets open) on real ranks.
+"""Rank 0 stopped (SIGSTOP: the store's host frozen, its sockets open) or gone while others wait.
 
 The per-call ``timeout=`` must hold whoever freezes: the others raise a CollectiveTimeout that
 names rank 0 within the call's timeout plus the bounded report, not after the job-wide timeout
@@ -63,3 +63,30 @@ def test_a_stopped_rank_0_is_a_timeout_naming_it_within_the_calls_timeout(
         assert "rank 0" in got["message"], got["message"]
         assert got["took"] < LIMIT, f"rank {rank} took {got['took']:.1f} s (limit {LIMIT} s)"
         print(f"{transport}: rank {rank} raised after {got['took']:.2f} s: {got['message'][:160]}")
+
+
+def rank0_leaves(comm) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
+    comm.barrier()
+    if comm.rank == 0:
+        raise RuntimeError("rank 0's own code failed")  # it closes and stays up for the others
+    start = time.monotonic()
+    try:
+        comm.all_reduce(np.arange(4.0))
+        raise AssertionError("all_reduce returned without rank 0")
+    except ringlet.RingletError as exc:
+        return {"took": time.monotonic() - start, "error": type(exc).__name__, "message": str(exc)}
+
+
+@pytest.mark.parametrize("transport", ["shm", "tcp"])
+def test_a_rank_that_leaves_is_seen_at_once_by_ranks_waiting_for_it(transport: str) -> None:
+    """Rank 0 stays alive after it closed (it keeps the store up for the others' check-out):
+    over TCP its closed sockets say it left; over shared memory the segment must say so too."""
+    env = {"RINGLET_TIMEOUT": "30", "RINGLET_TRANSPORT": transport}
+    outcomes = spmd.run(rank0_leaves, 3, timeout=40, env=env, expect_failure=True)
+    assert outcomes[0][0] == "error" and "rank 0's own code failed" in outcomes[0][1]
+    for rank in (1, 2):
+        status, got = outcomes[rank]
+        assert status == "ok", f"rank {rank}: {got}"
+        assert got["error"] == "PeerError" and "rank 0" in got["message"], got
+        assert got["took"] < 5.0, f"rank {rank} took {got['took']:.1f} s"  # was the 10 s close wait
+        print(f"{transport}: rank {rank} raised after {got['took']:.2f} s")

@@ -23,6 +23,7 @@ from . import shm_cma, shm_staged
 from .cma import CrossMemory
 from .shm_channel import Channel, Finish, SignatureMismatch
 from .shm_plan import Plan, check_root
+from .shm_segment import LEFT, SLOT_WORDS
 from .shm_setup import ShmUnavailable, join
 from .shm_tuning import ShmTuning
 from .shm_wait import Waiter
@@ -108,11 +109,14 @@ class ShmGroup:
             self._broken = RingletError(f"the shm group was aborted: {rank_reason}")
 
     def close(self) -> None:
-        """Unmap the segment; idempotent. Peers still waiting on this rank will time out."""
+        """Say this rank left (peers still waiting on it raise PeerError at once instead of
+        timing out), then unmap the segment; idempotent."""
         if self._closed:
             return
         self._closed = True
         if self._ch is not None:
+            self._ch.seg.slots[self.rank * SLOT_WORDS + LEFT] = 1
+            self._ch.waiter.wake_all()
             self._ch.seg.close()
 
     # -- the collectives ----------------------------------------------------------------------

@@ -59,7 +59,7 @@ POSTED, TAKEN, HEADERS, HDR = 0, 1, 2, 7
 H_SEQ, H_SIG, H_ROUND, H_SEGMENT, H_LENGTH, H_PIECE, H_ADDRESS = range(HDR)
 BOX_WORDS = 16  # 128 bytes
 # Per-rank line words (uint64) in the rank table; the doorbell is the first 32-bit word.
-R_SLEEPING, R_PID, R_START, R_PROBE, R_VERDICT = 1, 2, 3, 4, 5
+R_SLEEPING, R_PID, R_START, R_PROBE, R_VERDICT, R_LEFT = 1, 2, 3, 4, 5, 6
 # Header words.
 G_MAGIC, G_SIZE, G_CHUNK, G_ABORT, G_REASON_LEN, G_ABORT_RANK = range(6)
 REASON_OFFSET, REASON_MAX = 64, PAGE - 64
@@ -403,14 +403,16 @@ class ShmTransport:
             raise PeerError(f"rank {self.rank}: the round was cancelled", rank=None)
         self._poll()
         waiting = sorted({op.peer for op in pending})
-        dead = self._watch.dead([self._index[q] for q in waiting])
-        if dead:
+        dead = set(self._watch.dead([self._index[q] for q in waiting]))
+        left = [q for q in waiting if self._seg.ranks[self._index[q] * (LINE // 8) + R_LEFT]]
+        who = [q for q in waiting if self._index[q] in dead or q in left]
+        if who:
             if header[G_ABORT]:
                 raise self._aborted()
-            who = [q for q in waiting if self._index[q] in dead]
+            how = "closed the communicator" if who[0] in left else "died"
             raise PeerError(
-                f"rank {self.rank}: rank {who[0]} died while this rank waited for it over shared "
-                "memory; the job cannot continue, restart it",
+                f"rank {self.rank}: rank {who[0]} {how} while this rank waited for it over "
+                "shared memory; the job cannot continue, restart it",
                 rank=who[0],
             )
         if now >= deadline:
@@ -443,7 +445,11 @@ class ShmTransport:
             self._futex.wake(address)
 
     def close(self) -> None:
-        """Unmap the segment; idempotent."""
+        """Say this rank left (a peer still waiting on it raises PeerError at once instead of
+        timing out), then unmap the segment; idempotent."""
         if not self._closed:
             self._closed = True
+            self._seg.ranks[self._me * (LINE // 8) + R_LEFT] = 1
+            for peer in self.peers:
+                self._ring(peer)
             self._seg.close()

@@ -39,6 +39,7 @@ LAYOUT = 4  # [2] a digest of the counts the rank was given (sizes, splits)
 ADDR_A = 6  # [2] address of the rank's first user buffer, for cross-memory attach
 ADDR_B = 8  # [2] address of the rank's second user buffer
 SLEEPING = 10  # 1 while the rank may be blocked in a futex wait on its doorbell
+LEFT = 11  # 1 once the rank closed the group: it will never publish again
 SLOT_WORDS = 16
 
 # Header words (uint64).

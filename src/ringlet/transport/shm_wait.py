@@ -18,7 +18,7 @@ from typing import NoReturn
 
 from ringlet.errors import CollectiveTimeout, PeerError
 
-from .shm_segment import LINE, SLEEPING, SLOT_WORDS, Segment
+from .shm_segment import LEFT, LINE, SLEEPING, SLOT_WORDS, Segment
 
 #: Seconds of pure spinning before yielding the CPU.
 SPIN_SECONDS = 20e-6
@@ -195,7 +195,7 @@ class Waiter:
                     self._poll()
             if now >= next_pid_check:
                 next_pid_check = now + PID_CHECK_SECONDS
-                self._check_alive([i // SLOT_WORDS for i in indices])
+                self._check_alive([i // SLOT_WORDS for i in indices], word, target)
             if now < yield_end:
                 os.sched_yield()
                 continue
@@ -223,16 +223,23 @@ class Waiter:
             rank=self.seg.abort_rank(),
         )
 
-    def _check_alive(self, ranks: list[int]) -> None:
-        dead = self._watch.dead(ranks)
-        if dead:
+    def _check_alive(self, ranks: list[int], word: int, target: int) -> None:
+        """PeerError if a waited-for peer died or closed the group without publishing ``target``
+        (checked after the death, so a last publish just before exiting still counts)."""
+        slots = self._slots
+        gone = set(self._watch.dead(ranks)) | {r for r in ranks if slots[r * SLOT_WORDS + LEFT]}
+        lost = sorted(r for r in gone if slots[r * SLOT_WORDS + word] < target)
+        if lost:
             if self.seg.aborted:  # a peer that saw the death first may have left already
                 raise self.aborted_error()
-            who = ", ".join(f"rank {r} (pid {self._watch.identities[r][0]})" for r in dead)
+            how = {r: "closed the group" if slots[r * SLOT_WORDS + LEFT] else "died" for r in lost}
+            who = ", ".join(
+                f"rank {r} (pid {self._watch.identities[r][0]}) {how[r]}" for r in lost
+            )
             raise PeerError(
-                f"rank {self.rank}: {self.what()}: {who} died while this rank waited for it; "
+                f"rank {self.rank}: {self.what()}: {who} while this rank waited for it; "
                 "the job cannot continue, restart it",
-                rank=dead[0],
+                rank=lost[0],
             )
 
     def _timeout(self, word: int, target: int, step: str) -> NoReturn:
