@@ -48,9 +48,15 @@ def _check_result_lines(records: list[dict[str, Any]], backend: str, ranks: int)
     assert len(info) == 1 and info[0]["ranks"] == ranks
 
 
+@pytest.fixture(scope="module")
+def two_ranks() -> list[dict[str, Any]]:
+    """One quick run on two ranks, read by the tests that need no other options."""
+    return _bench("-n", "2", *QUICK)
+
+
 @pytest.mark.timeout(TIMEOUT)
-def test_bench_launches_two_ranks_and_prints_json_lines() -> None:
-    records = _bench("-n", "2", *QUICK)
+def test_bench_launches_two_ranks_and_prints_json_lines(two_ranks: list[dict[str, Any]]) -> None:
+    records = two_ranks
     _check_result_lines(records, "ringlet", 2)
     assert {r["kind"] for r in records} == {"info", "result"}  # nothing to compare with
 
@@ -108,9 +114,11 @@ def test_bench_runs_inside_ringlet_run_and_plots(tmp_path: Path) -> None:
 
 
 @pytest.mark.timeout(TIMEOUT)
-def test_bench_reloads_its_json_as_markdown(tmp_path: Path) -> None:
+def test_bench_reloads_its_json_as_markdown(
+    two_ranks: list[dict[str, Any]], tmp_path: Path
+) -> None:
     saved = tmp_path / "run.jsonl"
-    records = _bench("-n", "2", *QUICK)
+    records = two_ranks
     saved.write_text("".join(json.dumps(r) + "\n" for r in records))
     done = subprocess.run([sys.executable, "-m", "ringlet", "bench", "--load", str(saved),
                            "--markdown"], capture_output=True, text=True, timeout=60)  # fmt: skip
