@@ -59,12 +59,14 @@ def data(rank: int, count: int, dtype: np.dtype, salt: int = 0) -> np.ndarray:
 
 def reference(op: str, inputs: list[np.ndarray]) -> np.ndarray:
     """What reducing the inputs gives, computed with NumPy in rank order."""
-    stack = np.stack(inputs)
-    dt = stack.dtype
+    dt = inputs[0].dtype
     if op in ("sum", "mean"):
-        total = stack[0].copy()
-        for a in stack[1:]:
-            total = np.add(total, a, dtype=dt) if dt.kind != "b" else np.logical_or(total, a)
+        total = inputs[0].copy()
+        for a in inputs[1:]:
+            if dt.kind == "b":
+                np.logical_or(total, a, out=total)
+            else:
+                np.add(total, a, out=total, dtype=dt)
         if op == "mean" and dt.kind in "iu":
             total = total // len(inputs)
         elif op == "mean" and dt.kind == "c":  # parts divided separately: correctly rounded
@@ -80,20 +82,29 @@ def reference(op: str, inputs: list[np.ndarray]) -> np.ndarray:
         "bor": np.bitwise_or,
         "bxor": np.bitwise_xor,
     }[op]
-    out = stack[0].copy()
-    for a in stack[1:]:
+    out = inputs[0].copy()
+    for a in inputs[1:]:
         out = fn(out, a).astype(dt)
     return out
+
+
+def _reduced(memo: dict[str, np.ndarray], op: str, inputs: list[np.ndarray]) -> np.ndarray:
+    """reference(op, inputs), computed once per case and op for all the algorithms checked."""
+    if op not in memo:
+        memo[op] = reference(op, inputs)
+    return memo[op]
 
 
 def _same(a: np.ndarray, b: np.ndarray) -> bool:
     """Exact equality; for floats by value (the sign of a zero product depends on the order)."""
     if a.dtype != b.dtype or a.shape != b.shape:
         return False
-    if a.dtype.kind in "fc" or a.dtype == BF16:
+    if a.dtype.kind == "c":
         return bool(
             np.array_equal(a.astype(np.complex128), b.astype(np.complex128), equal_nan=True)
         )
+    if a.dtype.kind == "f" or a.dtype == BF16:
+        return bool(np.array_equal(a.astype(np.float64), b.astype(np.float64), equal_nan=True))
     return bool(np.array_equal(a, b))
 
 
@@ -126,13 +137,14 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
         roots = [n - 1] if big else sorted({0, n - 1, n // 2})
         inputs = [data(r, count, dtype) for r in range(n)]
         mine = inputs[me]
+        memo: dict[str, np.ndarray] = {}
         case = f"{dtype.name} count={count}"
         for algo in algos(comm, "all_reduce"):
             for op in REDUCE_OPS:
                 if not _valid(op, dtype) or ((fast or big) and op not in ("sum", "max", "bxor")):
                     continue
                 got = comm.all_reduce(mine.copy(), op=op, algo=algo)
-                if not _same(got, reference(op, inputs)):
+                if not _same(got, _reduced(memo, op, inputs)):
                     bad.append(f"all_reduce {algo} {op} {case}")
         for algo, root in itertools.product(algos(comm, "broadcast"), roots):
             got = comm.broadcast(mine.copy(), root=root, algo=algo)
@@ -141,7 +153,7 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
         for algo, root in itertools.product(algos(comm, "reduce"), roots):
             op = "max" if dtype.kind != "c" else "sum"
             got = comm.reduce(mine.copy(), root=root, op=op, algo=algo)
-            want = reference(op, inputs) if me == root else mine
+            want = _reduced(memo, op, inputs) if me == root else mine
             if not _same(got, want):
                 bad.append(f"reduce {algo} root={root} {case}")
         # uneven first dimensions: rank r contributes count + r rows
@@ -160,15 +172,16 @@ def run_cases(comm, fast: bool) -> list[str]:  # type: ignore[no-untyped-def]
             got = comm.scatter(whole if me == root else None, root=root, algo=algo)
             if not _same(got, whole[me * count : (me + 1) * count]):
                 bad.append(f"scatter {algo} root={root} {case}")
-        blocks = [data(r, count * n, dtype, salt=3) for r in range(n)]
+        # rank r's reduce_scatter / all_to_all input is n chunks, chunk j made from a seed of its
+        # own, so this rank makes only the chunks its result depends on: chunk `me` of each rank
+        block = np.concatenate([data(me, count, dtype, salt=13 + 10 * j) for j in range(n)])
+        mine_of = [data(r, count, dtype, salt=13 + 10 * me) for r in range(n)]
+        op = "sum" if dtype.kind != "b" else "bor"
+        want = reference(op, mine_of)
         for algo in algos(comm, "reduce_scatter"):
-            op = "sum" if dtype.kind != "b" else "bor"
-            got = comm.reduce_scatter(blocks[me], op=op, algo=algo)
-            if not _same(got, reference(op, blocks)[me * count : (me + 1) * count]):
+            if not _same(comm.reduce_scatter(block, op=op, algo=algo), want):
                 bad.append(f"reduce_scatter {algo} {case}")
-        got = comm.all_to_all(blocks[me])
-        want = np.concatenate([b[me * count : (me + 1) * count] for b in blocks])
-        if not _same(got, want):
+        if not _same(comm.all_to_all(block), np.concatenate(mine_of)):
             bad.append(f"all_to_all {case}")
     comm.barrier()
     return bad
