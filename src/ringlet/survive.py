@@ -34,7 +34,7 @@ import numpy as np
 from .comm import WORLD_ID, Communicator
 from .errors import PeerError, RingletError
 
-__all__ = ["Elastic", "elastic", "shrink"]
+__all__ = ["Elastic", "elastic", "grow", "rejoin", "shrink"]
 
 #: How often a waiting survivor looks at the store again (seconds).
 POLL = 0.005
@@ -44,6 +44,7 @@ PROBE_EVERY = 0.05
 FAULTS: dict[str, Callable[[], None]] = {}
 
 _shrunk: weakref.WeakKeyDictionary[Communicator, Communicator] = weakref.WeakKeyDictionary()
+_joined: weakref.WeakSet[Communicator] = weakref.WeakSet()  # made by rejoin(), state still due
 
 
 def shrink(comm: Communicator, *, timeout: float | None = None) -> Communicator:
@@ -199,6 +200,110 @@ def _confirmed(
         return bool(held == b"ok")
 
 
+# -- rejoining ---------------------------------------------------------------------------------
+def rejoin(
+    rank: int | None = None,
+    world_size: int | None = None,
+    master: str | None = None,
+    *,
+    secret: bytes | str | None = None,
+    timeout: float | None = None,
+) -> Communicator:
+    """In a replacement process: join the running job in place of a lost rank.
+
+    Takes what ``ringlet.init()`` takes (the lost rank's number, the job's master and secret, e.g.
+    from the same RINGLET_* variables). Asks to be admitted, and waits until the members call
+    :func:`grow` (``Elastic`` does at every step); returns the grown communicator. Raises
+    RingletError when the job refuses it (rank 0, or a rank that is still alive).
+    """
+    import atexit
+    import os
+
+    from .rendezvous import resolve
+    from .transport.tcp import Listener
+    from .world import World, _host_id, _join_store, _local_address, _peer_key, finalize
+
+    env = resolve(rank, world_size, master, secret, timeout)
+    if env.secret is None:
+        raise RingletError("rejoin(): a replacement needs the job's secret (RINGLET_SECRET or "
+                           "RINGLET_SECRET_FILE, as the other ranks were given)")
+    if env.rank == 0:
+        raise RingletError("rejoin(): rank 0 hosts the store and cannot be replaced")
+    store, key = _join_store(env, env.master_host, env.store_port, env.secret, None)
+    peer_key = _peer_key(key, env.job_id)
+    listener = Listener(_local_address(env.master_host), peer_key)
+    ticket = store.add("join/count", 1)
+    request = {"rank": env.rank, "addr": list(listener.address), "host": _host_id()}
+    store.set(f"join/{ticket}", json.dumps(request).encode())
+    try:
+        answer = json.loads(store.get(f"join/{ticket}/admitted", timeout=env.timeout))
+    except BaseException:
+        listener.close()
+        store.close()
+        raise
+    if "error" in answer:
+        listener.close()
+        store.close()
+        raise RingletError(f"rejoin(): the job refused rank {env.rank}: {answer['error']}")
+    job = os.environ.get("RINGLET_JOB_ID") or hashlib.sha256(
+        key + str(env.store_port).encode()).hexdigest()[:12]
+    from .schedules import select
+
+    flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
+    world = World(env.rank, env.world_size, store, listener, peer_key,
+                  [tuple(a) for a in answer["addresses"]], answer["hosts"], job, env.timeout,
+                  deterministic=flag in ("1", "true", "yes"),
+                  forced=select.forced(os.environ.get("RINGLET_ALGO", "")))
+    world.closer = lambda: finalize(world)
+    atexit.register(finalize, world)
+    comm = Communicator(world, answer["comm"], answer["members"])
+    _joined.add(comm)
+    return comm
+
+
+def grow(comm: Communicator) -> Communicator:
+    """Admit the replacements waiting to rejoin (see :func:`rejoin`); every member calls it.
+
+    Returns a new communicator of the members and the replacements (ordered by global rank), or
+    ``comm`` itself when none is waiting. Rank 0 of ``comm`` decides; it must be global rank 0.
+    """
+    world, store = comm.world, comm.world.store
+    joiners: list[dict[str, Any]] = []
+    if comm.rank == 0:
+        seen = int(store.add("join/seen", 0))
+        for ticket in range(seen + 1, int(store.add("join/count", 0)) + 1):
+            raw = store.try_get(f"join/{ticket}")
+            if raw is None:
+                break  # registering still: next time
+            store.add("join/seen", 1)
+            request = {**json.loads(raw), "ticket": ticket}
+            if request["rank"] in comm.members or request["rank"] in {j["rank"] for j in joiners}:
+                store.set(f"join/{ticket}/admitted",
+                          json.dumps({"error": f"rank {request['rank']} is alive"}).encode())
+            else:
+                joiners.append(request)
+    flag = np.array([len(joiners)], np.int64)
+    comm.broadcast(flag, root=0)
+    if not flag[0]:
+        return comm
+    joiners = comm.broadcast_object(joiners, root=0)
+    for j in joiners:
+        world.addresses[j["rank"]] = tuple(j["addr"])
+        world.hosts[j["rank"]] = j["host"]
+    members = sorted(comm.members + [j["rank"] for j in joiners])
+    raw_id = f"{comm.id}/grow/{joiners[0]['ticket']}".encode()
+    new_id = int.from_bytes(hashlib.blake2b(raw_id, digest_size=8).digest(), "little") >> 2
+    if comm.rank == 0:
+        answer = {"comm": new_id, "members": members,
+                  "addresses": [list(a) for a in world.addresses], "hosts": world.hosts}
+        for j in joiners:
+            store.set(f"join/{j['ticket']}/admitted", json.dumps(answer).encode())
+    new = Communicator(world, new_id, members)
+    if comm.id != WORLD_ID:
+        comm.close()
+    return new
+
+
 # -- training that carries on ------------------------------------------------------------------
 class _Snapshot:
     """A copy of the training state: arrays copied, ``state_dict()`` objects deep-copied."""
@@ -215,6 +320,12 @@ class _Snapshot:
                     f"elastic state: a dict of arrays or an object with state_dict(), not "
                     f"{type(item).__name__}"
                 )
+
+    @classmethod
+    def of(cls, parts: list[Any]) -> _Snapshot:
+        snap = cls(())
+        snap.parts = parts
+        return snap
 
     def restore(self, state: Sequence[Any]) -> None:
         for item, saved in zip(state, self.parts, strict=True):
@@ -235,23 +346,41 @@ class Elastic:
         rebuild: Callable[[Communicator], Any] | None = None,
         *,
         timeout: float | None = None,
+        admit_every: int = 1,
     ) -> None:
         self.comm = comm
         self.state = [state] if isinstance(state, dict) or hasattr(state, "state_dict") else list(
             state
         )
         self._rebuild = rebuild
-        self.model: Any = rebuild(comm) if rebuild is not None else None
         self.timeout = timeout
+        self.admit_every = admit_every  # steps between looks for replacements (0: never)
         self.step = 0  # steps completed by this rank
         self.shrinks: list[dict[str, Any]] = []  # one record per recovery: when, who was lost
+        self.grows: list[dict[str, Any]] = []  # one record per admission: step, who came back
         self._snaps: dict[int, _Snapshot] = {}
+        self._looked: tuple[int, int] | None = None  # (communicator, step) admitted at last
+        if comm in _joined:  # a replacement: the members send the step and the state
+            _joined.discard(comm)
+            self.step, parts = comm.broadcast_object(None, root=0)
+            _Snapshot.of(parts).restore(self.state)
+            self._looked = (comm.id, self.step)  # the members looked at this step already
+        self.model: Any = rebuild(comm) if rebuild is not None else None
 
     def steps(self, n: int) -> Iterator[int]:
         """Yield the step numbers 0..n-1 to run, each under :meth:`guard`; a step lost to a dead
         rank is yielded again. Ends with a barrier, so every survivor knows every step completed."""
         while True:
             while self.step < n:
+                due = self.admit_every and self.step % self.admit_every == 0
+                if due and self._looked != (self.comm.id, self.step):
+                    try:
+                        self._admit()
+                    except RingletError as exc:
+                        if not self.comm.failed:
+                            raise
+                        self._recover(exc)
+                        continue
                 self._snaps[self.step] = _Snapshot(self.state)
                 self._snaps.pop(self.step - 2, None)
                 yield self.step
@@ -272,6 +401,23 @@ class Elastic:
             with self.guard():
                 body(step, self.comm)
 
+    def _admit(self) -> None:
+        """Grow to the replacements waiting, hand them the step and the state, rebuild."""
+        new = grow(self.comm)
+        self._looked = (new.id, self.step)
+        if new is self.comm:
+            return
+        self.comm = new
+        new.broadcast_object((self.step, _Snapshot(self.state).parts), root=0)
+        self._rebuilt(new)
+        self.grows.append({"step": self.step, "members": new.members, "at": time.time()})
+
+    def _rebuilt(self, new: Communicator) -> None:
+        if self._rebuild is not None:
+            for handle in getattr(self.model, "_hooks", ()):  # ringlet DDP's gradient hooks
+                handle.remove()  # the old wrapper must not average on the old communicator
+            self.model = self._rebuild(new)
+
     def _recover(self, exc: BaseException) -> None:
         """Shrink, agree on the step to redo (the earliest any survivor has not completed) and
         roll this rank's state back to that step's start."""
@@ -283,10 +429,7 @@ class Elastic:
         for k in [k for k in self._snaps if k > redo]:
             del self._snaps[k]
         self.comm, self.step = new, redo
-        if self._rebuild is not None:
-            for handle in getattr(self.model, "_hooks", ()):  # ringlet DDP's gradient hooks
-                handle.remove()  # the old wrapper must not average on the failed communicator
-            self.model = self._rebuild(new)
+        self._rebuilt(new)
         self.shrinks.append({
             "error": f"{type(exc).__name__}: {exc}", "redo": redo, "at": lost_at,
             "members": new.members, "lost": [g for g in old.members if g not in new.members],
@@ -324,6 +467,7 @@ def elastic(
     rebuild: Callable[[Communicator], Any] | None = None,
     *,
     timeout: float | None = None,
+    admit_every: int = 1,
 ) -> Elastic:
     """A training loop that carries on when ranks are lost.
 
@@ -331,11 +475,14 @@ def elastic(
     ``load_state_dict()`` such as a torch module and its optimizer, or a list of them).
     ``rebuild(comm)`` makes what the step uses on a communicator — e.g.
     ``lambda c: DistributedDataParallel(model, comm=c)`` — once now and again after every shrink;
-    its result is ``job.model``. The body reads ``job.comm`` for the current communicator::
+    its result is ``job.model``. Every ``admit_every`` steps the members admit replacements
+    waiting in :func:`rejoin` (one small broadcast); a replacement calls ``elastic`` on the
+    communicator ``rejoin`` returned and starts with the members' step and state. The body reads
+    ``job.comm`` for the current communicator::
 
         job = ringlet.elastic(comm, [model, opt], lambda c: DistributedDataParallel(model, comm=c))
         for step in job.steps(100):
             with job.guard():
                 opt.zero_grad(); loss_fn(job.model(x[step]), y[step]).backward(); opt.step()
     """
-    return Elastic(comm, state, rebuild, timeout=timeout)
+    return Elastic(comm, state, rebuild, timeout=timeout, admit_every=admit_every)

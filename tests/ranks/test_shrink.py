@@ -198,22 +198,22 @@ def _grads(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, 
     return {"w2": h.T @ err, "b2": err.sum(0), "w1": x.T @ dh, "b1": dh.sum(0)}
 
 
-def numpy_drill(
-    comm: ringlet.Communicator, victim: int, kill_at: int, steps: int, deathfile: Path
-) -> dict[str, Any]:
-    """4 ranks train; the victim SIGKILLs itself at step ``kill_at`` (writing the time first);
-    each survivor records a digest of its parameters after every step and when it completed."""
+def _params() -> dict[str, np.ndarray]:
     rng = np.random.default_rng(0)
-    params = {"w1": rng.standard_normal((8, 16)) * 0.3, "b1": np.zeros(16),
-              "w2": rng.standard_normal((16, 1)) * 0.3, "b2": np.zeros(1)}
-    job = survive.elastic(comm, params)
+    return {"w1": rng.standard_normal((8, 16)) * 0.3, "b1": np.zeros(16),
+            "w2": rng.standard_normal((16, 1)) * 0.3, "b2": np.zeros(1)}
+
+
+def _numpy_loop(job: survive.Elastic, params: dict[str, np.ndarray], steps: int,
+                before: Any = None) -> dict[str, Any]:
+    """SGD on the MLP, each rank a shard of the step's batch; ``before(step)`` runs first in each
+    step (the fault injector). Records a digest of the parameters after every completed step."""
     digests: dict[int, float] = {}
     done: dict[int, float] = {}
     for step in job.steps(steps):
         with job.guard():
-            if step == kill_at and comm.rank == victim:
-                deathfile.write_text(repr(time.time()))
-                _die()
+            if before is not None:
+                before(step)
             c = job.comm
             x, y = _batch(step)
             mine = slice(c.rank * len(x) // c.size, (c.rank + 1) * len(x) // c.size)
@@ -228,7 +228,47 @@ def numpy_drill(
         if job.step == step + 1:  # completed (a recovered step is yielded again)
             digests[step] = float(sum(v.sum() for v in params.values()))
             done[step] = time.time()
-    return {"digests": digests, "done": done, "members": job.comm.members, "shrinks": job.shrinks}
+    return {"digests": digests, "done": done, "members": job.comm.members, "shrinks": job.shrinks,
+            "grows": job.grows}
+
+
+def numpy_drill(
+    comm: ringlet.Communicator, victim: int, kill_at: int, steps: int, deathfile: Path,
+    replace: bool = False,
+) -> dict[str, Any]:
+    """4 ranks train; the victim SIGKILLs itself at step ``kill_at`` (writing the time first,
+    and with ``replace`` leaving its environment for the test to start a replacement with, as a
+    launcher would)."""
+    params = _params()
+    job = survive.elastic(comm, params)
+
+    def before(step: int) -> None:
+        if step == kill_at and comm.rank == victim:
+            if replace:  # what the launcher needs to start a replacement
+                env = {k: v for k, v in os.environ.items() if k.startswith("RINGLET_")}
+                Path(str(deathfile) + ".env").write_text(repr(env))
+            deathfile.write_text(repr(time.time()))
+            _die()
+        if replace and step == kill_at + 1 and job.comm.rank == 0:
+            job.comm.world.store.get("join/1", timeout=30)  # training this small ends sooner
+
+    return _numpy_loop(job, params, steps, before)
+
+
+def _replacement(env: dict[str, str], steps: int, out: str) -> None:
+    """A new process for the lost rank: rejoin, receive the state, train to the end."""
+    import json
+    import traceback
+
+    os.environ.update(env)
+    try:
+        comm = survive.rejoin()
+        params = {k: np.zeros_like(v) for k, v in _params().items()}  # the members send theirs
+        result = _numpy_loop(survive.elastic(comm, params), params, steps)
+        comm.close()
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result))
 
 
 def _recovery(out: list[tuple[str, Any]], victim: int, kill_at: int, deathfile: Path) -> float:
@@ -240,8 +280,10 @@ def _recovery(out: list[tuple[str, Any]], victim: int, kill_at: int, deathfile: 
     first = survivors[0]
     for v in survivors:
         assert v["digests"] == first["digests"]  # identical parameters after every step
-        assert v["members"] == [g for g in range(4) if g != victim]
-        assert len(v["shrinks"]) == 1 and v["shrinks"][0]["lost"] == [victim], v["shrinks"]
+        assert v["members"] == [g for g in range(4) if g != victim] or v["grows"]
+        assert len(v["shrinks"]) == 1 and v["shrinks"][0]["lost"] == [victim], "\n".join(
+            f"{x['members']} {x['lost']} {x['redo']} {x['error'][:400]}" for x in v["shrinks"]
+        ) + f"\n{v['grows']}"
     steps = sorted(first["digests"])
     assert steps == list(range(len(steps))) and len(steps) > kill_at
     killed = float(deathfile.read_text())
@@ -327,3 +369,46 @@ def test_ddp_training_carries_on(transport: str, tmp_path: Path) -> None:
     took = _recovery(out, victim, kill_at, death)
     print(f"DDP drill ({transport}): kill -> next completed step {took:.3f} s")
     assert took < 5.0
+
+
+@pytest.mark.timeout(90)
+def test_a_replacement_rejoins_and_receives_the_state(tmp_path: Path) -> None:
+    """The victim's replacement asks to rejoin; the survivors admit it at the next step, hand it
+    the step and the parameters, and all 4 finish with identical parameters."""
+    import json
+
+    death = tmp_path / "death"
+    replaced, env_file = Path(str(death) + ".replaced"), Path(str(death) + ".env")
+    procs = []
+
+    def launcher() -> None:  # restarts the lost rank, as ringlet run --max-restarts would
+        end = time.monotonic() + 50
+        while not death.exists() and time.monotonic() < end:
+            time.sleep(0.01)
+        if death.exists():
+            env = eval(env_file.read_text())  # written by a rank of this test
+            p = spmd.context().Process(target=_replacement, args=(env, 10, str(replaced)))
+            p.start()
+            procs.append(p)
+
+    watcher = threading.Thread(target=launcher)
+    watcher.start()
+    out = spmd.run(numpy_drill, 4, 2, 3, 10, death, True, env=_env("auto"), timeout=60,
+                   expect_failure=True)
+    watcher.join()
+    for p in procs:
+        p.join(timeout=20)
+        if p.is_alive():
+            p.kill()
+    _recovery(out, 2, 3, death)
+    assert replaced.exists(), "the replacement did not finish"
+    back = json.loads(replaced.read_text())
+    assert "error" not in back, back.get("error")
+    first = out[0][1]
+    assert back["members"] == first["members"] == [0, 1, 2, 3]
+    assert first["grows"] and first["grows"][0]["members"] == [0, 1, 2, 3], first["grows"]
+    joined = min(int(k) for k in back["digests"])
+    assert joined == first["grows"][0]["step"] and joined > 3
+    assert {int(k): v for k, v in back["digests"].items()} == {
+        k: v for k, v in first["digests"].items() if k >= joined
+    }
