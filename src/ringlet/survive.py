@@ -34,7 +34,7 @@ import numpy as np
 from .comm import WORLD_ID, Communicator
 from .errors import PeerError, RingletError
 
-__all__ = ["Elastic", "elastic", "grow", "rejoin", "shrink"]
+__all__ = ["Elastic", "elastic", "grow", "pending", "rejoin", "shrink"]
 
 #: How often a waiting survivor looks at the store again (seconds).
 POLL = 0.005
@@ -259,6 +259,12 @@ def rejoin(
     comm = Communicator(world, answer["comm"], answer["members"])
     _joined.add(comm)
     return comm
+
+
+def pending(comm: Communicator) -> int:
+    """How many replacements have asked to rejoin and wait for :func:`grow` (one store read)."""
+    store = comm.world.store
+    return int(store.add("join/count", 0)) - int(store.add("join/seen", 0))
 
 
 def grow(comm: Communicator) -> Communicator:
