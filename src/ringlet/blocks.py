@@ -49,10 +49,12 @@ class ScatterHeader:
         self.data = np.zeros(4 + MAX_TRAILING + size, np.int64)
 
     @classmethod
-    def describe(cls, x: Any, size: int) -> tuple[ScatterHeader, list[np.ndarray]]:
-        """The root's header for ``x`` (one array split evenly, or a list of one array per rank),
-        and the parts; an invalid input gives a header whose status says why, and no parts."""
+    def describe(cls, x: Any, size: int) -> tuple[ScatterHeader, np.ndarray | None]:
+        """The root's header for ``x`` (one array split evenly, or a list of one array per rank)
+        and the parts as one flat array (the array itself when it is contiguous: no copy; a list
+        is concatenated); an invalid input gives a header whose status says why, and None."""
         header = cls(size)
+        whole: np.ndarray | None = None
         try:
             if isinstance(x, (list, tuple)):
                 if len(x) != size:
@@ -74,12 +76,14 @@ class ScatterHeader:
                 raise _Reject(4) from None
         except _Reject as rej:
             header.data[0] = rej.code
-            return header, []
+            return header, None
         d = header.data
         d[1], d[2] = dtype_code(first.dtype), first.ndim - 1
         d[3 : 3 + first.ndim - 1] = first.shape[1:]
         d[4 + MAX_TRAILING :] = [p.shape[0] for p in parts]
-        return header, parts
+        if whole is not None:
+            return header, np.ascontiguousarray(whole).reshape(-1)
+        return header, np.concatenate([p.reshape(-1) for p in parts])
 
     def check(self, root: int) -> None:
         """ValueError (on every rank, after the header arrived) if the root's input was invalid."""

@@ -237,10 +237,10 @@ class Communicator:
         call = self._call("scatter", None, (), root=root)
 
         def body(deadline: float) -> Any:
-            header, parts = (
+            header, flat = (
                 ScatterHeader.describe(x, self.size)
                 if self.rank == root
-                else (ScatterHeader(self.size), [])
+                else (ScatterHeader(self.size), None)
             )
             self._path.move(call.phase(), "broadcast", None, {"out": header.data}, None, deadline,
                             count=header.data.size, root=root)
@@ -249,8 +249,8 @@ class Communicator:
             counts = tuple(r * row for r in header.rows)
             out = np.empty((header.rows[self.rank], *header.trailing), header.dtype)
             bufs = {"out": out.reshape(-1)}
-            if parts:
-                bufs["in"] = np.concatenate([p.reshape(-1) for p in parts])
+            if flat is not None:
+                bufs["in"] = flat
             self._path.move(call, "scatter", algo, bufs, None, deadline, counts=counts, root=root)
             listed = isinstance(x, (list, tuple))
             template = x if self.rank == root and not listed else (x[0] if listed and x else out)

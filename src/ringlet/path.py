@@ -39,6 +39,14 @@ def _schedule(
     return select.build(op, algo, rank, size, hosts=hosts, **kw)
 
 
+def _writes(sched: Schedule, buf: str) -> bool:
+    """Whether any round of ``sched`` receives or copies into ``buf`` (a tree's leaf does not)."""
+    return any(
+        any(v.buf == buf for v in rnd.recvs) or any(c.dst_buf == buf for c in rnd.copies)
+        for rnd in sched.rounds
+    )
+
+
 class Path:
     """Routes, engine and shm group of one communicator, and the move every collective makes."""
 
@@ -98,7 +106,7 @@ class Path:
         )
         sched = _schedule(op, chosen, self.rank, self.size, self._topology, **kw)
         self._recorder.note(chosen, sched, self._transport_of(sched))
-        if op in calls.SUMS_INTO_INPUT and root != self.rank:
+        if op in calls.SUMS_INTO_INPUT and root != self.rank and _writes(sched, "out"):
             bufs = {"out": bufs["out"].copy()}  # a non-root's input must come back unchanged
         dtype = next(iter(bufs.values())).dtype
         for name in ("out", "tmp"):

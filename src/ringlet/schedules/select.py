@@ -135,6 +135,9 @@ REDUCE_SCATTER_HALVING_MAX = 256 << 10  # below: recursive halving; above: ring
 # the simplest. (all_reduce's recursive doubling would send and fold the whole vector where
 # halving-doubling moves halves: 2 ranks over TCP, 1 MiB 0.36 ms vs 1.98, 16 MiB 9.3 vs 13.9.)
 SMALL_WORLD = 2
+#: ...where one of them is also the one that needs no scratch: Bruck rotates into a scratch copy
+#: of the whole output on rank 1 (256 MiB for a 128 MiB input each); the ring lands in place.
+_SMALL = {"all_gather": "ring"}
 
 #: (threshold, algorithm at or below it, algorithm above it) per op with a choice.
 _RULES: dict[str, tuple[tuple[int, str], ...]] = {
@@ -217,7 +220,7 @@ def _flat(op: str, size: int, nbytes: int) -> str:
     if op == "all_reduce" and nbytes > ALL_REDUCE_DOUBLING_MAX and size & (size - 1) == 0:
         return "halving_doubling"
     if size <= SMALL_WORLD:
-        return _RULES[op][0][1]
+        return _SMALL.get(op, _RULES[op][0][1])
     for limit, algo in _RULES[op]:
         if nbytes <= limit:
             return algo
