@@ -37,9 +37,9 @@ def grads(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, n
 
 
 def train() -> None:
-    replacement = os.environ.get("SURVIVE_REPLACEMENT") == "1"
-    kill = os.environ.get("SURVIVE_KILL") == "1" and not replacement
-    comm = survive.rejoin() if replacement else ringlet.init()
+    # a restarted rank (RINGLET_RESTART_COUNT=1, as ringlet run --max-restarts sets) rejoins
+    comm = survive.init_or_rejoin()
+    kill = os.environ.get("SURVIVE_KILL") == "1" and os.environ.get("RINGLET_RESTART_COUNT") is None
     rng = np.random.default_rng(0)
     params = {"w1": rng.standard_normal((8, 32)) * 0.3, "b1": np.zeros(32),
               "w2": rng.standard_normal((32, 1)) * 0.3, "b2": np.zeros(1)}
@@ -86,7 +86,7 @@ def launch() -> int:
     ranks = [start(r) for r in range(4)]
     ranks[VICTIM].wait()
     print(f"rank {VICTIM} exited with {ranks[VICTIM].returncode}; starting its replacement")
-    ranks[VICTIM] = start(VICTIM, SURVIVE_REPLACEMENT="1")
+    ranks[VICTIM] = start(VICTIM, RINGLET_RESTART_COUNT="1")
     lines = [p.communicate(timeout=120)[0].strip() for p in ranks]
     print("\n".join(lines))
     digests = {line.rsplit(" ", 1)[-1] for line in lines}

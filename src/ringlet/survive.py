@@ -32,9 +32,13 @@ from typing import Any
 import numpy as np
 
 from .comm import WORLD_ID, Communicator
-from .errors import PeerError, RingletError
+from .errors import CollectiveTimeout, PeerError, RingletError
 
-__all__ = ["Elastic", "elastic", "grow", "pending", "rejoin", "shrink"]
+__all__ = ["Elastic", "elastic", "grow", "init_or_rejoin", "pending", "rejoin", "shrink"]
+
+#: Set by a launcher that restarts a lost rank (``ringlet run --max-restarts``): how many times
+#: this rank was restarted; a restarted rank rejoins instead of starting the job.
+RESTART_VARIABLE = "RINGLET_RESTART_COUNT"
 
 #: How often a waiting survivor looks at the store again (seconds).
 POLL = 0.005
@@ -261,6 +265,20 @@ def rejoin(
     return comm
 
 
+def init_or_rejoin(**kwargs: Any) -> Communicator:
+    """``ringlet.init(**kwargs)`` in a rank's first process; :func:`rejoin` in a restarted one
+    (RINGLET_RESTART_COUNT, or torchrun's TORCHELASTIC_RESTART_COUNT, above 0)."""
+    import os
+
+    from .world import init
+
+    count = os.environ.get(RESTART_VARIABLE) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    if count.strip() not in ("", "0"):
+        keep = ("rank", "world_size", "master", "secret", "timeout")
+        return rejoin(**{k: v for k, v in kwargs.items() if k in keep})
+    return init(**kwargs)
+
+
 def pending(comm: Communicator) -> int:
     """How many replacements have asked to rejoin and wait for :func:`grow` (one store read)."""
     store = comm.world.store
@@ -283,9 +301,10 @@ def grow(comm: Communicator) -> Communicator:
                 break  # registering still: next time
             store.add("join/seen", 1)
             request = {**json.loads(raw), "ticket": ticket}
-            if request["rank"] in comm.members or request["rank"] in {j["rank"] for j in joiners}:
-                store.set(f"join/{ticket}/admitted",
-                          json.dumps({"error": f"rank {request['rank']} is alive"}).encode())
+            g = request["rank"]
+            if g in comm.members or g in {j["rank"] for j in joiners} or not 0 < g < world.size:
+                why = f"rank {g} is alive" if 0 < g < world.size else f"no rank {g} to replace"
+                store.set(f"join/{ticket}/admitted", json.dumps({"error": why}).encode())
             else:
                 joiners.append(request)
     flag = np.array([len(joiners)], np.int64)
@@ -394,7 +413,14 @@ class Elastic:
                 self.comm.barrier()
                 return
             except RingletError as exc:
-                self._recover(exc)
+                try:
+                    self._recover(exc)
+                except PeerError:
+                    # A rank that entered the barrier had completed every step, and rank 0 (the
+                    # store) may have finished and left: this rank's steps are all done too.
+                    if self.step == n and not isinstance(exc, CollectiveTimeout):
+                        return
+                    raise
 
     def guard(self) -> _Guard:
         """Context manager around one step's body: completes the step, or, when a rank is lost,
