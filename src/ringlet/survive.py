@@ -57,8 +57,8 @@ def shrink(comm: Communicator, *, timeout: float | None = None) -> Communicator:
     Every surviving member of ``comm`` must call it (typically after a PeerError). A member that
     is slow but alive is waited for up to ``timeout`` (default: the communicator's). Every caller
     gets the same membership, or an error: PeerError if this rank was left out (it came after the
-    timeout) or if global rank 0, which hosts the rendezvous store, is lost. Calling it again on
-    the same communicator returns the same result.
+    timeout) or if global rank 0, which hosts the rendezvous store, is lost. A communicator is
+    shrunk once (again: RingletError); shrink the new one when it fails in its turn.
     """
     return agree(comm, b"", timeout=timeout)[0]
 

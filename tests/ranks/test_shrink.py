@@ -360,17 +360,23 @@ def ddp_drill(
 
 @pytest.mark.torch
 @pytest.mark.drill  # 4 ranks importing torch: ~40 s on a loaded 2-core machine
-@pytest.mark.timeout(150)
+@pytest.mark.timeout(1800)
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_ddp_training_carries_on(transport: str, tmp_path: Path) -> None:
+    """RINGLET_DDP_DRILL_RUNS runs (1 by default: each pays 4 torch imports), a random victim
+    other than rank 0 killed at a random step."""
     pytest.importorskip("torch")
-    victim, kill_at = (3, 4) if transport == "tcp" else (1, 2)
-    death = tmp_path / "death"
-    out = spmd.run(ddp_drill, 4, victim, kill_at, 7, death, env=_env(transport), timeout=90,
-                   expect_failure=True)
-    took = _recovery(out, victim, kill_at, death)
-    print(f"DDP drill ({transport}): kill -> next completed step {took:.3f} s")
-    assert took < 5.0
+    rng = random.Random(1617)
+    times = []
+    for run in range(int(os.environ.get("RINGLET_DDP_DRILL_RUNS", "1"))):
+        victim, kill_at = rng.randrange(1, 4), rng.randrange(1, 6)
+        death = tmp_path / f"death{run}"
+        out = spmd.run(ddp_drill, 4, victim, kill_at, 7, death, env=_env(transport), timeout=120,
+                       expect_failure=True)
+        times.append(_recovery(out, victim, kill_at, death))
+    print(f"DDP drill, {len(times)} runs ({transport}): kill -> next completed step median "
+          f"{statistics.median(times):.3f} s, max {max(times):.3f} s")
+    assert max(times) < 5.0
 
 
 @pytest.mark.timeout(90)
