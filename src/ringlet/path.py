@@ -12,7 +12,7 @@ The flight recorder notes the algorithm and transports of every call.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -30,6 +30,12 @@ if TYPE_CHECKING:
     from .world import World
 
 _MEAN = ReduceOp.MEAN
+#: A reduce or reduce_scatter larger than this runs as a sequence of pieces of about this many
+#: bytes, each with scratch of its own size (a non-root's working copy, a ring's partial sums), so
+#: the extra memory of a call stays bounded whatever its size; a few more rounds, each still large.
+PIECE_BYTES = 16 << 20
+#: Added to a call's signature per piece, so the frames of two pieces are never taken for each other.
+PIECE_SIG = 0x9E37_79B9_7F4A_7C15
 
 
 @functools.lru_cache(maxsize=512)
@@ -45,6 +51,27 @@ def _writes(sched: Schedule, buf: str) -> bool:
         any(v.buf == buf for v in rnd.recvs) or any(c.dst_buf == buf for c in rnd.copies)
         for rnd in sched.rounds
     )
+
+
+def _pieces(
+    op: str, bufs: dict[str, np.ndarray], rank: int, **kw: Any
+) -> Iterator[tuple[dict[str, np.ndarray], dict[str, Any]]]:
+    """The buffers and schedule arguments of each piece of a large reduce or reduce_scatter:
+    the same cut on every rank (it depends only on the call's counts)."""
+    out = bufs["out"]
+    if op == "reduce":
+        step = max(1, PIECE_BYTES // out.itemsize)
+        for lo in range(0, kw["count"], step):
+            hi = min(kw["count"], lo + step)
+            yield {"out": out[lo:hi]}, {"count": hi - lo, "root": kw["root"]}
+        return
+    counts, inp = kw["counts"], bufs["in"]  # reduce_scatter: a slice of every rank's block
+    starts = [sum(counts[:r]) for r in range(len(counts))]
+    step = max(1, PIECE_BYTES // (inp.itemsize * len(counts)))
+    for lo in range(0, max(counts), step):
+        part = tuple(max(0, min(c, lo + step) - lo) for c in counts)
+        staged = np.concatenate([inp[s + lo : s + lo + m] for s, m in zip(starts, part, strict=True)])
+        yield {"in": staged, "out": out[lo : lo + part[rank]]}, {"counts": part}
 
 
 class Path:
@@ -104,18 +131,37 @@ class Path:
         chosen = select.select(
             op, self.size, nbytes, forced, hosts=self._topology, deterministic=self._deterministic
         )
-        sched = _schedule(op, chosen, self.rank, self.size, self._topology, **kw)
-        self._recorder.note(chosen, sched, self._transport_of(sched))
-        if op in calls.SUMS_INTO_INPUT and root != self.rank and _writes(sched, "out"):
+        if op in calls.IN_PIECES and nbytes > PIECE_BYTES:
+            for k, (piece, piece_kw) in enumerate(_pieces(op, bufs, self.rank, **kw), 1):
+                self._run(call, k, op, chosen, piece, sent, deadline, **piece_kw)
+        else:
+            self._run(call, 0, op, chosen, bufs, sent, deadline, **kw)
+        if finish is not None:
+            finish(bufs["out"])
+
+    def _run(
+        self,
+        call: Call,
+        piece: int,
+        op: str,
+        algo: str,
+        bufs: dict[str, np.ndarray],
+        sent: ReduceOp | None,
+        deadline: float,
+        **kw: Any,
+    ) -> None:
+        """Build (cached) and execute the schedule of one call, or of its ``piece`` (1, 2, …)."""
+        sched = _schedule(op, algo, self.rank, self.size, self._topology, **kw)
+        self._recorder.note(algo, sched, self._transport_of(sched))
+        if op in calls.SUMS_INTO_INPUT and kw.get("root") != self.rank and _writes(sched, "out"):
             bufs = {"out": bufs["out"].copy()}  # a non-root's input must come back unchanged
         dtype = next(iter(bufs.values())).dtype
         for name in ("out", "tmp"):
             need = extent(sched, name)  # type: ignore[arg-type]
             if name not in bufs or bufs[name].size < need:
                 bufs[name] = np.empty(need, dtype)
-        self._engine.run(sched, bufs, sent, call.seq, call.sig, deadline)
-        if finish is not None:
-            finish(bufs["out"])
+        sig = call.sig if not piece else (call.sig + piece * PIECE_SIG) & ((1 << 64) - 1)
+        self._engine.run(sched, bufs, sent, call.seq, sig, deadline)
 
     def _transport_of(self, sched: Schedule) -> str:
         """Which transports a schedule's messages use on this rank: "shm", "tcp" or "shm+tcp".
