@@ -10,6 +10,10 @@ bucket starts when backward ends (either way in index order on every rank, so ev
 the same calls in the same order). A callback queued on the autograd engine runs when backward
 ends: it waits for every bucket and writes the averages back into ``param.grad``, so when
 ``loss.backward()`` returns the gradients are those of the global batch and any optimizer can step.
+
+Beside it: `buckets` (what is averaged as one, and torch's GradBucket view), `ddp_compat` (torch
+DDP's constructor arguments), `ddp_join` (``join()`` for uneven inputs) and `unused` (which
+parameters a step reaches, for ``find_unused_parameters``).
 """
 
 from __future__ import annotations
@@ -18,121 +22,25 @@ import contextlib
 import time
 import weakref
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 import ringlet
 from ringlet.transport.shm_tuning import usable_cores
 
+from .buckets import EMPTY, MB, Bucket, GradBucket, make_buckets
+from .ddp_compat import torch_arguments
+from .ddp_join import DDPJoinHook, grad_scale_active, join_process_group
 from .groups import communicator_for
 from .hooks import CommHook, allreduce_hook
 from .trace import BucketTiming, StepTrace
+from .unused import reachable_params
 
 __all__ = ["BucketTiming", "DistributedDataParallel", "GradBucket", "StepTrace"]
-
-MB = 1024 * 1024
-_EMPTY = torch.empty(0)
-
-
-@dataclass
-class _Bucket:
-    """A flat buffer holding the gradients of ``params`` at ``offsets``; averaged as one.
-
-    A ``direct`` bucket has one parameter and no buffer of its own: each step ``buffer`` becomes a
-    flat view of that parameter's gradient (or, when the gradient cannot be viewed flat, a spare
-    buffer it is copied into).
-    """
-
-    index: int
-    params: list[nn.Parameter]
-    offsets: list[int]
-    buffer: torch.Tensor
-    direct: bool = False
-    pending: int = 0
-    future: torch.futures.Future[torch.Tensor] | None = None
-    timing: BucketTiming | None = None
-    ready: list[bool] = field(default_factory=list)
-    spare: torch.Tensor | None = None
-
-    def slot(self, i: int) -> torch.Tensor:
-        p = self.params[i]
-        return self.buffer[self.offsets[i] : self.offsets[i] + p.numel()].view_as(p)
-
-    def take(self, grad: torch.Tensor | None) -> None:
-        """Direct bucket: average ``grad`` where it lies (zeros when the parameter got none)."""
-        p = self.params[0]
-        if grad is not None and grad.is_contiguous() and grad.dtype == p.dtype:
-            self.buffer = grad.view(-1)
-            return
-        if self.spare is None:
-            self.spare = torch.empty(p.numel(), dtype=p.dtype)
-        self.buffer = self.spare
-        if grad is None:
-            self.buffer.zero_()
-        else:
-            self.slot(0).copy_(grad)
-
-
-def _make_buckets(
-    params: list[nn.Parameter], cap_bytes: int, first_cap_bytes: int, direct_bytes: int
-) -> list[_Bucket]:
-    """Buckets of at most ``cap_bytes`` (the first at most ``first_cap_bytes``), one dtype each;
-    a parameter of at least ``direct_bytes`` is a direct bucket of its own."""
-    groups: list[tuple[list[nn.Parameter], bool]] = []
-    open_group: dict[torch.dtype, tuple[list[nn.Parameter], int]] = {}
-    for p in reversed(params):  # backward produces the last layers' gradients first
-        nbytes = p.numel() * p.element_size()
-        if nbytes >= direct_bytes:
-            groups.append(([p], True))
-            open_group.pop(p.dtype, None)  # smaller ones after it start a new bucket
-            continue
-        members, used = open_group.get(p.dtype, ([], 0))
-        cap = first_cap_bytes if not groups or members is groups[0][0] else cap_bytes
-        if members and used + nbytes > cap:
-            members, used = [], 0
-        if not members:
-            groups.append((members, False))
-        members.append(p)
-        open_group[p.dtype] = (members, used + nbytes)
-    buckets = []
-    for index, (members, direct) in enumerate(groups):
-        offsets = np.cumsum([0] + [p.numel() for p in members]).tolist()
-        buffer = _EMPTY if direct else torch.zeros(int(offsets[-1]), dtype=members[0].dtype)
-        buckets.append(_Bucket(index, members, [int(o) for o in offsets[:-1]], buffer, direct))
-    return buckets
-
-
-def _reachable_params(outputs: Any) -> set[int]:
-    """ids of the parameters autograd can reach from ``outputs`` (AccumulateGrad nodes' variables)."""
-    roots: list[Any] = [t.grad_fn for t in _tensors(outputs) if t.grad_fn is not None]
-    seen: set[Any] = set()
-    found: set[int] = set()
-    while roots:
-        node = roots.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            found.add(id(node.variable))
-        roots.extend(fn for fn, _ in node.next_functions)
-    return found
-
-
-def _tensors(obj: Any) -> Iterator[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, (list, tuple)):
-        for item in obj:
-            yield from _tensors(item)
-    elif isinstance(obj, dict):
-        for item in obj.values():
-            yield from _tensors(item)
 
 
 def _should_overlap(comm: ringlet.Communicator) -> bool:
@@ -217,35 +125,21 @@ class DistributedDataParallel(nn.Module, Joinable):
     ) -> None:
         super().__init__()
         Joinable.__init__(self)
-        _refuse_cuda("device_ids", device_ids)
-        _refuse_cuda("output_device", output_device)
-        for name, value in (
-            ("delay_all_reduce_named_params", delay_all_reduce_named_params),
-            ("param_to_hook_all_reduce", param_to_hook_all_reduce),
-            ("mixed_precision", mixed_precision),
-            ("bucket_cap_mb_list", bucket_cap_mb_list),
-            ("skip_all_reduce_unused_params", skip_all_reduce_unused_params or None),
-        ):
-            if value is not None:
-                raise ValueError(
-                    f"ringlet's DistributedDataParallel does not support {name}=; for "
-                    "reduced-precision gradients pass comm_hook=bf16_compress_hook or "
-                    "register torch's fp16/bf16 compress hooks with register_comm_hook"
-                )
-        if device_mesh is not None:
-            if process_group is not None or device_mesh.ndim != 1:
-                raise ValueError(
-                    "device_mesh= must be a 1-D DeviceMesh, and not given with process_group="
-                )
-            process_group = device_mesh.get_group()
-        if process_group is not None and comm is not None:
-            raise ValueError("pass process_group= (a torch group) or comm= (ringlet), not both")
-        bucket_cap_mb = 25.0 if bucket_cap_mb is None else bucket_cap_mb
-        if bucket_cap_mb <= 0 or first_bucket_cap_mb <= 0 or direct_mb <= 0:
-            raise ValueError(
-                f"bucket_cap_mb, first_bucket_cap_mb and direct_mb must be > 0, got "
-                f"{bucket_cap_mb}, {first_bucket_cap_mb} and {direct_mb}"
-            )
+        process_group, bucket_cap_mb = torch_arguments(
+            device_ids=device_ids,
+            output_device=output_device,
+            delay_all_reduce_named_params=delay_all_reduce_named_params,
+            param_to_hook_all_reduce=param_to_hook_all_reduce,
+            mixed_precision=mixed_precision,
+            bucket_cap_mb_list=bucket_cap_mb_list,
+            skip_all_reduce_unused_params=skip_all_reduce_unused_params,
+            device_mesh=device_mesh,
+            process_group=process_group,
+            comm=comm,
+            bucket_cap_mb=bucket_cap_mb,
+            first_bucket_cap_mb=first_bucket_cap_mb,
+            direct_mb=direct_mb,
+        )
         self.module = module
         self.process_group = process_group
         self.comm = comm if comm is not None else communicator_for(process_group)
@@ -267,7 +161,7 @@ class DistributedDataParallel(nn.Module, Joinable):
         self._names = {id(p): name for name, p in module.named_parameters()}
         if init_sync:
             self._sync_module_states()
-        self._buckets = _make_buckets(
+        self._buckets = make_buckets(
             self._params,
             int(bucket_cap_mb * MB),
             int(min(first_bucket_cap_mb, bucket_cap_mb) * MB),
@@ -335,7 +229,7 @@ class DistributedDataParallel(nn.Module, Joinable):
         )
 
     def join_hook(self, **kwargs: Any) -> JoinHook:
-        return _DDPJoinHook(self, bool(kwargs.get("divide_by_initial_world_size", True)))
+        return DDPJoinHook(self, bool(kwargs.get("divide_by_initial_world_size", True)))
 
     @property
     def join_device(self) -> torch.device:
@@ -343,29 +237,21 @@ class DistributedDataParallel(nn.Module, Joinable):
 
     @property
     def join_process_group(self) -> Any:
-        if self.process_group is not None:
-            return self.process_group
-        world = dist.group.WORLD if dist.is_initialized() else None
-        if world is None or communicator_for(None) is not self.comm:
-            raise ValueError(
-                "join() needs the torch group this model averages over: build "
-                "DistributedDataParallel with process_group= (not comm=)"
-            )
-        return world
+        return join_process_group(self)
 
     def _set_static_graph(self) -> None:
         self.static_graph = True
         self.find_unused_parameters = True
 
     # -- setup ---------------------------------------------------------------------------------
-    def _broadcast_coalesced(self, tensors: list[torch.Tensor]) -> None:
-        """Copy rank 0's ``tensors`` to every rank: one broadcast per dtype, of their concatenation."""
+    def _broadcast_coalesced(self, tensors: list[torch.Tensor], root: int = 0) -> None:
+        """Copy ``root``'s ``tensors`` to every rank: one broadcast per dtype, of their concatenation."""
         by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
         for t in tensors:
             by_dtype.setdefault(t.dtype, []).append(t)
         for group in by_dtype.values():
             flat = torch.cat([t.detach().reshape(-1) for t in group])
-            self.comm.broadcast(flat, 0)
+            self.comm.broadcast(flat, root)
             with torch.no_grad():
                 for t, part in zip(
                     group, torch.split(flat, [t.numel() for t in group]), strict=True
@@ -398,7 +284,7 @@ class DistributedDataParallel(nn.Module, Joinable):
         if syncing and self._static_used is not None:  # static_graph, after its first step
             self._unused = {id(p) for k, p in enumerate(self._params) if not self._static_used[k]}
         elif syncing and self.find_unused_parameters:
-            reachable = _reachable_params(out)
+            reachable = reachable_params(out)
             self._unused = {id(p) for p in self._params if id(p) not in reachable}
         return out
 
@@ -453,7 +339,7 @@ class DistributedDataParallel(nn.Module, Joinable):
             self._launch(self._buckets[self._next_bucket])
             self._next_bucket += 1
 
-    def _launch(self, bucket: _Bucket) -> None:
+    def _launch(self, bucket: Bucket) -> None:
         assert self._step is not None
         timing = BucketTiming(
             bucket.index,
@@ -468,7 +354,7 @@ class DistributedDataParallel(nn.Module, Joinable):
             lambda _: setattr(timing, "finished", time.perf_counter() - start)
         )
 
-    def _average(self, bucket: _Bucket) -> torch.futures.Future[torch.Tensor]:
+    def _average(self, bucket: Bucket) -> torch.futures.Future[torch.Tensor]:
         """Start averaging ``bucket`` with torch's registered hook, else ringlet's ``comm_hook``."""
         if self._torch_hook is not None:
             state, hook = self._torch_hook
@@ -502,7 +388,7 @@ class DistributedDataParallel(nn.Module, Joinable):
             globally_used = used_flags.wait() if used_flags is not None else self._static_used
             if self.static_graph and self._static_used is None:
                 self._static_used = globally_used
-            if self._join_work is not None and self._grad_scale_active():
+            if self._join_work is not None and grad_scale_active(self):
                 for bucket in self._buckets:
                     bucket.buffer.mul_(self._grad_scale)
             for k, p in enumerate(self._params):
@@ -518,47 +404,6 @@ class DistributedDataParallel(nn.Module, Joinable):
                 f"DistributedDataParallel on rank {self.comm.rank}: parameters got no gradient in "
                 f"this backward ({names}); pass find_unused_parameters=True if that is intended"
             )
-
-    def _grad_scale_active(self) -> bool:
-        """join(divide_by_initial_world_size=False): rescale a step's averages to the ranks active."""
-        if self._divide_by_initial_world_size:
-            return False
-        self._join_work.wait()
-        active = float(self._join_work.get_future().value()[0].item())
-        self._grad_scale = self.comm.size / active if active > 0 else 1.0
-        return True
-
-    def _shadow_step(self) -> None:
-        """A joined rank's share of one step of the others: the same calls, with zero gradients."""
-        buffers = list(self.module.buffers())
-        if self.broadcast_buffers and buffers and self.comm.size > 1:
-            self._broadcast_coalesced(buffers)
-        for bucket in self._buckets:
-            if bucket.direct:
-                bucket.take(None)
-            else:
-                bucket.buffer.zero_()
-            self._average(bucket).wait()
-        if self.find_unused_parameters and self._static_used is None:
-            self.comm.all_reduce(np.zeros(len(self._params), np.uint8), "max")
-        self._reset_step()
-
-    def _sync_final_model(self, is_last_joiner: bool) -> None:
-        """After join(): every rank takes the parameters and buffers of a rank that joined last."""
-        mine = np.array([self.comm.rank if is_last_joiner else -1], np.int64)
-        source = int(self.comm.all_reduce(mine, "max")[0])
-        tensors = [*self.module.parameters(), *self.module.buffers()]
-        by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_dtype.setdefault(t.dtype, []).append(t)
-        for group in by_dtype.values():
-            flat = torch.cat([t.detach().reshape(-1) for t in group])
-            self.comm.broadcast(flat, source)
-            with torch.no_grad():
-                for t, part in zip(
-                    group, torch.split(flat, [t.numel() for t in group]), strict=True
-                ):
-                    t.copy_(part.view_as(t))
 
     def _write_grad(self, p: nn.Parameter) -> None:
         bucket, i = self._where[id(p)]
@@ -579,57 +424,4 @@ class DistributedDataParallel(nn.Module, Joinable):
             b.future = None
             b.timing = None
             if b.direct:  # let go of last step's gradient
-                b.buffer = _EMPTY
-
-
-def _refuse_cuda(name: str, value: Any) -> None:
-    """device_ids / output_device: torch's, for CUDA modules; a CPU module takes None."""
-    if value is None or value == [] or str(value) == "cpu" or value == [torch.device("cpu")]:
-        return
-    raise ValueError(
-        f"ringlet's DistributedDataParallel runs CPU modules: {name}={value!r} is for CUDA "
-        f"modules in torch; pass {name}=None"
-    )
-
-
-class GradBucket:
-    """What torch's comm hooks read of a bucket (torch's ``dist.GradBucket``, over a ringlet bucket)."""
-
-    def __init__(self, bucket: _Bucket, last: bool) -> None:
-        self._bucket = bucket
-        self._last = last
-
-    def index(self) -> int:
-        return self._bucket.index
-
-    def buffer(self) -> torch.Tensor:
-        """The flat gradients of the bucket; a hook may average it in place."""
-        return self._bucket.buffer
-
-    def gradients(self) -> list[torch.Tensor]:
-        """Each parameter's gradient: views into ``buffer()``."""
-        return [self._bucket.slot(i) for i in range(len(self._bucket.params))]
-
-    def parameters(self) -> list[torch.Tensor]:
-        return list(self._bucket.params)
-
-    def is_last(self) -> bool:
-        """True for the bucket averaged last in a step (PowerSGD counts steps by it)."""
-        return self._last
-
-    def set_buffer(self, tensor: torch.Tensor) -> None:
-        self._bucket.buffer.copy_(tensor.reshape(-1))
-
-
-class _DDPJoinHook(JoinHook):
-    """join(): a joined rank shadows every step of the others, then all take the last joiner's model."""
-
-    def __init__(self, ddp: DistributedDataParallel, divide_by_initial_world_size: bool) -> None:
-        self.ddp = ddp
-        ddp._divide_by_initial_world_size = divide_by_initial_world_size
-
-    def main_hook(self) -> None:
-        self.ddp._shadow_step()
-
-    def post_hook(self, is_last_joiner: bool) -> None:
-        self.ddp._sync_final_model(is_last_joiner)
+                b.buffer = EMPTY
