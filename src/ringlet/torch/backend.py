@@ -14,13 +14,13 @@ Work completes. Where ringlet has no direct equivalent:
 - recv from any source: with RINGLET_TORCH_ANYSOURCE=1 on every rank, each send also announces
   itself in the group's torch store and the receive follows the announcements (see
   ``recv_anysource``); without it, a RuntimeError.
+
+Beside it: `anysource` (that receive), `monitored` (monitored_barrier), `coalescing` (one Work for
+several calls) and `outputs` (torch's output lists of the gathers).
 """
 
 from __future__ import annotations
 
-import os
-import threading
-import time
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 from typing import Any, cast
@@ -30,7 +30,11 @@ import torch.distributed as dist
 
 import ringlet
 
-from . import groups
+from . import groups, monitored
+from .anysource import AnySource
+from .coalescing import Coalescing, chain
+from .monitored import monitored_barrier
+from .outputs import check_parts, scattered_into, split_into
 from .tensors import (
     copy_into,
     flat,
@@ -41,7 +45,7 @@ from .tensors import (
     split_rows,
     tensor_of,
 )
-from .works import RingletWork, completed, premultiply, reduce_op, torch_error
+from .works import RingletWork, completed, premultiply, reduce_op
 
 __all__ = ["RingletProcessGroup", "create_process_group", "monitored_barrier"]
 
@@ -49,21 +53,6 @@ __all__ = ["RingletProcessGroup", "create_process_group", "monitored_barrier"]
 #: torch's ProcessGroup, untyped here: its stubs list the Python convenience overloads, while a
 #: Python subclass overrides the C++ virtual methods (tensor lists + options) that torch calls.
 _ProcessGroup: Any = dist.ProcessGroup
-
-
-#: Where sends announce themselves for receives from any source (RINGLET_TORCH_ANYSOURCE=1).
-_ANYSOURCE = "ringlet/anysource"
-
-
-class _AnySourceWork(RingletWork):
-    """The Work of a receive from any source: ``_source_rank()`` is the rank it came from."""
-
-    source = -1
-
-    def _source_rank(self) -> int:
-        return self.source
-
-    source_rank = _source_rank
 
 
 class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
@@ -76,13 +65,9 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self._group_name = ""
         self._group_desc = ""
         self._timeout: float | None = None  # set_timeout(): every call's default deadline
-        self._coalescing: list[RingletWork] | None = None  # works issued since _start_coalescing
+        self._coalescing = Coalescing()  # works issued between _start and _end_coalescing
         self._barriers = 0  # monitored_barrier calls so far (alike on every rank)
-        self._anysource = store is not None and os.environ.get("RINGLET_TORCH_ANYSOURCE") == "1"
-        self._anysource_lock = threading.Lock()
-        self._anysource_recv = threading.Lock()
-        self._credits: dict[tuple[int, int], int] = {}  # (src, tag): recvs with src not yet skipped
-        self._cursors: dict[int, int] = {}  # tag: announcements read
+        self._anysource = AnySource(comm, store)  # RINGLET_TORCH_ANYSOURCE=1: recv without src
         self._sequence = 0
 
     # -- naming and lifecycle -----------------------------------------------------------------
@@ -120,9 +105,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self, works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any], call: str
     ) -> RingletWork:
         work = completed(works, finish, f"{call} on rank {self.comm.rank}")
-        if self._coalescing is not None:
-            self._coalescing.append(work)
-        return work
+        return self._coalescing.issued(work)
 
     def _seconds(self, opts: Any) -> float | None:
         """The call's own timeout (torch's options), else the group's (set_timeout), else ringlet's."""
@@ -158,64 +141,18 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
 
     def _start_coalescing(self, device: Any = None) -> None:
         """Collect the works of the calls until ``_end_coalescing`` (torch's coalescing manager)."""
-        if self._coalescing is not None:
-            raise RuntimeError("_start_coalescing: this group is already coalescing")
-        self._coalescing = []
+        self._coalescing.start()
 
     def _end_coalescing(self, device: Any = None) -> RingletWork:
         """One Work for every call since ``_start_coalescing`` (ringlet already ran them in order)."""
-        works, self._coalescing = self._coalescing, None
-        if works is None:
-            raise RuntimeError("_end_coalescing without _start_coalescing")
-        return self._chain(works, [], "coalesced calls")
+        return self._coalescing.end()
 
     def monitored_barrier(
         self, timeout: timedelta | None = None, wait_all_ranks: bool = False
     ) -> None:
-        """A barrier that names the ranks that did not reach it within ``timeout`` (as Gloo's).
-
-        Every rank checks in through the group's torch store; rank 0 waits for each rank in turn
-        (for all of them with ``wait_all_ranks``) and then releases everyone. It moves no ringlet
-        data, so a failed monitored barrier leaves the communicator usable.
-        """
-        if self.store is None:
-            raise RuntimeError("monitored_barrier: this group was made without a torch store")
-        limit = timeout if timeout is not None else timedelta(minutes=30)
-        ms = int(limit.total_seconds() * 1000)
-        self._barriers += 1
-        key = f"ringlet/monitored_barrier/{self._barriers}"
-        me = self.comm.rank
-        self.store.set(f"{key}/{me}", b"1")
-        if me != 0:
-            try:
-                self.store.wait([f"{key}/released"], limit)
-            except Exception as exc:
-                raise dist.DistBackendError(
-                    f"Rank {me} did not receive a reply from rank 0 in monitored_barrier "
-                    f"within {ms} ms (rank 0 or another rank did not reach it)"
-                ) from exc
-            return
-        deadline = time.monotonic() + limit.total_seconds()
-        missing: list[int] = []
-        for r in range(1, self.comm.size):
-            if self.store.check([f"{key}/{r}"]):
-                continue
-            left = deadline - time.monotonic()
-            try:
-                if left <= 0:  # past the deadline: only ranks already there pass
-                    raise TimeoutError
-                self.store.wait([f"{key}/{r}"], timedelta(seconds=left))
-            except Exception:
-                missing.append(r)
-                if not wait_all_ranks:
-                    break
-        if missing:
-            who = ", ".join(str(r) for r in missing)
-            raise dist.DistBackendError(
-                f"Rank{'s' if len(missing) > 1 else ''} {who} failed to pass monitoredBarrier "
-                f"in {ms} ms"
-            )
-        self.store.set(f"{key}/released", b"1")
+        """A barrier that names the ranks that did not reach it within ``timeout`` (as Gloo's);
+        see :func:`ringlet.torch.monitored_barrier`."""
+        monitored.monitored_barrier(self, timeout, wait_all_ranks)
 
     # -- reductions and broadcast (in place, zero-copy) ---------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingletWork:
@@ -233,7 +170,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         op, factor = reduce_op(opts.reduceOp, "allreduce_coalesced")
         if len({t.dtype for t in tensors}) > 1:
             works = [self.allreduce([t], opts) for t in tensors]
-            return self._chain(works, tensors, "allreduce_coalesced")
+            return chain(works, tensors, "allreduce_coalesced")
         joined = torch.cat([flat(t) for t in tensors]) if tensors else torch.empty(0)
         if factor is not None:
             premultiply(joined, factor, "allreduce_coalesced", in_place=True)
@@ -280,10 +217,10 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
     ) -> RingletWork:
         outs, inp = one(outputs, "allgather"), one(inputs, "allgather")
-        self._check_parts("allgather", outs, inp)
+        check_parts("allgather", self.comm, outs, inp)
         work = self.comm.all_gather(flat(inp), async_op=True, timeout=self._seconds(opts))
         return self._done(
-            [work], lambda res: self._split_into("allgather", res[0], outs), "allgather"
+            [work], lambda res: split_into("allgather", self.comm, res[0], outs), "allgather"
         )
 
     def all_gather_single(
@@ -309,7 +246,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self, outputs: list[torch.Tensor], inputs: list[torch.Tensor], opts: Any = None
     ) -> RingletWork:
         works = [self.all_gather_single(o, i, opts) for o, i in zip(outputs, inputs, strict=True)]
-        return self._chain(works, outputs, "all_gather_into_tensor (coalesced)")
+        return chain(works, outputs, "all_gather_into_tensor (coalesced)")
 
     allgather_into_tensor_coalesced = all_gather_single_coalesced
 
@@ -317,7 +254,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
     ) -> RingletWork:
         works = [self.allgather([o], [i], opts) for o, i in zip(outputs, inputs, strict=True)]
-        return self._chain(works, outputs, "allgather_coalesced")
+        return chain(works, outputs, "allgather_coalesced")
 
     def gather(
         self, outputs: list[list[torch.Tensor]], inputs: list[torch.Tensor], opts: Any = None
@@ -330,8 +267,8 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         def finish(res: list[Any]) -> list[torch.Tensor]:
             if self.comm.rank != root:
                 return []
-            self._check_parts("gather", outs, inp)  # after the data moved: only root can know
-            return self._split_into("gather", res[0], outs)
+            check_parts("gather", self.comm, outs, inp)  # after the data moved: only root can know
+            return split_into("gather", self.comm, res[0], outs)
 
         return self._done([work], finish, "gather")
 
@@ -344,18 +281,9 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         parts = [flat(p) for p in one(inputs, "scatter")] if self.comm.rank == root else None
         work = self.comm.scatter(parts, root, async_op=True, timeout=self._seconds(opts))
 
-        def finish(res: list[Any]) -> list[torch.Tensor]:
-            got = tensor_of(res[0], out)
-            same_dtype("scatter", got.dtype, [out])
-            if got.numel() != out.numel():
-                raise ValueError(
-                    f"scatter: rank {self.comm.rank} received {got.numel()} "
-                    f"elements into an output of {out.numel()}"
-                )
-            copy_into(out, got)
-            return [out]
-
-        return self._done([work], finish, "scatter")
+        return self._done(
+            [work], lambda res: scattered_into(self.comm, tensor_of(res[0], out), out), "scatter"
+        )
 
     # -- reduce_scatter ------------------------------------------------------------------------
     def reduce_scatter(
@@ -424,7 +352,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         works = [
             self.reduce_scatter_single(o, i, opts) for o, i in zip(outputs, inputs, strict=True)
         ]
-        return self._chain(works, outputs, "reduce_scatter_tensor (coalesced)")
+        return chain(works, outputs, "reduce_scatter_tensor (coalesced)")
 
     reduce_scatter_tensor_coalesced = reduce_scatter_single_coalesced
 
@@ -491,107 +419,20 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "send")
         work = self.comm.send(t, dst, tag, async_op=True, timeout=self._timeout)
-        if self._anysource:  # tell dst, through the store, that a message from us is on its way
-            key = f"{_ANYSOURCE}/{dst}/{tag}"
-            self.store.set(f"{key}/{self.store.add(key, 1)}", str(self.comm.rank))
+        self._anysource.announce(dst, tag)  # with RINGLET_TORCH_ANYSOURCE=1
         return self._done([work], lambda _: [t], "send")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "recv")
         work = self.comm.recv(t, src, tag, async_op=True, timeout=self._timeout)
-        if self._anysource:  # its announcement, when read, is skipped
-            with self._anysource_lock:
-                self._credits[(src, tag)] = self._credits.get((src, tag), 0) + 1
+        self._anysource.credit(src, tag)  # its announcement, when read, is skipped
         return self._done([work], lambda _: [t], "recv")
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> RingletWork:
-        """The next message with ``tag`` from whichever rank announced one first.
-
-        ringlet's recv reads one source's connection, in order, and has no probe across
-        connections; so with RINGLET_TORCH_ANYSOURCE=1 on every rank each send also announces
-        itself in the group's torch store (one counter increment and one key: a store round
-        trip per send), and this reads the announcements in order, skipping those of messages a
-        recv with ``src`` took, then receives from that source.
-        """
+        """The next message with ``tag`` from whichever rank announced one first (with
+        RINGLET_TORCH_ANYSOURCE=1 on every rank; see :mod:`ringlet.torch.anysource`)."""
         t = one(tensors, "recv")
-        if not self._anysource:
-            raise RuntimeError(
-                "recv: backend 'ringlet' receives from any source only with "
-                "RINGLET_TORCH_ANYSOURCE=1 set on every rank (each send then announces itself "
-                "in the torch store); pass src= otherwise"
-            )
-        future: torch.futures.Future[Any] = torch.futures.Future()
-        work = _AnySourceWork(future, f"recv from any source on rank {self.comm.rank}")
-
-        def run() -> None:
-            try:
-                with self._anysource_recv:  # one any-source receive at a time, in call order
-                    key = f"{_ANYSOURCE}/{self.comm.rank}/{tag}"
-                    while True:
-                        self._cursors[tag] = self._cursors.get(tag, 0) + 1
-                        src = int(self.store.get(f"{key}/{self._cursors[tag]}"))
-                        with self._anysource_lock:
-                            credit = self._credits.get((src, tag), 0)
-                            if credit:
-                                self._credits[(src, tag)] = credit - 1
-                        if not credit:
-                            break
-                    self.comm.recv(t, src, tag, async_op=True, timeout=self._timeout).wait()
-                work.source = src
-                future.set_result([t])
-            except BaseException as exc:
-                future.set_exception(torch_error(exc))
-
-        threading.Thread(target=run, name="ringlet-recv-anysource", daemon=True).start()
-        return work
-
-    # -- helpers -------------------------------------------------------------------------------
-    def _check_parts(self, call: str, outs: Sequence[torch.Tensor], inp: torch.Tensor) -> None:
-        if len(outs) != self.comm.size:
-            raise ValueError(f"{call}: need {self.comm.size} output tensors, got {len(outs)}")
-        same_dtype(call, inp.dtype, outs)
-        if outs[self.comm.rank].numel() != inp.numel():
-            raise ValueError(
-                f"{call}: output {self.comm.rank} has {outs[self.comm.rank].numel()} "
-                f"elements but this rank's input has {inp.numel()}"
-            )
-
-    def _split_into(
-        self, call: str, joined: torch.Tensor, outs: Sequence[torch.Tensor]
-    ) -> list[torch.Tensor]:
-        sizes = [o.numel() for o in outs]
-        if joined.numel() != sum(sizes):
-            raise ValueError(
-                f"{call}: the ranks sent {joined.numel()} elements in all but the "
-                f"output tensors of rank {self.comm.rank} hold {sum(sizes)}"
-            )
-        for out, part in zip(outs, torch.split(joined, sizes), strict=True):
-            copy_into(out, part)
-        return list(outs)
-
-    def _chain(self, works: Sequence[RingletWork], value: Any, call: str) -> RingletWork:
-        joined = torch.futures.collect_all([w.get_future() for w in works])
-
-        def settle(fut: torch.futures.Future[Any]) -> Any:
-            for f in fut.wait():
-                f.wait()  # re-raises the first failure
-            return value
-
-        return RingletWork(joined.then(settle), call)
-
-
-def monitored_barrier(
-    group: Any = None, timeout: timedelta | None = None, wait_all_ranks: bool = False
-) -> None:
-    """``dist.monitored_barrier`` for groups of backend "ringlet" (torch's own accepts only Gloo).
-
-    Raises on rank 0 naming the rank that did not arrive within ``timeout`` (every such rank
-    with ``wait_all_ranks``); the other ranks raise when rank 0 does not release them in time.
-    """
-    pg = group if group is not None else dist.distributed_c10d._get_default_group()
-    if not isinstance(pg, RingletProcessGroup):
-        raise ValueError(f"monitored_barrier: {pg!r} is not a group of backend 'ringlet'")
-    pg.monitored_barrier(timeout, wait_all_ranks=wait_all_ranks)
+        return self._anysource.recv(t, tag, lambda: self._timeout)
 
 
 def create_process_group(options: Any, backend_options: Any = None) -> RingletProcessGroup:
