@@ -13,8 +13,8 @@ import pytest
 from ringlet.calibrate import fit
 from ringlet.cli import main as cli_main
 from ringlet.plan import PLAN_OPS, algorithms_for, model_time, predict
-from ringlet.plan_params import Link, Params, params_for
 from ringlet.plan_cli import main as plan_main
+from ringlet.plan_params import Link, Params, params_for
 
 ALPHA, BETA = 20e-6, 1 / 2.5e9  # a NIC: 20 µs a round, 2.5 GB/s
 #: One rank per host, nothing but the NIC: the textbook alpha-beta model.
