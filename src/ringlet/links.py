@@ -62,8 +62,8 @@ def connect(
     if transport == "tcp":
         return routes, None
     from .transport.shm import ShmGroup, ShmUnavailable
+    from .transport.shm_mailboxes import ShmUnavailable as P2PUnavailable
     from .transport.shm_p2p import ShmTransport
-    from .transport.shm_p2p import ShmUnavailable as P2PUnavailable
 
     if len(local) > 1:
         try:

@@ -33,7 +33,42 @@ import numpy as np
 from ..errors import CollectiveTimeout, MismatchError, PeerError
 from .base import Tag
 from .cma import CrossMemory, allow_peers
-from .shm_segment import LINE, PAGE, SHM_DIR, _align, _safe_job
+from .shm_mailboxes import (
+    BOX_WORDS,
+    DIRECT_MIN_BYTES,
+    G_ABORT,
+    G_ABORT_RANK,
+    G_CHUNK,
+    G_MAGIC,
+    G_REASON_LEN,
+    G_SIZE,
+    H_ADDRESS,
+    H_LENGTH,
+    H_PIECE,
+    H_ROUND,
+    H_SEGMENT,
+    H_SEQ,
+    H_SIG,
+    HDR,
+    HEADERS,
+    MAGIC,
+    NAME_PREFIX,
+    POSTED,
+    PROBE,
+    R_LEFT,
+    R_PID,
+    R_PROBE,
+    R_SLEEPING,
+    R_START,
+    REASON_MAX,
+    REASON_OFFSET,
+    TAKEN,
+    ShmUnavailable,
+    _Layout,
+    _Segment,
+    chunk_bytes,
+)
+from .shm_segment import LINE, SHM_DIR, _safe_job
 from .shm_wait import (
     POLL_SECONDS,
     SLEEP_MAX_SECONDS,
@@ -44,84 +79,6 @@ from .shm_wait import (
     PeerWatch,
     process_start_time,
 )
-
-NAME_PREFIX = "ringlet-p2p-"
-MAGIC = 0x32_50325054454C47  # arbitrary, checked on attach
-#: Messages of at least this many bytes are copied straight from the sender's memory (one kernel
-#: copy) where cross-memory attach works; smaller ones go through the mailbox slots.
-DIRECT_MIN_BYTES = 128 << 10
-#: Bytes of mailbox slots in the whole segment; a slot is this split over 2 slots per pair.
-SLOT_BUDGET = 8 << 20
-CHUNK_MIN, CHUNK_MAX = 64 << 10, 1 << 20
-
-# Mailbox control words (uint64): the counters, then one header of HDR words per slot.
-POSTED, TAKEN, HEADERS, HDR = 0, 1, 2, 7
-H_SEQ, H_SIG, H_ROUND, H_SEGMENT, H_LENGTH, H_PIECE, H_ADDRESS = range(HDR)
-BOX_WORDS = 16  # 128 bytes
-# Per-rank line words (uint64) in the rank table; the doorbell is the first 32-bit word.
-R_SLEEPING, R_PID, R_START, R_PROBE, R_VERDICT, R_LEFT = 1, 2, 3, 4, 5, 6
-# Header words.
-G_MAGIC, G_SIZE, G_CHUNK, G_ABORT, G_REASON_LEN, G_ABORT_RANK = range(6)
-REASON_OFFSET, REASON_MAX = 64, PAGE - 64
-PROBE = b"ringlet-probe-01"
-
-
-class ShmUnavailable(Exception):
-    """The host refused the segment; the caller falls back to TCP for these peers."""
-
-
-def chunk_bytes(local_size: int) -> int:
-    """Slot size for ``local_size`` ranks: the slot budget over 2 slots per ordered pair."""
-    pairs = max(1, local_size * (local_size - 1))
-    return max(CHUNK_MIN, min(CHUNK_MAX, SLOT_BUDGET // (2 * pairs) // PAGE * PAGE))
-
-
-class _Layout:
-    """Byte offsets of the regions of a segment for ``k`` ranks and slots of ``chunk`` bytes."""
-
-    def __init__(self, k: int, chunk: int) -> None:
-        self.k, self.chunk = k, chunk
-        self.ranks = PAGE
-        self.boxes = self.ranks + _align(k * LINE)
-        self.slots = self.boxes + _align(k * k * BOX_WORDS * 8)
-        self.total = self.slots + k * k * 2 * chunk
-
-    def slot(self, src: int, dst: int, parity: int) -> int:
-        return self.slots + ((src * self.k + dst) * 2 + parity) * self.chunk
-
-
-class _Segment:
-    """The mapped segment and typed views of its regions."""
-
-    def __init__(self, path: str, layout: _Layout, create: bool) -> None:
-        import mmap
-
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
-        fd = os.open(path, flags, 0o600)
-        try:
-            if create:
-                os.posix_fallocate(fd, 0, layout.total)  # a full tmpfs fails here, not mid-call
-            elif os.fstat(fd).st_size != layout.total:
-                raise ShmUnavailable(f"segment {path} has an unexpected size")
-            self._mm: mmap.mmap | None = mmap.mmap(fd, layout.total, flags=mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
-        self.layout = layout
-        self.bytes = np.frombuffer(self._mm, np.uint8)
-        self.address = int(self.bytes.ctypes.data)
-        self.header = self.bytes[:PAGE].view(np.uint64)
-        self.ranks = self.bytes[layout.ranks : layout.ranks + layout.k * LINE].view(np.uint64)
-        self.bells = self.bytes[layout.ranks : layout.ranks + layout.k * LINE].view(np.uint32)
-        n = layout.k * layout.k * BOX_WORDS
-        self.boxes = self.bytes[layout.boxes : layout.boxes + n * 8].view(np.uint64)
-
-    def close(self) -> None:
-        mm, self._mm = self._mm, None
-        if mm is None:
-            return
-        del self.bytes, self.header, self.ranks, self.bells, self.boxes
-        with contextlib.suppress(BufferError):
-            mm.close()
 
 
 def _bytes_of(view: memoryview) -> np.ndarray:
