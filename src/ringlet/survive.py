@@ -13,7 +13,8 @@ rank 0's process: if rank 0 is lost, shrink cannot agree and raises a PeerError 
 ``Elastic`` wraps a training loop: it snapshots the state before each step, and when a step fails
 on a lost rank it shrinks, rolls every survivor back to the start of the earliest step any
 survivor has not completed, rebuilds the model wrapper (e.g. ``DistributedDataParallel``) on the
-new communicator, and redoes that step.
+new communicator, and redoes that step. Replacements for lost ranks (``rejoin``, ``grow``) live in
+``ringlet.rejoin`` and are importable from here too.
 """
 
 from __future__ import annotations
@@ -33,12 +34,9 @@ import numpy as np
 
 from .comm import WORLD_ID, Communicator
 from .errors import CollectiveTimeout, PeerError, RingletError
+from .rejoin import RESTART_VARIABLE, _joined, grow, init_or_rejoin, pending, rejoin  # noqa: F401
 
 __all__ = ["Elastic", "elastic", "grow", "init_or_rejoin", "pending", "rejoin", "shrink"]
-
-#: Set by a launcher that restarts a lost rank (``ringlet run --max-restarts``): how many times
-#: this rank was restarted; a restarted rank rejoins instead of starting the job.
-RESTART_VARIABLE = "RINGLET_RESTART_COUNT"
 
 #: How often a waiting survivor looks at the store again (seconds).
 POLL = 0.005
@@ -48,7 +46,6 @@ PROBE_EVERY = 0.05
 FAULTS: dict[str, Callable[[], None]] = {}
 
 _shrunk: weakref.WeakKeyDictionary[Communicator, Communicator] = weakref.WeakKeyDictionary()
-_joined: weakref.WeakSet[Communicator] = weakref.WeakSet()  # made by rejoin(), state still due
 
 
 def shrink(comm: Communicator, *, timeout: float | None = None) -> Communicator:
@@ -202,131 +199,6 @@ def _confirmed(
                 continue
             held = store.compare_set(key, b"", proposal)
         return bool(held == b"ok")
-
-
-# -- rejoining ---------------------------------------------------------------------------------
-def rejoin(
-    rank: int | None = None,
-    world_size: int | None = None,
-    master: str | None = None,
-    *,
-    secret: bytes | str | None = None,
-    timeout: float | None = None,
-) -> Communicator:
-    """In a replacement process: join the running job in place of a lost rank.
-
-    Takes what ``ringlet.init()`` takes (the lost rank's number, the job's master and secret, e.g.
-    from the same RINGLET_* variables). Asks to be admitted, and waits until the members call
-    :func:`grow` (``Elastic`` does at every step); returns the grown communicator. Raises
-    RingletError when the job refuses it (rank 0, or a rank that is still alive).
-    """
-    import atexit
-    import os
-
-    from .rendezvous import resolve
-    from .transport.tcp import Listener
-    from .world import World, _host_id, _join_store, _local_address, _peer_key, finalize
-
-    env = resolve(rank, world_size, master, secret, timeout)
-    if env.secret is None:
-        raise RingletError("rejoin(): a replacement needs the job's secret (RINGLET_SECRET or "
-                           "RINGLET_SECRET_FILE, as the other ranks were given)")
-    if env.rank == 0:
-        raise RingletError("rejoin(): rank 0 hosts the store and cannot be replaced")
-    store, key = _join_store(env, env.master_host, env.store_port, env.secret, None)
-    peer_key = _peer_key(key, env.job_id)
-    listener = Listener(_local_address(env.master_host), peer_key)
-    ticket = store.add("join/count", 1)
-    request = {"rank": env.rank, "addr": list(listener.address), "host": _host_id()}
-    store.set(f"join/{ticket}", json.dumps(request).encode())
-    try:
-        answer = json.loads(store.get(f"join/{ticket}/admitted", timeout=env.timeout))
-    except BaseException:
-        listener.close()
-        store.close()
-        raise
-    if "error" in answer:
-        listener.close()
-        store.close()
-        raise RingletError(f"rejoin(): the job refused rank {env.rank}: {answer['error']}")
-    job = os.environ.get("RINGLET_JOB_ID") or hashlib.sha256(
-        key + str(env.store_port).encode()).hexdigest()[:12]
-    from .schedules import select
-
-    flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
-    world = World(env.rank, env.world_size, store, listener, peer_key,
-                  [tuple(a) for a in answer["addresses"]], answer["hosts"], job, env.timeout,
-                  deterministic=flag in ("1", "true", "yes"),
-                  forced=select.forced(os.environ.get("RINGLET_ALGO", "")))
-    world.closer = lambda: finalize(world)
-    atexit.register(finalize, world)
-    comm = Communicator(world, answer["comm"], answer["members"])
-    _joined.add(comm)
-    return comm
-
-
-def init_or_rejoin(**kwargs: Any) -> Communicator:
-    """``ringlet.init(**kwargs)`` in a rank's first process; :func:`rejoin` in a restarted one
-    (RINGLET_RESTART_COUNT, or torchrun's TORCHELASTIC_RESTART_COUNT, above 0)."""
-    import os
-
-    from .world import init
-
-    count = os.environ.get(RESTART_VARIABLE) or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    if count.strip() not in ("", "0"):
-        keep = ("rank", "world_size", "master", "secret", "timeout")
-        return rejoin(**{k: v for k, v in kwargs.items() if k in keep})
-    return init(**kwargs)
-
-
-def pending(comm: Communicator) -> int:
-    """How many replacements have asked to rejoin and wait for :func:`grow` (one store read)."""
-    store = comm.world.store
-    return int(store.add("join/count", 0)) - int(store.add("join/seen", 0))
-
-
-def grow(comm: Communicator) -> Communicator:
-    """Admit the replacements waiting to rejoin (see :func:`rejoin`); every member calls it.
-
-    Returns a new communicator of the members and the replacements (ordered by global rank), or
-    ``comm`` itself when none is waiting. Rank 0 of ``comm`` decides; it must be global rank 0.
-    """
-    world, store = comm.world, comm.world.store
-    joiners: list[dict[str, Any]] = []
-    if comm.rank == 0:
-        seen = int(store.add("join/seen", 0))
-        for ticket in range(seen + 1, int(store.add("join/count", 0)) + 1):
-            raw = store.try_get(f"join/{ticket}")
-            if raw is None:
-                break  # registering still: next time
-            store.add("join/seen", 1)
-            request = {**json.loads(raw), "ticket": ticket}
-            g = request["rank"]
-            if g in comm.members or g in {j["rank"] for j in joiners} or not 0 < g < world.size:
-                why = f"rank {g} is alive" if 0 < g < world.size else f"no rank {g} to replace"
-                store.set(f"join/{ticket}/admitted", json.dumps({"error": why}).encode())
-            else:
-                joiners.append(request)
-    flag = np.array([len(joiners)], np.int64)
-    comm.broadcast(flag, root=0)
-    if not flag[0]:
-        return comm
-    joiners = comm.broadcast_object(joiners, root=0)
-    for j in joiners:
-        world.addresses[j["rank"]] = tuple(j["addr"])
-        world.hosts[j["rank"]] = j["host"]
-    members = sorted(comm.members + [j["rank"] for j in joiners])
-    raw_id = f"{comm.id}/grow/{joiners[0]['ticket']}".encode()
-    new_id = int.from_bytes(hashlib.blake2b(raw_id, digest_size=8).digest(), "little") >> 2
-    if comm.rank == 0:
-        answer = {"comm": new_id, "members": members,
-                  "addresses": [list(a) for a in world.addresses], "hosts": world.hosts}
-        for j in joiners:
-            store.set(f"join/{j['ticket']}/admitted", json.dumps(answer).encode())
-    new = Communicator(world, new_id, members)
-    if comm.id != WORLD_ID:
-        comm.close()
-    return new
 
 
 # -- training that carries on ------------------------------------------------------------------
