@@ -3,10 +3,11 @@
     python examples/survive_mlp.py            # starts 4 ranks itself, kills rank 2 at step 30,
                                               # starts its replacement, checks the result
     ringlet run -n 4 examples/survive_mlp.py  # the same training, nobody killed
+    SURVIVE_KILL=1 ringlet run -n 4 --max-restarts 1 examples/survive_mlp.py  # killed, restarted
 
 Each rank trains on its shard of every step's batch and averages the gradients with all_reduce.
 When rank 2 dies, the others shrink to 3 ranks, roll back and redo the step it interrupted; the
-replacement (started here the way ``ringlet run --max-restarts 1`` would) rejoins at the next
+replacement (started here the way ``ringlet run --max-restarts 1`` does) rejoins at the next
 step, receives the step number and the parameters from rank 0, and the 4 finish together.
 """
 

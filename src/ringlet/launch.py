@@ -75,6 +75,7 @@ def launch(
     transport: str | None = None,
     store_port: int | None = None,
     job_id: str | None = None,
+    max_restarts: int = 0,
 ) -> int:
     """Run `cmd` as ranks node_rank*nproc … node_rank*nproc+nproc-1 of nnodes*nproc; wait for all.
 
@@ -96,6 +97,8 @@ def launch(
         raise ValueError(f"ringlet run: --grace must be >= 0 seconds, got {grace}")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"ringlet run: --timeout must be > 0 seconds, got {timeout}")
+    if max_restarts < 0:
+        raise ValueError(f"ringlet run: --max-restarts must be >= 0, got {max_restarts}")
     rank_envs = rank_environments(
         nproc,
         nnodes=nnodes,
@@ -108,7 +111,7 @@ def launch(
         store_port=store_port,
         job_id=job_id,
     )
-    job = _Job(grace, Sink(sys.stdout), Sink(sys.stderr), prefix)
+    job = _Job(grace, Sink(sys.stdout), Sink(sys.stderr), prefix, max_restarts)
     return job.run(argv, rank_envs, node_rank * nproc)
 
 
@@ -141,10 +144,15 @@ def run_main(args: argparse.Namespace) -> int:
             transport=args.transport,
             store_port=args.store_port,
             job_id=args.rdzv_id,
+            max_restarts=args.max_restarts,
         )
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
+
+
+#: Set in a restarted rank's environment (1, 2, …); ringlet.survive.init_or_rejoin() reads it.
+RESTART_VARIABLE = "RINGLET_RESTART_COUNT"
 
 
 @dataclass(frozen=True)
@@ -169,8 +177,12 @@ def _wait_for_exit(rank: RankProcess, events: queue.SimpleQueue[int | _Received]
 class _Job:
     """Starts the ranks and supervises them: forwards signals, ends the job on the first failure."""
 
-    def __init__(self, grace: float, out: Sink, err: Sink, prefix: bool) -> None:
-        self.grace = grace
+    def __init__(
+        self, grace: float, out: Sink, err: Sink, prefix: bool, max_restarts: int = 0
+    ) -> None:
+        self.grace, self.max_restarts = grace, max_restarts
+        self.restarts: dict[int, int] = {}  # rank -> times restarted
+        self.started: dict[int, tuple[list[str], dict[str, str]]] = {}  # rank -> argv, env
         self.out, self.err, self.prefix = out, err, prefix
         self.ranks: dict[int, RankProcess] = {}
         self.events: queue.SimpleQueue[int | _Received] = queue.SimpleQueue()
@@ -209,6 +221,7 @@ class _Job:
         self.events.put(_Received(signum))  # SimpleQueue.put is safe inside a signal handler
 
     def _start(self, rank: int, argv: list[str], rank_env: dict[str, str]) -> bool:
+        self.started[rank] = (argv, rank_env)
         try:
             proc = subprocess.Popen(
                 argv,
@@ -262,6 +275,9 @@ class _Job:
                 rank.proc.wait()
                 rank.exited_at = time.monotonic()
                 running.discard(event)
+                if rank.failed_alone and stage == "running" and self._restart(rank):
+                    running.add(event)
+                    continue
                 if rank.failed_alone and first_failure is None:
                     first_failure = rank
                     rank.join_output(time.monotonic() + _JOIN_OUTPUT)
@@ -300,6 +316,21 @@ class _Job:
             return code if code > 0 else 128 - code
         assert received is not None
         return 128 + received
+
+    def _restart(self, rank: RankProcess) -> bool:
+        """Start a failed rank again, alone, if it has restarts left (rank 0 hosts the store and
+        never has): the others carry on (ringlet.elastic) and the new process rejoins them."""
+        done = self.restarts.get(rank.rank, 0)
+        if rank.rank == 0 or done >= self.max_restarts:
+            return False
+        self.restarts[rank.rank] = done + 1
+        rank.join_output(time.monotonic() + _JOIN_OUTPUT)
+        self.err.line(
+            f"ringlet run: rank {rank.rank} failed ({describe_exit(rank.proc.returncode)});"
+            f" restarting it ({done + 1} of {self.max_restarts})"
+        )
+        argv, env = self.started[rank.rank]
+        return self._start(rank.rank, argv, {**env, RESTART_VARIABLE: str(done + 1)})
 
     def _signal(self, ranks: set[int], signum: int) -> None:
         for index in sorted(ranks):

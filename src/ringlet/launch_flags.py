@@ -72,6 +72,13 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--transport", help="transport to use (sets RINGLET_TRANSPORT)")
     run.add_argument(
+        "--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=0,
+        metavar="N",
+        help="restart a rank that fails by itself up to N times, alone (not rank 0, which hosts "
+        "the store); it starts with RINGLET_RESTART_COUNT=k and rejoins the running job through "
+        "ringlet.survive.init_or_rejoin() (0)",
+    )
+    run.add_argument(
         "command", nargs=argparse.REMAINDER, help="script.py and its arguments, or a command"
     )
 

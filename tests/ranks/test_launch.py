@@ -473,3 +473,27 @@ def test_torchrun_spellings_and_kubeflow_defaults() -> None:
     elastic = run("--nnodes", "1:4", "-n", "1", "python", "-c", "pass")
     assert elastic.returncode == 2 and "elastic range" in elastic.stderr
     assert "how many ranks" in run("python", "-c", "pass").stderr
+
+
+@pytest.mark.timeout(150)
+def test_max_restarts_restarts_a_killed_rank_which_rejoins_the_job() -> None:
+    """``--max-restarts 1``: rank 2 SIGKILLs itself mid-training; the launcher starts it again
+    alone, it rejoins (ringlet.survive.init_or_rejoin) and receives the state, and all 4 end with
+    identical parameters; the job exits 0."""
+    example = Path(__file__).resolve().parents[2] / "examples" / "survive_mlp.py"
+    result = run("-n", "4", "--max-restarts", "1", str(example),
+                 env=clean_env(SURVIVE_KILL="1"), timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "rank 2 failed (killed by SIGKILL); restarting it (1 of 1)" in result.stderr
+    done = re.findall(r"^\[r(\d)\] global rank \d: 60 steps on ranks \[0, 1, 2, 3\].* digest (\S+)$",
+                      result.stdout, re.M)  # fmt: skip
+    assert sorted(r for r, _ in done) == ["0", "1", "2", "3"], result.stdout
+    assert len({d for _, d in done}) == 1, f"parameters differ: {done}"
+
+
+def test_max_restarts_never_restarts_rank_0_and_ends_the_job() -> None:
+    """Rank 0 hosts the store: its failure ends the job even with restarts left."""
+    result = run("-n", "2", "--max-restarts", "3", sys.executable, "-c",
+                 "import os, sys; sys.exit(3 if os.environ['RANK'] == '0' else 0)")  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "restarting" not in result.stderr
