@@ -1,0 +1,272 @@
+"""The launchers' environments: what each one's variables say about this process's place in the job.
+
+One reader per launcher — ``ringlet run`` (RINGLET_*), torchrun (RANK/WORLD_SIZE/MASTER_ADDR/
+MASTER_PORT, also Kubeflow's PyTorchJob), SLURM's srun, Open MPI / MPICH (PMI), a Kubernetes
+JobSet — each returning a ``_Found``: the rank, size, master and local placement it gives, and the
+variables it lacks. Each also derives what its launcher leaves out (a master from SLURM's node list,
+a port from the job id). These readers are apart from ``ringlet.rendezvous.env``, which owns
+``JobEnv`` and ``resolve()``: it decides which source wins and checks the result, while this module
+knows only how each launcher spells things.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from ringlet.rendezvous.mpi import hydra_job
+from ringlet.rendezvous.slurm import expand_nodelist, expand_tasks_per_node, first_host
+
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # job-derived store ports land in 20000-29999
+_STEPS_PER_JOB = 16  # concurrent steps of one SLURM job get distinct derived ports
+
+
+@dataclass
+class _Found:
+    """What one source says; None where it says nothing. ``missing`` lists unset variables."""
+
+    source: str
+    rank: int | None = None
+    world_size: int | None = None
+    host: str | None = None
+    port: int | None = None
+    local_rank: int | None = None
+    local_size: int | None = None
+    port_offset: int = 0
+    missing: tuple[str, ...] = ()
+    job: str = ""  # a job id the source derived itself (Hydra's proxy), used when none is set
+
+
+def _int_var(environ: Mapping[str, str], *names: str) -> int | None:
+    """The first of ``names`` that is set, as an int; ValueError if it is not one."""
+    for name in names:
+        text = environ.get(name, "").strip()
+        if text:
+            try:
+                return int(text)
+            except ValueError:
+                raise ValueError(f"{name}={environ[name]!r} is not an integer") from None
+    return None
+
+
+def parse_master(text: str, what: str) -> tuple[str, int]:
+    """Split ``host:port`` (or ``[v6addr]:port``) into host and port; ValueError names ``what``."""
+    match = re.fullmatch(r"\s*(?:\[([^\]]+)\]|([^:\s]+)):(\d+)\s*", text)
+    if match is None:
+        raise ValueError(f"{what}={text!r} is not host:port (e.g. node01:29500 or [::1]:29500)")
+    port = int(match.group(3))
+    if port > 65535:
+        raise ValueError(f"{what}={text!r}: port {port} is not in 0-65535")
+    return match.group(1) or match.group(2), port
+
+
+def _master_vars(environ: Mapping[str, str], found: _Found, fallback: bool) -> None:
+    """Fill host/port from MASTER_ADDR/MASTER_PORT, or RINGLET_MASTER when ``fallback``."""
+    if environ.get("MASTER_ADDR", "").strip():
+        found.host = environ["MASTER_ADDR"].strip()
+    found.port = _int_var(environ, "MASTER_PORT")
+    if fallback and (found.host is None or found.port is None) and environ.get("RINGLET_MASTER"):
+        found.host, found.port = parse_master(environ["RINGLET_MASTER"], "RINGLET_MASTER")
+
+
+def _from_ringlet(environ: Mapping[str, str]) -> _Found:
+    found = _Found(
+        "ringlet",
+        rank=_int_var(environ, "RINGLET_RANK"),
+        world_size=_int_var(environ, "RINGLET_WORLD_SIZE"),
+        local_rank=_int_var(environ, "RINGLET_LOCAL_RANK"),
+        local_size=_int_var(environ, "RINGLET_LOCAL_SIZE"),
+    )
+    if environ.get("RINGLET_MASTER", "").strip():
+        found.host, found.port = parse_master(environ["RINGLET_MASTER"], "RINGLET_MASTER")
+    found.missing = _unset(environ, "RINGLET_RANK", "RINGLET_WORLD_SIZE", "RINGLET_MASTER")
+    return found
+
+
+def _from_torchrun(environ: Mapping[str, str]) -> _Found:
+    found = _Found(
+        "torchrun",
+        rank=_int_var(environ, "RANK"),
+        world_size=_int_var(environ, "WORLD_SIZE"),
+        local_rank=_int_var(environ, "LOCAL_RANK"),
+        local_size=_int_var(environ, "LOCAL_WORLD_SIZE"),
+        # torchrun's agent already serves its own TCPStore on MASTER_PORT: ours takes the next
+        port_offset=1 if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0,
+    )
+    _master_vars(environ, found, fallback=False)
+    found.missing = _unset(environ, "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    return found
+
+
+def derived_port(job: str) -> int:
+    """A store port every rank derives alike from a job id: 20000-29999."""
+    number = int(job) if job.isdigit() else zlib.crc32(job.encode())
+    return SLURM_PORT_BASE + number % SLURM_PORT_SPAN
+
+
+def _slurm_port(job: str, step: str) -> int:
+    """The port of SLURM job ``job``, step ``step``: consecutive jobs and a job's steps differ."""
+    if job.isdigit():
+        step_number = int(step) % _STEPS_PER_JOB if step.isdigit() else 0
+        return derived_port(str(int(job) * _STEPS_PER_JOB + step_number))
+    return derived_port(f"{job}.{step}")
+
+
+def _slurm_node_index(environ: Mapping[str, str], nodelist: str, nodes: int) -> int | None:
+    """This node's place in the step: by SLURMD_NODENAME in the node list, else SLURM_NODEID."""
+    if nodes == 1:
+        return 0
+    name = environ.get("SLURMD_NODENAME", "").strip()
+    if name and nodelist:
+        for index, host in enumerate(expand_nodelist(nodelist)):
+            if host == name:
+                return index
+            if index >= nodes:
+                break
+    return _int_var(environ, "SLURM_NODEID")
+
+
+def _from_slurm(environ: Mapping[str, str]) -> _Found:
+    found = _Found(
+        "slurm",
+        rank=_int_var(environ, "SLURM_PROCID"),
+        world_size=_int_var(environ, "SLURM_NTASKS", "SLURM_STEP_NUM_TASKS"),
+        local_rank=_int_var(environ, "SLURM_LOCALID"),
+    )
+    nodelist = next(
+        (
+            environ[name].strip()
+            for name in ("SLURM_STEP_NODELIST", "SLURM_JOB_NODELIST", "SLURM_NODELIST")
+            if environ.get(name, "").strip()
+        ),
+        "",
+    )
+    tasks_per_node = (
+        environ.get("SLURM_STEP_TASKS_PER_NODE", "").strip()
+        or environ.get("SLURM_TASKS_PER_NODE", "").strip()
+    )
+    if tasks_per_node:
+        counts = expand_tasks_per_node(tasks_per_node)
+        node = _slurm_node_index(environ, nodelist, len(counts))
+        found.local_size = counts[node] if node is not None and 0 <= node < len(counts) else None
+    if nodelist:
+        found.host = first_host(nodelist)  # srun's block distribution puts task 0 there
+    if environ.get("MASTER_ADDR", "").strip():  # a batch script may pin the master itself
+        found.host = environ["MASTER_ADDR"].strip()
+    found.port = _int_var(environ, "MASTER_PORT", "RINGLET_PORT")
+    job = environ.get("SLURM_JOB_ID", "").strip()
+    if found.port is None and job:
+        found.port = _slurm_port(job, environ.get("SLURM_STEP_ID", "").strip())
+    missing = list(_unset(environ, "SLURM_PROCID", "SLURM_NTASKS"))
+    if found.host is None:
+        missing.append("SLURM_STEP_NODELIST (or MASTER_ADDR)")
+    if found.port is None:
+        missing.append("SLURM_JOB_ID (or MASTER_PORT)")
+    found.missing = tuple(missing)
+    return found
+
+
+def _from_mpi(environ: Mapping[str, str]) -> _Found:
+    found = _Found(
+        "mpi",
+        rank=_int_var(environ, "OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK"),
+        world_size=_int_var(environ, "OMPI_COMM_WORLD_SIZE", "PMI_SIZE"),
+        local_rank=_int_var(environ, "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID"),
+        local_size=_int_var(environ, "OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"),
+    )
+    _master_vars(environ, found, fallback=True)
+    one_host = found.world_size is not None and found.local_size == found.world_size
+    if found.host is None and one_host:
+        found.host = "127.0.0.1"  # every rank is here: rank 0 too
+    if found.port is None and found.host is not None:
+        job = job_id(environ)
+        if not job and one_host and environ.get("PMI_RANK", "").strip():
+            job = found.job = hydra_job()  # alike on this host only: hence one_host
+        if job:
+            found.port = derived_port(job)
+    missing = []
+    if found.rank is None:
+        missing.append("OMPI_COMM_WORLD_RANK or PMI_RANK")
+    if found.world_size is None:
+        missing.append("OMPI_COMM_WORLD_SIZE or PMI_SIZE")
+    if found.host is None or found.port is None:
+        spread = ""
+        if found.local_size is not None and found.world_size is not None and not one_host:
+            spread = f"; the ranks span hosts, {found.local_size} of {found.world_size} here"
+        missing.append(f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}")
+    found.missing = tuple(missing)
+    return found
+
+
+def _from_jobset(environ: Mapping[str, str]) -> _Found:
+    """Kubernetes JobSet: rank from the Indexed Job's JOB_COMPLETION_INDEX; the master is pod 0-0.
+
+    JobSet names pods ``<jobset>-<replicated job>-<job index>-<pod index>`` under the subdomain
+    ``<jobset>``; the world size is the template's WORLD_SIZE. With several Jobs in the replicated
+    job (JOB_INDEX > 0) a pod's rank is not in its variables: set RANK there.
+    """
+    found = _Found(
+        "jobset",
+        world_size=_int_var(environ, "WORLD_SIZE", "RINGLET_WORLD_SIZE"),
+        local_rank=0,
+        local_size=1,  # one rank per pod; a pod that starts several runs torchrun or ringlet run
+    )
+    name = environ.get("JOBSET_NAME", "").strip()
+    replicated = environ.get("REPLICATED_JOB_NAME", "").strip()
+    job_index = _int_var(environ, "JOB_INDEX") or 0
+    index = _int_var(environ, "JOB_COMPLETION_INDEX")
+    found.rank = _int_var(environ, "RANK")
+    if found.rank is None and job_index == 0:
+        found.rank = index
+    found.host = environ.get("MASTER_ADDR", "").strip() or None
+    if found.host is None and name and replicated:
+        found.host = f"{name}-{replicated}-0-0.{name}"
+    found.port = _int_var(environ, "MASTER_PORT")
+    if found.port is None and name:
+        found.port = derived_port(f"jobset:{name}")
+    missing = list(_unset(environ, "JOBSET_NAME", "REPLICATED_JOB_NAME", "WORLD_SIZE"))
+    if found.rank is None:
+        missing.append("JOB_COMPLETION_INDEX" if job_index == 0 else "RANK (JOB_INDEX > 0)")
+    found.missing = tuple(missing)
+    return found
+
+
+_SOURCES = (_from_ringlet, _from_torchrun, _from_slurm, _from_mpi, _from_jobset)
+_HOW_TO_SET = {
+    "ringlet": "ringlet run sets them",
+    "torchrun": "torchrun sets them",
+    "slurm": "srun sets them",
+    "mpi": "mpiexec sets the ranks; across hosts export the master yourself",
+    "jobset": "a Kubernetes JobSet sets them, with WORLD_SIZE in the pod template",
+}
+
+
+def _unset(environ: Mapping[str, str], *names: str) -> tuple[str, ...]:
+    return tuple(name for name in names if not environ.get(name, "").strip())
+
+
+def job_id(environ: Mapping[str, str]) -> str:
+    """The id the launcher gave this job, alike on every rank and different for another job.
+
+    RINGLET_JOB_ID (``ringlet run``), else torchrun's TORCHELASTIC_RUN_ID, else SLURM's job and
+    step (``SLURM_JOB_ID.SLURM_STEP_ID``), else Open MPI / PMIx's namespace; "" when none is set.
+    It goes into every handshake, so ranks of two jobs never join each other's store or peers.
+    Under torch elastic the restart count is part of it: a restarted attempt is another job.
+    """
+    if text := environ.get("RINGLET_JOB_ID", "").strip():
+        return text
+    restart = environ.get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    attempt = f"@attempt{restart}" if restart not in ("", "0") else ""
+    run_id = environ.get("TORCHELASTIC_RUN_ID", "").strip()
+    if run_id and run_id != "none":  # torchrun's default --rdzv-id is the same for every job
+        return f"torchrun:{run_id}{attempt}"
+    if slurm := environ.get("SLURM_JOB_ID", "").strip():
+        return f"slurm:{slurm}.{environ.get('SLURM_STEP_ID', '').strip()}{attempt}"
+    for name in ("PMIX_NAMESPACE", "OMPI_MCA_ess_base_jobid"):
+        if text := environ.get(name, "").strip():
+            return f"mpi:{text}{attempt}"
+    if text := environ.get("JOBSET_NAME", "").strip():
+        return f"jobset:{text}{attempt}"
+    return f"torchrun{attempt}" if attempt else ""
