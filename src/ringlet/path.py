@@ -134,6 +134,7 @@ class Path:
         if op in calls.IN_PIECES and nbytes > PIECE_BYTES:
             for k, (piece, piece_kw) in enumerate(_pieces(op, bufs, self.rank, **kw), 1):
                 self._run(call, k, op, chosen, piece, sent, deadline, **piece_kw)
+                piece.clear()  # free this piece's staging and scratch before the next is cut
         else:
             self._run(call, 0, op, chosen, bufs, sent, deadline, **kw)
         if finish is not None:
