@@ -39,6 +39,7 @@ from ringlet.launch_flags import int_option, master_option, nnodes_option
 from ringlet.launch_outcome import TAIL_LINES as TAIL_LINES
 from ringlet.launch_outcome import RankProcess, culprit, describe_exit, signal_name, summary
 from ringlet.launch_output import Sink, pump_blocks, pump_lines
+from ringlet.rendezvous.env import RESTART_VARIABLE
 
 _JOIN_OUTPUT = 2.0  # seconds to wait for a finished rank's last output to be forwarded
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -149,10 +150,6 @@ def run_main(args: argparse.Namespace) -> int:
     except ValueError as error:
         print(error, file=sys.stderr)
         return 2
-
-
-#: Set in a restarted rank's environment (1, 2, …); ringlet.survive.init_or_rejoin() reads it.
-RESTART_VARIABLE = "RINGLET_RESTART_COUNT"
 
 
 @dataclass(frozen=True)

@@ -20,12 +20,9 @@ import numpy as np
 
 from .comm import WORLD_ID, Communicator
 from .errors import RingletError
+from .rendezvous.env import RESTART_VARIABLE
 
 __all__ = ["RESTART_VARIABLE", "grow", "init_or_rejoin", "pending", "rejoin"]
-
-#: Set by a launcher that restarts a lost rank (``ringlet run --max-restarts``): how many times
-#: this rank was restarted; a restarted rank rejoins instead of starting the job.
-RESTART_VARIABLE = "RINGLET_RESTART_COUNT"
 
 _joined: weakref.WeakSet[Communicator] = weakref.WeakSet()  # made by rejoin(), state still due
 

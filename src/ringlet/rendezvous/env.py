@@ -33,6 +33,9 @@ from ringlet.rendezvous.launchers import (  # noqa: F401 (some only re-exported)
 from ringlet.rendezvous.secret import read_secret_file
 
 DEFAULT_TIMEOUT = 300.0
+#: Set by ``ringlet run --max-restarts`` in a restarted rank's environment (1, 2, …); a rank that
+#: sees it rejoins the running job (ringlet.survive.init_or_rejoin) instead of starting one.
+RESTART_VARIABLE = "RINGLET_RESTART_COUNT"
 
 
 @dataclass(frozen=True)
