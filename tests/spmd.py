@@ -18,6 +18,7 @@ import faulthandler
 import multiprocessing as mp
 import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
@@ -180,20 +181,23 @@ def run(
             code = p.exitcode or 0
             how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
             outcome[r] = ("died", how)
-    if expect_failure:
-        return [outcome[r] for r in range(n)]
-    if any(outcome[r][0] != "ok" for r in range(n)):
-        report = []
-        for r in range(n):
-            status, value = outcome[r]
-            text = "ok" if status == "ok" else str(value)
-            path = logdir / f"r{r}.log"
-            log = path.read_text(errors="replace").strip() if path.exists() else ""
-            if status != "ok" and log:
-                text += f"\n--- stderr of rank {r} ---\n{log[-4000:]}"
-            report.append(f"===== rank {r}: {text}")
-        raise AssertionError(f"{fn.__name__} failed on {n} ranks:\n" + "\n".join(report))
-    return [outcome[r][1] for r in range(n)]
+    try:
+        if expect_failure:
+            return [outcome[r] for r in range(n)]
+        if any(outcome[r][0] != "ok" for r in range(n)):
+            report = []
+            for r in range(n):
+                status, value = outcome[r]
+                text = "ok" if status == "ok" else str(value)
+                path = logdir / f"r{r}.log"
+                log = path.read_text(errors="replace").strip() if path.exists() else ""
+                if status != "ok" and log:
+                    text += f"\n--- stderr of rank {r} ---\n{log[-4000:]}"
+                report.append(f"===== rank {r}: {text}")
+            raise AssertionError(f"{fn.__name__} failed on {n} ranks:\n" + "\n".join(report))
+        return [outcome[r][1] for r in range(n)]
+    finally:
+        shutil.rmtree(logdir, ignore_errors=True)  # the report above carries what mattered
 
 
 def concurrently(jobs: dict[str, Callable[[], Any]]) -> dict[str, Any]:
