@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 import ringlet
+from ringlet.calls import result_nbytes
 
 OPS = ("all_reduce", "reduce", "broadcast", "all_gather", "gather", "scatter", "reduce_scatter",
        "all_to_all")  # fmt: skip
@@ -27,17 +28,6 @@ OPS = ("all_reduce", "reduce", "broadcast", "all_gather", "gather", "scatter", "
 
 def peak_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
-
-
-def result_mib(op: str, mib: float, rank: int, size: int) -> float:
-    """What the call must allocate for its result on this rank (in-place ops: nothing)."""
-    return {
-        "all_gather": mib * size,
-        "gather": mib * size if rank == 0 else 0.0,
-        "scatter": mib / size,
-        "reduce_scatter": mib / size,
-        "all_to_all": mib,
-    }.get(op, 0.0)
 
 
 def measure(op: str, mib: int) -> None:
@@ -52,7 +42,8 @@ def measure(op: str, mib: int) -> None:
             out = getattr(comm, op)(x, 0)
         else:
             out = getattr(comm, op)(x)
-        extra = peak_mib() - before - result_mib(op, mib, comm.rank, comm.size)
+        result = result_nbytes(op, x.nbytes, comm.rank, comm.size) / (1 << 20)
+        extra = peak_mib() - before - result
         if op == "all_reduce":
             assert (out == comm.size * (comm.size + 1) / 2).all()
         extras = comm.all_gather(np.array([max(extra, 0.0)]))

@@ -118,3 +118,15 @@ def check_root(root: int, size: int, kind: str) -> int:
     if not isinstance(root, (int, np.integer)) or not 0 <= root < size:
         raise ValueError(f"{kind}: root={root!r} is not a rank of this communicator (0..{size - 1})")
     return int(root)
+
+
+def result_nbytes(kind: str, nbytes: int, rank: int, size: int, root: int = 0) -> int:
+    """Bytes of the new array a call returns on ``rank`` for ``nbytes`` of input per rank (scatter:
+    the root's whole input); 0 for the ops that work in place or return nothing there."""
+    return {
+        "all_gather": nbytes * size,
+        "gather": nbytes * size if rank == root else 0,
+        "scatter": nbytes // size,
+        "reduce_scatter": nbytes // size,
+        "all_to_all": nbytes,
+    }.get(kind, 0)

@@ -16,16 +16,11 @@ import numpy as np
 import pytest
 
 import spmd
+from ringlet.calls import result_nbytes
 
 MIB = 80
 OPS = ("all_reduce", "reduce", "broadcast", "all_gather", "gather", "scatter", "reduce_scatter",
        "all_to_all")  # fmt: skip
-
-
-def _result_bytes(op: str, nbytes: int, rank: int, size: int) -> int:
-    return {"all_gather": nbytes * size, "gather": nbytes * size if rank == 0 else 0,
-            "scatter": nbytes // size, "reduce_scatter": nbytes // size,
-            "all_to_all": nbytes}.get(op, 0)  # fmt: skip
 
 
 def extra_per_op(comm, mib: int) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -44,7 +39,7 @@ def extra_per_op(comm, mib: int) -> dict[str, float]:  # type: ignore[no-untyped
             out = getattr(comm, op)(x)
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
-        extra[op] = (peak - before - _result_bytes(op, x.nbytes, comm.rank, comm.size)) / (1 << 20)
+        extra[op] = (peak - before - result_nbytes(op, x.nbytes, comm.rank, comm.size)) / (1 << 20)
         del out, x
     return extra
 
