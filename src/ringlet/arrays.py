@@ -2,7 +2,7 @@
 
 Everything is viewed, never copied, so an in-place collective writes straight into the
 caller's memory. torch is imported only when the caller already has it loaded: a tensor
-cannot exist otherwise.
+cannot exist otherwise; ml_dtypes (bfloat16, ~1 s to import) only for a bfloat16 tensor.
 
 Non-contiguous arrays (slices with steps, transposes) cannot be viewed flat; :func:`staged`
 copies them into a contiguous buffer and back out after the collective.
@@ -14,7 +14,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 __all__ = ["flat", "from_numpy_like", "is_torch", "staged", "to_numpy"]
@@ -94,6 +93,8 @@ def _torch_to_numpy(tensor: Any, *, call: str, writable: bool) -> np.ndarray:
         tensor = tensor.resolve_conj().resolve_neg()
     if tensor.dtype == torch.bfloat16:
         # NumPy has no bfloat16: view the same bits as int16, then as ml_dtypes.bfloat16.
+        import ml_dtypes
+
         return tensor.view(torch.int16).numpy().view(ml_dtypes.bfloat16)  # type: ignore[no-any-return]
     try:
         return tensor.numpy()  # type: ignore[no-any-return]
@@ -123,7 +124,7 @@ def from_numpy_like(template: object, a: np.ndarray) -> object:
         return a
     import torch
 
-    if a.dtype == ml_dtypes.bfloat16:
+    if a.dtype.name == "bfloat16":  # only ml_dtypes' bfloat16 has that name
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a)
 

@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import enum
 import functools
+import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_dtypes
 import numpy as np
 
 from ringlet.errors import ProtocolError
@@ -118,10 +118,13 @@ def op_from_code(code: int) -> ReduceOp:
         ) from None
 
 
-BFLOAT16: np.dtype = np.dtype(ml_dtypes.bfloat16)
-
-# Order fixes the wire codes (index + 1): append new dtypes, never reorder.
-SUPPORTED_DTYPES: tuple[np.dtype, ...] = (
+# bfloat16 comes from ml_dtypes, whose import costs ~1 s: it is loaded only when a bfloat16 array
+# exists (ml_dtypes already imported) or bfloat16 is named, so the dict lookup of dtype_code stays
+# the hot path and `import ringlet` does not pay for it. BFLOAT16 and SUPPORTED_DTYPES are module
+# attributes that load it (__getattr__ below).
+_BFLOAT16_CODE = 11
+# Order fixes the wire codes (index + 1): append new dtypes, never reorder; None is bfloat16.
+_BY_CODE: list[np.dtype | None] = [
     np.dtype(np.bool_),
     np.dtype(np.int8),
     np.dtype(np.int16),
@@ -132,14 +135,41 @@ SUPPORTED_DTYPES: tuple[np.dtype, ...] = (
     np.dtype(np.uint32),
     np.dtype(np.uint64),
     np.dtype(np.float16),
-    BFLOAT16,
+    None,
     np.dtype(np.float32),
     np.dtype(np.float64),
     np.dtype(np.complex64),
     np.dtype(np.complex128),
-)
-_DTYPE_CODES: dict[np.dtype, int] = {dt: i + 1 for i, dt in enumerate(SUPPORTED_DTYPES)}
-_DTYPE_NAMES = ", ".join(dt.name for dt in SUPPORTED_DTYPES)
+]
+_DTYPE_CODES: dict[np.dtype, int] = {dt: i + 1 for i, dt in enumerate(_BY_CODE) if dt is not None}
+_DTYPE_NAMES = ", ".join(dt.name if dt is not None else "bfloat16" for dt in _BY_CODE)
+
+
+def _bfloat16() -> np.dtype:
+    """ml_dtypes' bfloat16, imported on first use and entered in the dtype tables."""
+    dt = _BY_CODE[_BFLOAT16_CODE - 1]
+    if dt is None:
+        import ml_dtypes
+
+        dt = np.dtype(ml_dtypes.bfloat16)
+        _DTYPE_CODES[dt] = _BFLOAT16_CODE
+        _BY_CODE[_BFLOAT16_CODE - 1] = dt
+    return dt
+
+
+if TYPE_CHECKING:
+    BFLOAT16: np.dtype
+    SUPPORTED_DTYPES: tuple[np.dtype, ...]
+
+
+def __getattr__(name: str) -> Any:
+    """BFLOAT16 and SUPPORTED_DTYPES (every dtype in wire-code order), loading ml_dtypes."""
+    if name == "BFLOAT16":
+        return _bfloat16()
+    if name == "SUPPORTED_DTYPES":
+        _bfloat16()
+        return tuple(dt for dt in _BY_CODE if dt is not None)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def check_dtype(dtype: np.dtype, *, call: str = "") -> np.dtype:
@@ -150,10 +180,15 @@ def check_dtype(dtype: np.dtype, *, call: str = "") -> np.dtype:
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(
-            f"{_prefix(call)}{dtype!r} is not a dtype; supported dtypes: {_DTYPE_NAMES}"
-        ) from None
+        if not (isinstance(dtype, str) and dtype.strip().lower() == "bfloat16"):
+            raise TypeError(
+                f"{_prefix(call)}{dtype!r} is not a dtype; supported dtypes: {_DTYPE_NAMES}"
+            ) from None
+        dt = _bfloat16()  # the name is known once ml_dtypes is loaded
     if dt in _DTYPE_CODES:
+        return dt
+    loaded = "ml_dtypes" in sys.modules  # an ml_dtypes array exists only once it is
+    if loaded and _BY_CODE[_BFLOAT16_CODE - 1] is None and _bfloat16() == dt:
         return dt
     if dt.byteorder not in "=|" and dt.newbyteorder("=") in _DTYPE_CODES:
         raise TypeError(
@@ -190,8 +225,9 @@ def dtype_code(dtype: np.dtype) -> int:
 
 def dtype_from_code(code: int) -> np.dtype:
     """The dtype behind a wire code; raises ProtocolError for a code no ringlet version sends."""
-    if 1 <= code <= len(SUPPORTED_DTYPES):
-        return SUPPORTED_DTYPES[code - 1]
+    if 1 <= code <= len(_BY_CODE):
+        dt = _BY_CODE[code - 1]
+        return dt if dt is not None else _bfloat16()
     raise ProtocolError(
         f"unknown dtype code {code} in a peer's message; are all ranks running "
         "the same ringlet version?"

@@ -191,6 +191,44 @@ def test_console_script_runs_too() -> None:
     assert sorted(rank_json_lines(result.stdout)) == [0, 1]
 
 
+#: In a fresh interpreter: ringlet and every non-bfloat16 dtype leave ml_dtypes (~1 s) unloaded;
+#: naming bfloat16, receiving its wire code or holding an ml_dtypes array loads it.
+LAZY_ML_DTYPES = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import ringlet
+    from ringlet import ops
+    assert ops.check_dtype(np.float32) == np.float32 and ops.dtype_code(np.dtype("int8")) == 2
+    assert ops.dtype_from_code(12) == np.float32
+    assert "ml_dtypes" not in sys.modules, "import ringlet loaded ml_dtypes"
+    if sys.argv[1] == "name":
+        dt = ops.check_dtype("bfloat16")
+    elif sys.argv[1] == "code":
+        dt = ops.dtype_from_code(11)
+    else:
+        import ml_dtypes
+        dt = ops.check_dtype(np.zeros(3, ml_dtypes.bfloat16).dtype)
+    assert dt.name == "bfloat16" and ops.dtype_code(dt) == 11 and ops.dtype_from_code(11) == dt
+    assert ops.SUPPORTED_DTYPES[10] == dt == ops.BFLOAT16 and len(ops.SUPPORTED_DTYPES) == 15
+    print("ok")
+""")
+
+
+@pytest.mark.timeout(30)
+def test_ml_dtypes_is_imported_only_for_bfloat16() -> None:
+    """`import ringlet` and `ringlet --version` skip ml_dtypes; bfloat16 still works every way."""
+    for how in ("name", "code", "array"):
+        result = subprocess.run([sys.executable, "-c", LAZY_ML_DTYPES, how],
+                                capture_output=True, text=True, timeout=20)  # fmt: skip
+        assert result.stdout == "ok\n", (how, result.stderr)
+    probe = "import runpy, sys; sys.argv = ['ringlet', '--version']\ntry:\n"
+    probe += "    runpy.run_module('ringlet', run_name='__main__')\nexcept SystemExit:\n"
+    probe += "    print('ml_dtypes' in sys.modules)"
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                            timeout=20)  # fmt: skip
+    assert result.stdout.splitlines() == [f"ringlet {ringlet.__version__}", "False"], result
+
+
 @pytest.mark.timeout(20)
 def test_failing_rank_ends_the_job_and_its_traceback_is_shown() -> None:
     grace = 1.0
