@@ -2,20 +2,26 @@
 
 Blocks follow axis 0 (a 0-d array is one row). scatter's root describes what it sends in a small
 header of int64s that every rank receives before any data moves, so an invalid input at the root
-is a ValueError on every rank, never a local-only error that leaves the others waiting.
+is a ValueError on every rank, never a local-only error that leaves the others waiting. A root's
+list of arrays is sent from the arrays themselves, a piece at a time, never concatenated whole.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
 from .arrays import to_numpy
+from .calls import Call
 from .ops import check_dtype, dtype_code, dtype_from_code
+from .path import PIECE_BYTES, PIECE_SIG
 
 #: The most trailing dimensions scatter's header carries.
 MAX_TRAILING = 16
+#: What scatter's root sends: one flat array (no copy), or one array per rank read piece by piece.
+Source = np.ndarray | list[np.ndarray]
 _SCATTER_ERRORS = {
     1: "the array's first dimension is not divisible by the number of ranks",
     2: "the list does not hold one array per rank",
@@ -42,17 +48,22 @@ def even_blocks(arr: np.ndarray, size: int, kind: str) -> int:
 
 
 class ScatterHeader:
-    """What scatter's root sends first: status, dtype, trailing shape and rows per rank."""
+    """What scatter's root sends first: status, dtype, whether the data moves in pieces, the
+    trailing shape and rows per rank (int64s at fixed places, see the constants below)."""
+
+    _STATUS, _DTYPE, _NDIM, _PIECED, _TRAILING = 0, 1, 2, 3, 4
+    _ROWS = _TRAILING + MAX_TRAILING
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.data = np.zeros(4 + MAX_TRAILING + size, np.int64)
+        self.data = np.zeros(self._ROWS + size, np.int64)
 
     @classmethod
-    def describe(cls, x: Any, size: int) -> tuple[ScatterHeader, np.ndarray | None]:
+    def describe(cls, x: Any, size: int) -> tuple[ScatterHeader, Source | None]:
         """The root's header for ``x`` (one array split evenly, or a list of one array per rank)
-        and the parts as one flat array (the array itself when it is contiguous: no copy; a list
-        is concatenated); an invalid input gives a header whose status says why, and None."""
+        and what it sends: the array itself as one flat buffer when it is contiguous (no copy),
+        else its parts, each read from its own array a piece at a time (:meth:`moves`); an
+        invalid input gives a header whose status says why, and None."""
         header = cls(size)
         whole: np.ndarray | None = None
         try:
@@ -75,19 +86,20 @@ class ScatterHeader:
             except TypeError:
                 raise _Reject(4) from None
         except _Reject as rej:
-            header.data[0] = rej.code
+            header.data[cls._STATUS] = rej.code
             return header, None
-        d = header.data
-        d[1], d[2] = dtype_code(first.dtype), first.ndim - 1
-        d[3 : 3 + first.ndim - 1] = first.shape[1:]
-        d[4 + MAX_TRAILING :] = [p.shape[0] for p in parts]
-        if whole is not None:
-            return header, np.ascontiguousarray(whole).reshape(-1)
-        return header, np.concatenate([p.reshape(-1) for p in parts])
+        d, t = header.data, cls._TRAILING
+        d[cls._DTYPE], d[cls._NDIM] = dtype_code(first.dtype), first.ndim - 1
+        d[t : t + first.ndim - 1] = first.shape[1:]
+        d[cls._ROWS :] = [p.shape[0] for p in parts]
+        if whole is not None and whole.flags.c_contiguous:
+            return header, whole.reshape(-1)
+        d[cls._PIECED] = 1
+        return header, parts
 
     def check(self, root: int) -> None:
         """ValueError (on every rank, after the header arrived) if the root's input was invalid."""
-        if status := int(self.data[0]):
+        if status := int(self.data[self._STATUS]):
             raise ValueError(
                 f"scatter: root rank {root} passed invalid input: "
                 f"{_SCATTER_ERRORS.get(status, 'unknown error')}"
@@ -95,15 +107,71 @@ class ScatterHeader:
 
     @property
     def dtype(self) -> np.dtype:
-        return dtype_from_code(int(self.data[1]))
+        return dtype_from_code(int(self.data[self._DTYPE]))
 
     @property
     def trailing(self) -> tuple[int, ...]:
-        return tuple(int(d) for d in self.data[3 : 3 + int(self.data[2])])
+        t = self._TRAILING
+        return tuple(int(d) for d in self.data[t : t + int(self.data[self._NDIM])])
 
     @property
     def rows(self) -> list[int]:
-        return [int(r) for r in self.data[4 + MAX_TRAILING :]]
+        return [int(r) for r in self.data[self._ROWS :]]
+
+    def moves(
+        self, source: Source | None, out: np.ndarray, rank: int
+    ) -> Iterator[tuple[int, dict[str, np.ndarray], tuple[int, ...]]]:
+        """The scatters that move the root's ``source`` into every rank's flat ``out``: piece
+        number, buffers and counts of each, cut alike on every rank from the header alone.
+
+        A flat source is one scatter straight from the caller's memory. A list (or a strided
+        array) moves in pieces of about PIECE_BYTES: a slice of every rank's block, staged in one
+        buffer of the piece's size, so the root never holds a copy of the whole message."""
+        row = int(np.prod(self.trailing, dtype=np.int64))
+        counts = tuple(r * row for r in self.rows)
+        if not self.data[self._PIECED]:
+            assert not isinstance(source, list)
+            yield 0, {"out": out} if source is None else {"out": out, "in": source}, counts
+            return
+        assert not isinstance(source, np.ndarray)
+        itemsize = self.dtype.itemsize
+        whole = sum(counts) * itemsize <= PIECE_BYTES
+        step = max(1, max(counts) if whole else PIECE_BYTES // (itemsize * self.size))
+        for k, lo in enumerate(range(0, max(counts), step)):
+            part = tuple(max(0, min(c, lo + step) - lo) for c in counts)
+            bufs: dict[str, np.ndarray] = {"out": out[lo : lo + part[rank]]}
+            if source is not None:
+                bufs["in"] = _stage(source, lo, part, row, self.dtype)
+            yield k, bufs, part
+            bufs.clear()  # this piece's staging and scratch go before the next piece is staged
+
+
+def piece_call(call: Call, k: int) -> Call:
+    """``call`` itself (k = 0) or its k-th piece under a signature of its own, as path.py does,
+    so the frames of two pieces are never taken for each other."""
+    if not k:
+        return call
+    return Call(call.kind, call.seq, (call.sig + k * PIECE_SIG) & ((1 << 64) - 1), call.desc)
+
+
+def _stage(
+    parts: list[np.ndarray], lo: int, part: tuple[int, ...], row: int, dtype: np.dtype
+) -> np.ndarray:
+    """Elements ``lo … lo + part[r]`` of every rank's block, one after another in one new buffer
+    (a strided block copies only the rows the piece touches)."""
+    staged = np.empty(sum(part), dtype)
+    at = 0
+    for p, n in zip(parts, part, strict=True):
+        if not n:
+            continue
+        if p.flags.c_contiguous:
+            staged[at : at + n] = p.reshape(-1)[lo : lo + n]
+        else:  # strided: copy only the rows this piece touches
+            r0, r1 = lo // row, -(-(lo + n) // row)
+            flat = np.ascontiguousarray(p[r0:r1]).reshape(-1)
+            staged[at : at + n] = flat[lo - r0 * row : lo - r0 * row + n]
+        at += n
+    return staged
 
 
 class _Reject(Exception):

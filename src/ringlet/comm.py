@@ -21,7 +21,7 @@ import numpy as np
 
 from . import calls, objects
 from .arrays import from_numpy_like, staged, to_numpy
-from .blocks import ScatterHeader, even_blocks, rows
+from .blocks import ScatterHeader, even_blocks, piece_call, rows
 from .calls import Call, reducible
 from .calls import check_root as _root
 from .errors import BrokenCommunicator, CollectiveTimeout, RingletError
@@ -237,7 +237,7 @@ class Communicator:
         call = self._call("scatter", None, (), root=root)
 
         def body(deadline: float) -> Any:
-            header, flat = (
+            header, source = (
                 ScatterHeader.describe(x, self.size)
                 if self.rank == root
                 else (ScatterHeader(self.size), None)
@@ -245,13 +245,10 @@ class Communicator:
             self._path.move(call.phase(), "broadcast", None, {"out": header.data}, None, deadline,
                             count=header.data.size, root=root)
             header.check(root)
-            row = int(np.prod(header.trailing, dtype=np.int64))
-            counts = tuple(r * row for r in header.rows)
             out = np.empty((header.rows[self.rank], *header.trailing), header.dtype)
-            bufs = {"out": out.reshape(-1)}
-            if flat is not None:
-                bufs["in"] = flat
-            self._path.move(call, "scatter", algo, bufs, None, deadline, counts=counts, root=root)
+            for k, bufs, counts in header.moves(source, out.reshape(-1), self.rank):
+                self._path.move(piece_call(call, k), "scatter", algo, bufs, None, deadline,
+                                counts=counts, root=root)
             listed = isinstance(x, (list, tuple))
             template = x if self.rank == root and not listed else (x[0] if listed and x else out)
             return from_numpy_like(template, out)
