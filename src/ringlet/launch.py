@@ -11,8 +11,10 @@ PET_MASTER_ADDR, PET_MASTER_PORT) are understood. Each rank runs in its own proc
 signal reaches the whole tree a rank started. One rank failing ends the job: the others get
 `grace` seconds to finish or report their own errors, then SIGTERM, then SIGKILL. Each rank's
 stderr is forwarded in blocks (a traceback is never interleaved with another rank's lines) and a
-summary names every rank's fate and the rank that caused the end. A watchdog process kills every
-rank's group if the launcher itself dies, even by SIGKILL.
+summary names every rank's fate and the rank that caused the end. With --quiet-others a rank that
+failed because of another one (PeerError, CollectiveTimeout, …) or with a traceback another rank
+already showed gets one line instead of its traceback. A watchdog process kills every rank's group
+if the launcher itself dies, even by SIGKILL.
 
 This module starts and supervises the ranks; beside it, `launch_flags` reads the command line,
 `launch_env` decides each rank's environment, `launch_output` forwards the ranks' output and
@@ -38,7 +40,7 @@ from ringlet.launch_flags import add_arguments as add_arguments
 from ringlet.launch_flags import int_option, master_option, nnodes_option
 from ringlet.launch_outcome import TAIL_LINES as TAIL_LINES
 from ringlet.launch_outcome import RankProcess, culprit, describe_exit, signal_name, summary
-from ringlet.launch_output import Sink, pump_blocks, pump_lines
+from ringlet.launch_output import QuietOthers, Sink, pump_blocks, pump_lines
 from ringlet.rendezvous.env import RESTART_VARIABLE
 
 _JOIN_OUTPUT = 2.0  # seconds to wait for a finished rank's last output to be forwarded
@@ -77,13 +79,16 @@ def launch(
     store_port: int | None = None,
     job_id: str | None = None,
     max_restarts: int = 0,
+    quiet_others: bool = False,
 ) -> int:
     """Run `cmd` as ranks node_rank*nproc … node_rank*nproc+nproc-1 of nnodes*nproc; wait for all.
 
     ``master`` is torch's MASTER_ADDR:MASTER_PORT (the same on every node); ringlet's store takes
     ``store_port`` (default MASTER_PORT + 1; on one node without a master, two free ports).
     A command whose first word ends in `.py` runs with this Python. `env` adds variables to (and
-    overrides) the launcher's own environment for every rank. Returns 0 when every rank exits 0,
+    overrides) the launcher's own environment for every rank. ``quiet_others`` shows the first
+    failure's traceback in full and one line for each rank failing because of it (or with the
+    same traceback). Returns 0 when every rank exits 0,
     else the exit code of the rank that caused the end (128+signal for a signal). Raises
     ValueError for bad arguments, before any rank starts.
     """
@@ -113,6 +118,7 @@ def launch(
         job_id=job_id,
     )
     job = _Job(grace, Sink(sys.stdout), Sink(sys.stderr), prefix, max_restarts)
+    job.quiet = QuietOthers() if quiet_others else None
     return job.run(argv, rank_envs, node_rank * nproc)
 
 
@@ -146,6 +152,7 @@ def run_main(args: argparse.Namespace) -> int:
             store_port=args.store_port,
             job_id=args.rdzv_id,
             max_restarts=args.max_restarts,
+            quiet_others=args.quiet_others,
         )
     except ValueError as error:
         print(error, file=sys.stderr)
@@ -184,6 +191,7 @@ class _Job:
         self.ranks: dict[int, RankProcess] = {}
         self.events: queue.SimpleQueue[int | _Received] = queue.SimpleQueue()
         self.reaper: IO[str] | None = None
+        self.quiet: QuietOthers | None = None  # --quiet-others
 
     def run(self, argv: list[str], rank_envs: list[dict[str, str]], first_rank: int) -> int:
         previous = self._install_handlers()
@@ -243,7 +251,9 @@ class _Job:
                 target=pump_lines, args=(proc.stdout, self.out, tag, None), daemon=True
             ),
             threading.Thread(
-                target=pump_blocks, args=(proc.stderr, self.err, tag, started.tail), daemon=True
+                target=pump_blocks,
+                args=(proc.stderr, self.err, tag, started.tail, self.quiet and (self.quiet, rank)),
+                daemon=True,
             ),
         ]
         for thread in started.threads:
@@ -306,6 +316,7 @@ class _Job:
         if first_failure is None and received is None:
             return 0
         blamed = culprit(self.ranks, first_failure)
+        self._show_held_traceback(blamed)
         self.err.line(summary(self.ranks, blamed))
         if first_failure is not None:
             failed = blamed if blamed is not None and blamed.failed_alone else first_failure
@@ -313,6 +324,17 @@ class _Job:
             return code if code > 0 else 128 - code
         assert received is not None
         return 128 + received
+
+    def _show_held_traceback(self, blamed: RankProcess | None) -> None:
+        """--quiet-others, when no rank failed by itself (one stalled or left): the first held-back
+        traceback in full after all, so that one failure is always shown whole."""
+        if self.quiet is None or (blamed is not None and blamed.failed_alone and not blamed.victim):
+            return
+        held = self.quiet.held_first()
+        if held is not None:
+            rank, lines = held
+            tag = f"[r{rank}] ".encode() if self.prefix else b""
+            self.err.write(b"".join(tag + line + b"\n" for line in lines))
 
     def _restart(self, rank: RankProcess) -> bool:
         """Start a failed rank again, alone, if it has restarts left (rank 0 hosts the store and

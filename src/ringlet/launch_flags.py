@@ -52,6 +52,11 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
         help="do not prefix each output line with [rRANK]",
     )
     run.add_argument(
+        "--quiet-others", "--quiet_others", dest="quiet_others", action="store_true",
+        help="show the first failure's traceback in full and one line for each rank that failed"
+        " because of it (PeerError, CollectiveTimeout, ...) or with the same traceback",
+    )  # fmt: skip
+    run.add_argument(
         "--grace",
         type=float,
         default=3.0,
@@ -72,7 +77,11 @@ def add_arguments(run: argparse.ArgumentParser) -> None:
     )
     run.add_argument("--transport", help="transport to use (sets RINGLET_TRANSPORT)")
     run.add_argument(
-        "--max-restarts", "--max_restarts", dest="max_restarts", type=int, default=0,
+        "--max-restarts",
+        "--max_restarts",
+        dest="max_restarts",
+        type=int,
+        default=0,
         metavar="N",
         help="restart a rank that fails by itself up to N times, alone (not rank 0, which hosts "
         "the store); it starts with RINGLET_RESTART_COUNT=k and rejoins the running job through "

@@ -24,6 +24,11 @@ TAIL_LINES = 200  # stderr lines kept per rank for the failure summary
 _VICTIM = re.compile(r"^(?:ringlet\.errors\.)?(?:PeerError|CollectiveTimeout|BrokenCommunicator)\b")
 
 
+def is_victim_line(line: str) -> bool:
+    """True for an error line saying the rank failed because another rank failed, stopped or left."""
+    return _VICTIM.match(line) is not None
+
+
 def describe_exit(returncode: int) -> str:
     """'ok', 'exit code C' or 'killed by SIGNAME' for a Popen return code."""
     if returncode == 0:
@@ -60,7 +65,7 @@ class RankProcess:
     @property
     def victim(self) -> bool:
         """True when it failed because another rank failed, stopped or left (ringlet says so)."""
-        return any(_VICTIM.match(line) for line in list(self.tail)[-30:])
+        return any(is_victim_line(line) for line in list(self.tail)[-30:])
 
     def is_stopped(self) -> bool:
         """True when the process is stopped (state T): it will never answer the others."""

@@ -448,6 +448,48 @@ def test_one_error_on_three_ranks_prints_each_traceback_once_as_a_block() -> Non
     assert result.stderr.rstrip().splitlines()[-1].startswith("(rank ")
 
 
+FAIL_ON_RANK_1 = textwrap.dedent("""
+    import numpy as np
+    import ringlet
+    comm = ringlet.init()
+    comm.barrier()
+    if comm.rank == 1:
+        raise ValueError("bad batch on rank 1")
+    comm.all_reduce(np.ones(4))  # ranks 0 and 2 fail here, because of rank 1
+""")
+
+
+@pytest.mark.timeout(60)
+def test_quiet_others_shows_the_first_failure_whole_and_one_line_per_victim(
+    tmp_path: Path,
+) -> None:
+    script = tmp_path / "fail_on_rank_1.py"
+    script.write_text(FAIL_ON_RANK_1)
+    result = run("-n", "3", "--quiet-others", "--timeout", "10", "--grace", "10", str(script),
+                 timeout=50)  # fmt: skip
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.splitlines()
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr
+    assert [line for line in lines if line.startswith("[r1] ")][-1] == (
+        "[r1] ValueError: bad batch on rank 1"
+    ), result.stderr
+    for rank in (0, 2):
+        own = [line for line in lines if line.startswith(f"[r{rank}] ")]
+        assert len(own) == 1 and "PeerError" in own[0], result.stderr
+        assert own[0].endswith("[traceback left out (--quiet-others)]"), result.stderr
+    summary = lines.index("ringlet run: job summary")
+    assert not [line for line in lines[summary:] if line.startswith("[r")], result.stderr
+    assert "  rank 1: exit code 1: ValueError: bad batch on rank 1  <- failed first" in lines
+    assert lines[-1] == "(rank 1's traceback is above, in its [r1] lines)", result.stderr
+    # The same TypeError on every rank: rank 0's in full, the others one line each
+    same = run("-n", "3", "--quiet-others", "--grace", "1", "python", "-c",
+               "import time; time.sleep(0.3); len(5)")  # fmt: skip
+    assert same.returncode == 1 and same.stderr.count("Traceback (most recent") == 1, same.stderr
+    cut = re.findall(r"^\[r(\d)\] TypeError: .* \[the same traceback as rank (\d)'s, left out",
+                     same.stderr, re.M)  # fmt: skip
+    assert len(cut) == 2 and len({r for r, _ in cut} | {s for _, s in cut}) == 3, same.stderr
+
+
 RING_AFTER = textwrap.dedent("""
     import os, signal, sys
     import numpy as np
