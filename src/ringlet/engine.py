@@ -55,31 +55,37 @@ class Engine:
         tag: Tag,
         deadline: float,
     ) -> None:
-        """Cut the round's messages into segments (by length alone, so both sides cut alike);
-        a reducing receive lands each segment in scratch, then combines it (in rank order with
-        the other receives of its range if the round is ordered)."""
+        """Move the round's messages: a folded one (a reducing receive and the Send it meets) in
+        segments, cut by its length alone so both sides cut alike, each landing in scratch and
+        then combined (in rank order with the other receives of its range if the round is
+        ordered); every other message whole, straight into place, with the first segment."""
         dtype = next(iter(bufs.values())).dtype
         seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
-        longest = max([s.count for s in rnd.sends] + [v.count for v in rnd.recvs])
+        longest = max(
+            [s.count for s in rnd.sends if s.fold] + [v.count for v in rnd.recvs if v.reduce] + [1]
+        )
         scratch = {v.peer: np.empty(min(seg, v.count), dtype) for v in rnd.recvs if v.reduce}
         for s, lo in enumerate(range(0, longest, seg)):
             sends = [
                 (m.peer, as_bytes(bufs[m.buf][m.start + lo : min(m.stop, m.start + lo + seg)]))
+                if m.fold
+                else (m.peer, as_bytes(bufs[m.buf][m.start : m.stop]))
                 for m in rnd.sends
-                if lo < m.count
+                if lo < m.count and (m.fold or not s)
             ]
             recvs: list[tuple[int, memoryview]] = []
             reduces: list[tuple[Recv, np.ndarray, np.ndarray]] = []
             for v in rnd.recvs:
+                if not v.reduce:
+                    if not s:
+                        recvs.append((v.peer, as_bytes(bufs[v.buf][v.start : v.stop])))
+                    continue
                 if lo >= v.count:
                     continue
                 dest = bufs[v.buf][v.start + lo : min(v.stop, v.start + lo + seg)]
-                if v.reduce:
-                    landing = scratch[v.peer][: dest.size]
-                    reduces.append((v, dest, landing))
-                    recvs.append((v.peer, as_bytes(landing)))
-                else:
-                    recvs.append((v.peer, as_bytes(dest)))
+                landing = scratch[v.peer][: dest.size]
+                reduces.append((v, dest, landing))
+                recvs.append((v.peer, as_bytes(landing)))
             self.transport.exchange(sends, recvs, Tag(tag.seq, tag.sig, tag.round, s), deadline)
             if rnd.ordered:
                 fold_ranges(op, self.transport.rank, reduces)  # type: ignore[arg-type]

@@ -44,7 +44,7 @@ def buffers(n: int, size: int) -> list[dict[str, np.ndarray]]:
 
 
 def test_run_moves_data_and_reduces() -> None:
-    a = sched(Round(sends=(Send(1, 0, 2, "in"),)), Round(recvs=(Recv(1, 0, 2),)))
+    a = sched(Round(sends=(Send(1, 0, 2, "in", fold=True),)), Round(recvs=(Recv(1, 0, 2),)))
     b = sched(
         Round(recvs=(Recv(0, 0, 2, reduce=True),), copies=(Copy(0, 0, 2, "in", "out"),)),
         Round(sends=(Send(0, 0, 2),)),
@@ -83,6 +83,18 @@ def test_run_refuses_ranges_outside_a_buffer() -> None:
 def test_validate_catches_a_length_mismatch() -> None:
     with pytest.raises(AssertionError, match="do not pair up"):
         validate([sched(Round(sends=(Send(1, 0, 2),))), sched(Round(recvs=(Recv(0, 0, 3),)))])
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_validate_catches_a_folded_message_the_sender_does_not_mark(fold: bool) -> None:
+    """Both ends must agree that a message is folded: the engine cuts only those in segments."""
+    with pytest.raises(AssertionError, match="do not pair up"):
+        validate(
+            [
+                sched(Round(sends=(Send(1, 0, 2, fold=fold),))),
+                sched(Round(recvs=(Recv(0, 0, 2, reduce=not fold),))),
+            ]
+        )
 
 
 @pytest.mark.parametrize(

@@ -157,7 +157,7 @@ def test_engine_folds_in_rank_order_segment_by_segment(dtype: Any, size: int) ->
 
 def test_engine_ordered_round_with_own_value_in_the_middle() -> None:
     xs = spread(np.random.default_rng(7), 3, 9, np.float16)
-    give = Schedule((Round((Send(1, 0, 9, "in"),)),))
+    give = Schedule((Round((Send(1, 0, 9, "in", fold=True),)),))
     fold = Round((), (Recv(2, 0, 9, True), Recv(0, 0, 9, True)), ordered=True)
     bufs = [{"in": x.copy(), "out": x.copy(), "tmp": x[:0]} for x in xs]
     run_engine([give, Schedule((fold,)), give], bufs, seg=4)

@@ -11,7 +11,10 @@ Rules every schedule keeps (checked by :func:`validate`):
 - within a round a rank sends at most one message to a peer and receives at most one from it;
 - every Send of rank a to b in round k meets a Recv of b from a in b's k-th round with that peer,
   of the same length;
-- ``Recv(reduce=True)`` combines the incoming elements into ``buf[start:stop]`` with the reduce op;
+- ``Recv(reduce=True)`` combines the incoming elements into ``buf[start:stop]`` with the reduce op,
+  and the Send it meets says so (``fold=True``): both ends cut a folded message into segments
+  alike (the receiver's scratch is one segment), while any other message moves whole, straight
+  into place;
 - in a round with ``ordered=True``, the reducing receives that land on one range are folded
   together with this rank's own value there strictly in rank order,
   ``((x_0 op x_1) op x_2) … op x_{p-1}`` over the peers and this rank (deterministic reductions);
@@ -30,12 +33,14 @@ Buf = Literal["in", "out", "tmp"]
 
 @dataclass(frozen=True)
 class Send:
-    """Send elements ``buf[start:stop]`` to rank ``peer``."""
+    """Send elements ``buf[start:stop]`` to rank ``peer``; ``fold``: the peer combines them into
+    its data (its Recv has ``reduce=True``)."""
 
     peer: int
     start: int
     stop: int
     buf: Buf = "out"
+    fold: bool = False
 
     @property
     def count(self) -> int:
@@ -135,9 +140,9 @@ def validate(schedules: Sequence[Schedule]) -> None:
     Raises AssertionError (an internal invariant: schedules are code, not user input).
     """
     size = len(schedules)
-    # Per ordered pair (a -> b): the lengths a sends and b receives, in order.
-    sent: dict[tuple[int, int], list[int]] = {}
-    got: dict[tuple[int, int], list[int]] = {}
+    # Per ordered pair (a -> b): the lengths a sends and b receives, in order, and whether folded.
+    sent: dict[tuple[int, int], list[tuple[int, bool]]] = {}
+    got: dict[tuple[int, int], list[tuple[int, bool]]] = {}
     for rank, sched in enumerate(schedules):
         for rnd in sched.rounds:
             speers = [s.peer for s in rnd.sends]
@@ -148,10 +153,10 @@ def validate(schedules: Sequence[Schedule]) -> None:
             )
             for s in rnd.sends:
                 assert 0 <= s.peer < size and s.peer != rank, f"rank {rank}: bad peer {s.peer}"
-                sent.setdefault((rank, s.peer), []).append(s.count)
+                sent.setdefault((rank, s.peer), []).append((s.count, s.fold))
             for v in rnd.recvs:
                 assert 0 <= v.peer < size and v.peer != rank, f"rank {rank}: bad peer {v.peer}"
-                got.setdefault((v.peer, rank), []).append(v.count)
+                got.setdefault((v.peer, rank), []).append((v.count, v.reduce))
     assert sent == got, f"sends and receives do not pair up: {sent} != {got}"
 
 

@@ -56,7 +56,7 @@ def _fold_in(
     if rank >= 2 * extra:
         return [Round()]
     if rank % 2 == 0:
-        return [Round(sends=(Send(rank + 1, *sent),))]
+        return [Round(sends=(Send(rank + 1, *sent, fold=True),))]
     return [Round(recvs=(Recv(rank - 1, into[0], into[1], reduce=True, buf=into[2]),))]
 
 
@@ -90,7 +90,7 @@ def halving_rounds(index: int, size: int, edge: Sequence[int], buf: Buf) -> list
             keep, give = give, keep
         rounds.append(
             Round(
-                (Send(peer, edge[give[0]], edge[give[1]], buf),),  # the partner's half
+                (Send(peer, edge[give[0]], edge[give[1]], buf, True),),  # the partner's half
                 (Recv(peer, edge[keep[0]], edge[keep[1]], reduce=True, buf=buf),),  # fold in ours
             )
         )
@@ -136,7 +136,7 @@ def recursive_doubling_all_reduce(rank: int, size: int, count: int) -> Schedule:
         peer = core_rank(index ^ d, size)
         rounds.append(  # ours to the partner, partner's folded into a copy of ours
             Round(
-                (Send(peer, 0, count, here),),
+                (Send(peer, 0, count, here, fold=True),),
                 (Recv(peer, 0, count, True, there),),
                 (Copy(0, 0, count, here, there),),
             )

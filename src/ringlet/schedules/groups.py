@@ -62,7 +62,7 @@ def lift(rounds: Sequence[Round], members: Sequence[int], place: Place) -> list[
 
     def send(s: Send) -> Send:
         buf, lo = at(s.buf, s.start)
-        return Send(members[s.peer], lo, lo + s.count, buf)
+        return Send(members[s.peer], lo, lo + s.count, buf, s.fold)
 
     def recv(v: Recv) -> Recv:
         buf, lo = at(v.buf, v.start)

@@ -20,7 +20,7 @@ def direct_fold_round(
     its own ``into`` range of ``out`` in rank order."""
     others = [r for r in range(size) if r != rank]
     return Round(
-        tuple(Send(c, *piece[c], buf=buf) for c in others),
+        tuple(Send(c, *piece[c], buf=buf, fold=True) for c in others),
         tuple(Recv(r, *into, reduce=True) for r in others),  # everyone's copy of our piece
         ordered=True,
     )

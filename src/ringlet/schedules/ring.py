@@ -36,7 +36,7 @@ def ring_reduce_scatter_rounds(
         give, take = chunk[(rank - s) % size], chunk[(rank - s - 1) % size]
         rounds.append(
             Round(
-                (Send(right, *give, buf=buf),),  # our partial sum of one chunk goes right
+                (Send(right, *give, buf=buf, fold=True),),  # our partial sum goes right
                 (Recv(left, *take, reduce=True, buf=buf),),  # the left one's, folded into ours
             )
         )
@@ -188,7 +188,9 @@ def chain_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
     for t in range(k + size - 2):
         c_out, c_in = t - d, t - d + 1  # the chunk this rank passes on / folds in, in round t
         sends = (
-            (Send((rank - 1) % size, *chunks[c_out]),) if d < size - 1 and 0 <= c_out < k else ()
+            (Send((rank - 1) % size, *chunks[c_out], fold=True),)
+            if d < size - 1 and 0 <= c_out < k
+            else ()
         )
         recvs = (
             (Recv((rank + 1) % size, *chunks[c_in], reduce=True),)

@@ -70,7 +70,7 @@ def binomial_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
     for t in range(k):
         d = 1 << t
         if v % (2 * d) == d:  # our subtree is complete: send its sum up
-            rounds.append(Round(sends=(Send((rank - d) % size, 0, count),)))
+            rounds.append(Round(sends=(Send((rank - d) % size, 0, count, fold=True),)))
         elif v % (2 * d) == 0 and v + d < size:  # add the child's subtree sum into ours
             rounds.append(Round(recvs=(Recv((rank + d) % size, 0, count, reduce=True),)))
         else:
