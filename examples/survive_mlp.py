@@ -42,15 +42,21 @@ def train() -> None:
     comm = survive.init_or_rejoin()
     kill = os.environ.get("SURVIVE_KILL") == "1" and os.environ.get("RINGLET_RESTART_COUNT") is None
     rng = np.random.default_rng(0)
-    params = {"w1": rng.standard_normal((8, 32)) * 0.3, "b1": np.zeros(32),
-              "w2": rng.standard_normal((32, 1)) * 0.3, "b2": np.zeros(1)}
+    params = {
+        "w1": rng.standard_normal((8, 32)) * 0.3,
+        "b1": np.zeros(32),
+        "w2": rng.standard_normal((32, 1)) * 0.3,
+        "b2": np.zeros(1),
+    }
     job = ringlet.elastic(comm, params)  # a replacement receives the step and params here
     for step in job.steps(STEPS):
         with job.guard():  # a lost rank: shrink, roll back, and this step comes again
             if kill and step == KILL_AT and comm.rank == VICTIM:
                 os.kill(os.getpid(), signal.SIGKILL)
             if kill and step == KILL_AT + 1 and job.comm.rank == 0:
-                while survive.pending(job.comm) == 0:  # a toy trains faster than a process starts
+                # a toy trains faster than a process starts: wait for the replacement, unless it
+                # was admitted already (then nothing is pending, and waiting would never end)
+                while job.comm.size < comm.size and survive.pending(job.comm) == 0:
                     time.sleep(0.01)
             c = job.comm
             batch = np.random.default_rng(step)
@@ -61,12 +67,15 @@ def train() -> None:
             flat = c.all_reduce(np.concatenate([g[k].ravel() for k in sorted(g)])) / 48
             at = 0
             for k in sorted(g):
-                params[k] -= 0.1 * flat[at:at + g[k].size].reshape(g[k].shape)
+                params[k] -= 0.1 * flat[at : at + g[k].size].reshape(g[k].shape)
                 at += g[k].size
     digest = sum(float(v.sum()) for v in params.values())
     lost = [s["lost"] for s in job.shrinks]
-    print(f"global rank {comm.world.rank}: {STEPS} steps on ranks {job.comm.members}, lost {lost},"
-          f" parameters digest {digest!r}", flush=True)
+    print(
+        f"global rank {comm.world.rank}: {STEPS} steps on ranks {job.comm.members}, lost {lost},"
+        f" parameters digest {digest!r}",
+        flush=True,
+    )
     job.comm.close()
     comm.close()
 
@@ -76,13 +85,19 @@ def launch() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    base = {**os.environ, "RINGLET_WORLD_SIZE": "4", "RINGLET_MASTER": f"127.0.0.1:{port}",
-            "RINGLET_SECRET": secrets.token_hex(16), "SURVIVE_KILL": "1"}
+    base = {
+        **os.environ,
+        "RINGLET_WORLD_SIZE": "4",
+        "RINGLET_MASTER": f"127.0.0.1:{port}",
+        "RINGLET_SECRET": secrets.token_hex(16),
+        "SURVIVE_KILL": "1",
+    }
 
     def start(rank: int, **extra: str) -> subprocess.Popen[str]:
         env = {**base, "RINGLET_RANK": str(rank), **extra}
-        return subprocess.Popen([sys.executable, __file__], env=env, stdout=subprocess.PIPE,
-                                text=True)
+        return subprocess.Popen(
+            [sys.executable, __file__], env=env, stdout=subprocess.PIPE, text=True
+        )
 
     ranks = [start(r) for r in range(4)]
     ranks[VICTIM].wait()

@@ -51,8 +51,10 @@ def rejoin(
 
     env = resolve(rank, world_size, master, secret, timeout)
     if env.secret is None:
-        raise RingletError("rejoin(): a replacement needs the job's secret (RINGLET_SECRET or "
-                           "RINGLET_SECRET_FILE, as the other ranks were given)")
+        raise RingletError(
+            "rejoin(): a replacement needs the job's secret (RINGLET_SECRET or "
+            "RINGLET_SECRET_FILE, as the other ranks were given)"
+        )
     if env.rank == 0:
         raise RingletError("rejoin(): rank 0 hosts the store and cannot be replaced")
     store, key = _join_store(env, env.master_host, env.store_port, env.secret, None)
@@ -71,15 +73,26 @@ def rejoin(
         listener.close()
         store.close()
         raise RingletError(f"rejoin(): the job refused rank {env.rank}: {answer['error']}")
-    job = os.environ.get("RINGLET_JOB_ID") or hashlib.sha256(
-        key + str(env.store_port).encode()).hexdigest()[:12]
+    job = (
+        os.environ.get("RINGLET_JOB_ID")
+        or hashlib.sha256(key + str(env.store_port).encode()).hexdigest()[:12]
+    )
     from .schedules import select
 
     flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
-    world = World(env.rank, env.world_size, store, listener, peer_key,
-                  [tuple(a) for a in answer["addresses"]], answer["hosts"], job, env.timeout,
-                  deterministic=flag in ("1", "true", "yes"),
-                  forced=select.forced(os.environ.get("RINGLET_ALGO", "")))
+    world = World(
+        env.rank,
+        env.world_size,
+        store,
+        listener,
+        peer_key,
+        [tuple(a) for a in answer["addresses"]],
+        answer["hosts"],
+        job,
+        env.timeout,
+        deterministic=flag in ("1", "true", "yes"),
+        forced=select.forced(os.environ.get("RINGLET_ALGO", "")),
+    )
     world.closer = lambda: finalize(world)
     atexit.register(finalize, world)
     comm = Communicator(world, answer["comm"], answer["members"])
@@ -102,9 +115,14 @@ def init_or_rejoin(**kwargs: Any) -> Communicator:
 
 
 def pending(comm: Communicator) -> int:
-    """How many replacements have asked to rejoin and wait for :func:`grow` (one store read)."""
+    """How many replacements :func:`grow` would take up now: those that asked to rejoin and
+    wrote their request (a ticket drawn but not yet filled in waits for a later grow)."""
     store = comm.world.store
-    return int(store.add("join/count", 0)) - int(store.add("join/seen", 0))
+    seen, count = int(store.add("join/seen", 0)), int(store.add("join/count", 0))
+    ready = 0
+    while seen + ready < count and store.try_get(f"join/{seen + ready + 1}") is not None:
+        ready += 1
+    return ready
 
 
 def grow(comm: Communicator) -> Communicator:
@@ -141,12 +159,15 @@ def grow(comm: Communicator) -> Communicator:
     raw_id = f"{comm.id}/grow/{joiners[0]['ticket']}".encode()
     new_id = int.from_bytes(hashlib.blake2b(raw_id, digest_size=8).digest(), "little") >> 2
     if comm.rank == 0:
-        answer = {"comm": new_id, "members": members,
-                  "addresses": [list(a) for a in world.addresses], "hosts": world.hosts}
+        answer = {
+            "comm": new_id,
+            "members": members,
+            "addresses": [list(a) for a in world.addresses],
+            "hosts": world.hosts,
+        }
         for j in joiners:
             store.set(f"join/{j['ticket']}/admitted", json.dumps(answer).encode())
     new = Communicator(world, new_id, members)
     if comm.id != WORLD_ID:
         comm.close()
     return new
-

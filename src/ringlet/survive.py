@@ -173,8 +173,10 @@ def _decide(
             if waiting and time.monotonic() < deadline:
                 time.sleep(POLL)
                 continue
-            proposal = {"members": [g for g in candidates if g in got],
-                        "info": {str(g): v.hex() for g, v in got.items()}}
+            proposal = {
+                "members": [g for g in candidates if g in got],
+                "info": {str(g): v.hex() for g, v in got.items()},
+            }
             held = store.compare_set(key, b"", json.dumps(proposal).encode())
         decided = json.loads(held)
         return decided["members"], {int(g): bytes.fromhex(v) for g, v in decided["info"].items()}
@@ -246,8 +248,8 @@ class Elastic:
         admit_every: int = 1,
     ) -> None:
         self.comm = comm
-        self.state = [state] if isinstance(state, dict) or hasattr(state, "state_dict") else list(
-            state
+        self.state = (
+            [state] if isinstance(state, dict) or hasattr(state, "state_dict") else list(state)
         )
         self._rebuild = rebuild
         self.timeout = timeout
@@ -334,10 +336,15 @@ class Elastic:
             del self._snaps[k]
         self.comm, self.step = new, redo
         self._rebuilt(new)
-        self.shrinks.append({
-            "error": f"{type(exc).__name__}: {exc}", "redo": redo, "at": lost_at,
-            "members": new.members, "lost": [g for g in old.members if g not in new.members],
-        })
+        self.shrinks.append(
+            {
+                "error": f"{type(exc).__name__}: {exc}",
+                "redo": redo,
+                "at": lost_at,
+                "members": new.members,
+                "lost": [g for g in old.members if g not in new.members],
+            }
+        )
 
     def __enter__(self) -> Elastic:
         return self
