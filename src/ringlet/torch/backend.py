@@ -15,14 +15,14 @@ Work completes. Where ringlet has no direct equivalent:
   itself in the group's torch store and the receive follows the announcements (see
   ``recv_anysource``); without it, a RuntimeError.
 
-Beside it: `anysource` (that receive), `monitored` (monitored_barrier), `coalescing` (one Work for
-several calls) and `outputs` (torch's output lists of the gathers).
+Beside it: `surface` (names, lifecycle, timeouts, coalescing, split_group: what a group answers
+besides its collectives), `anysource` (that receive), `monitored` (monitored_barrier), `coalescing`
+(one Work for several calls) and `outputs` (torch's output lists of the gathers).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from datetime import timedelta
 from typing import Any, cast
 
 import torch
@@ -30,11 +30,12 @@ import torch.distributed as dist
 
 import ringlet
 
-from . import groups, monitored
+from . import groups
 from .anysource import AnySource
 from .coalescing import Coalescing, chain
 from .monitored import monitored_barrier
 from .outputs import check_parts, scattered_into, split_into
+from .surface import GroupSurface
 from .tensors import (
     copy_into,
     flat,
@@ -55,7 +56,7 @@ __all__ = ["RingletProcessGroup", "create_process_group", "monitored_barrier"]
 _ProcessGroup: Any = dist.ProcessGroup
 
 
-class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
+class RingletProcessGroup(GroupSurface, _ProcessGroup):  # type: ignore[misc]
     """A torch ProcessGroup over a ringlet :class:`~ringlet.Communicator` (see the module docstring)."""
 
     def __init__(self, comm: ringlet.Communicator, store: Any = None) -> None:
@@ -69,37 +70,7 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         self._barriers = 0  # monitored_barrier calls so far (alike on every rank)
         self._anysource = AnySource(comm, store)  # RINGLET_TORCH_ANYSOURCE=1: recv without src
         self._sequence = 0
-
-    # -- naming and lifecycle -----------------------------------------------------------------
-    def getBackendName(self) -> str:
-        return "ringlet"
-
-    # torch keeps a group's name and description in its backends; a Python ProcessGroup has none,
-    # so it answers them itself (DeviceMesh, functional collectives and FSDP2 look groups up by name).
-    def getGroupName(self) -> str:
-        if not self._group_name:
-            raise RuntimeError("ProcessGroup name not set")
-        return self._group_name
-
-    def setGroupName(self, name: str) -> None:
-        self._group_name = name
-
-    def getGroupDesc(self) -> str:
-        return self._group_desc
-
-    def setGroupDesc(self, desc: str) -> None:
-        self._group_desc = desc
-
-    def shutdown(self) -> None:
-        """Close the communicator (the whole ringlet world for a default group)."""
-        self.comm.close()
-        groups.forget(self.comm)
-
-    def abort(self) -> None:
-        self.shutdown()
-
-    def __repr__(self) -> str:
-        return f"<RingletProcessGroup rank {self.comm.rank} of {self.comm.size}>"
+        self._splits = 0  # groups split from this one (split_group)
 
     def _done(
         self, works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any], call: str
@@ -111,48 +82,6 @@ class RingletProcessGroup(_ProcessGroup):  # type: ignore[misc]
         """The call's own timeout (torch's options), else the group's (set_timeout), else ringlet's."""
         own = seconds(opts)
         return own if own is not None else self._timeout
-
-    # -- what torch asks of a backend besides collectives -------------------------------------
-    def name(self) -> str:
-        return "ringlet"
-
-    _get_backend_name = name
-
-    @property
-    def supports_splitting(self) -> bool:
-        return False
-
-    @property
-    def supports_coalescing(self) -> bool:
-        """False: torch then runs batch_isend_irecv as separate isend/irecv, which ringlet orders."""
-        return False
-
-    def set_timeout(self, timeout: timedelta) -> None:
-        """Every later call of this group without a timeout of its own waits at most ``timeout``."""
-        self._timeout = timeout.total_seconds() if timeout.total_seconds() > 0 else None
-
-    _set_default_timeout = set_timeout
-
-    def _set_sequence_number_for_group(self) -> None:
-        self._sequence = 0
-
-    def _get_sequence_number_for_group(self) -> int:
-        return self._sequence
-
-    def _start_coalescing(self, device: Any = None) -> None:
-        """Collect the works of the calls until ``_end_coalescing`` (torch's coalescing manager)."""
-        self._coalescing.start()
-
-    def _end_coalescing(self, device: Any = None) -> RingletWork:
-        """One Work for every call since ``_start_coalescing`` (ringlet already ran them in order)."""
-        return self._coalescing.end()
-
-    def monitored_barrier(
-        self, timeout: timedelta | None = None, wait_all_ranks: bool = False
-    ) -> None:
-        """A barrier that names the ranks that did not reach it within ``timeout`` (as Gloo's);
-        see :func:`ringlet.torch.monitored_barrier`."""
-        monitored.monitored_barrier(self, timeout, wait_all_ranks)
 
     # -- reductions and broadcast (in place, zero-copy) ---------------------------------------
     def allreduce(self, tensors: list[torch.Tensor], opts: Any = None) -> RingletWork:

@@ -23,7 +23,13 @@ from torch.distributed import PrefixStore, TCPStore  # type: ignore[attr-defined
 import ringlet
 from ringlet.comm import WORLD_ID
 
-__all__ = ["communicator_for", "default_world", "forget", "group_communicator"]
+__all__ = [
+    "communicator_for",
+    "default_world",
+    "forget",
+    "group_communicator",
+    "sub_communicator",
+]
 
 _KEY_MASTER = "ringlet/master"
 _KEY_SECRET = "ringlet/secret"
@@ -91,15 +97,16 @@ def _new_world(store: Any, rank: int, size: int, seconds: float) -> ringlet.Comm
     )
 
 
-def _sub_communicator(
-    world: ringlet.Communicator, group_name: str, global_ranks: list[int]
+def sub_communicator(
+    parent: ringlet.Communicator, name: str, global_ranks: list[int]
 ) -> ringlet.Communicator:
-    """A communicator of ``world`` over ``global_ranks``, built by those ranks only (as torch does)."""
-    raw = f"torch-group/{world.world.job}/{group_name}".encode()
+    """A communicator of ``parent``'s world over ``global_ranks``, named ``name``: every member
+    derives the same id from the name, so only the members take part (as torch builds groups)."""
+    raw = f"torch-group/{parent.world.job}/{name}".encode()
     comm_id = int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little") >> 2
     if comm_id == WORLD_ID:
         comm_id += 1
-    return ringlet.Communicator(world.world, comm_id, global_ranks)
+    return ringlet.Communicator(parent.world, comm_id, global_ranks)
 
 
 def group_communicator(options: Any) -> ringlet.Communicator:
@@ -117,7 +124,7 @@ def group_communicator(options: Any) -> ringlet.Communicator:
         _default_world = comm
         return comm
     if world is not None and dist.get_backend() == "ringlet" and ranks:
-        return _sub_communicator(world, str(options.group_id), ranks)
+        return sub_communicator(world, str(options.group_id), ranks)
     return _new_world(options.store, options.group_rank, options.group_size, seconds)
 
 
