@@ -28,11 +28,11 @@ from hypothesis import strategies as st
 from ringlet import auth
 from ringlet.auth import secret_from_str
 from ringlet.rendezvous import Store
-from ringlet.rendezvous.wire import AUTH_CONTEXT, MAX_KEY_BYTES, MAX_VALUE_BYTES, REQUEST, Op
+from ringlet.rendezvous.wire import AUTH_CONTEXT, MAX_KEY_BYTES
+from unit.test_fuzz_wire import REQUESTS, _mutate  # the same requests the unit fuzz draws
 
 SECRET = "fuzz-a-live-job"
 RUN_ID = "fuzzed"
-CLAIMED = 32 << 20  # every oversized header claims at least this much
 EXAMPLES = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 
 RANK = textwrap.dedent("""
@@ -57,19 +57,6 @@ RANK = textwrap.dedent("""
                       "grew_mib": grew}), flush=True)
     comm.close()
 """)
-
-
-def _lengths(limit: int) -> st.SearchStrategy[int]:
-    top = (1 << 64) - 1 if limit == MAX_VALUE_BYTES else (1 << 32) - 1
-    return st.one_of(st.integers(0, 64), st.integers(limit - 2, limit + 2),
-                     st.integers(CLAIMED, top), st.just(top))  # fmt: skip
-
-
-def _mutated(data: bytes, flips: list[tuple[int, int]], cut: int | None) -> bytes:
-    out = bytearray(data)
-    for position, value in flips:
-        out[position % len(out)] = value
-    return bytes(out[:cut] if cut is not None else out)
 
 
 def _send(port: int, data: bytes, *, job: str | None = None) -> bytes:
@@ -132,24 +119,12 @@ def test_a_fuzzed_job_keeps_working_and_allocates_nothing_claimed(tmp_path: Path
         def unauthenticated(
             target: str, garbage: bytes | None, flips: list[tuple[int, int]], cut: int | None
         ) -> None:
-            data = garbage if garbage is not None else _mutated(hellos[target], flips, cut)
+            data = garbage if garbage is not None else _mutate(hellos[target], flips, cut)
             answer = _send(ports[target], data)
             assert len(answer) <= auth.HELLO_BYTES, answer  # the gate's hello, nothing more
 
-        requests = st.builds(
-            lambda op, key, value, second, argument, body: (
-                REQUEST.pack(op, key, value, second, argument) + body
-            ),
-            op=st.sampled_from([int(o) for o in Op]) | st.integers(0, 255),
-            key=_lengths(MAX_KEY_BYTES),
-            value=_lengths(MAX_VALUE_BYTES),
-            second=_lengths(MAX_VALUE_BYTES),
-            argument=st.integers(-(1 << 63), (1 << 63) - 1),
-            body=st.binary(max_size=200),
-        )
-
         @EXAMPLES
-        @given(batch=st.lists(requests, min_size=1, max_size=3), cut=st.integers(0, 64))
+        @given(batch=st.lists(REQUESTS, min_size=1, max_size=3), cut=st.integers(0, 64))
         def authenticated(batch: list[bytes], cut: int) -> None:
             data = b"".join(batch)
             _send(store_port, data[: len(data) - cut] if cut < len(data) else data, job=job)
