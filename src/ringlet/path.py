@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -45,12 +45,26 @@ def _schedule(
     return select.build(op, algo, rank, size, hosts=hosts, **kw)
 
 
-def _writes(sched: Schedule, buf: str) -> bool:
-    """Whether any round of ``sched`` receives or copies into ``buf`` (a tree's leaf does not)."""
-    return any(
-        any(v.buf == buf for v in rnd.recvs) or any(c.dst_buf == buf for c in rnd.copies)
+def _needs(sched: Schedule) -> tuple[int, int, bool]:
+    """The sizes of ``out`` and ``tmp`` a schedule touches, and whether any round receives or
+    copies into ``out`` (a tree's leaf does not)."""
+    writes = any(
+        any(v.buf == "out" for v in rnd.recvs) or any(c.dst_buf == "out" for c in rnd.copies)
         for rnd in sched.rounds
     )
+    return extent(sched, "out"), extent(sched, "tmp"), writes
+
+
+class _Plan(NamedTuple):
+    """How calls of one shape move (decided by :meth:`Path._plan`)."""
+
+    shm: bool  # through the host's shm group
+    algo: str
+    sched: Schedule | None  # None: a large reduction that runs piece by piece
+    sent: ReduceOp | None  # the op that travels (a mean moves as a sum)
+    finish: Callable[[np.ndarray], None] | None  # applied where the result lands
+    keep_input: bool  # a non-root's reduce must not write into the caller's input
+    needs: tuple[int, int, bool]  # of sched: see _needs
 
 
 def _pieces(
@@ -70,7 +84,9 @@ def _pieces(
     step = max(1, PIECE_BYTES // (inp.itemsize * len(counts)))
     for lo in range(0, max(counts), step):
         part = tuple(max(0, min(c, lo + step) - lo) for c in counts)
-        staged = np.concatenate([inp[s + lo : s + lo + m] for s, m in zip(starts, part, strict=True)])
+        staged = np.concatenate(
+            [inp[s + lo : s + lo + m] for s, m in zip(starts, part, strict=True)]
+        )
         yield {"in": staged, "out": out[lo : lo + part[rank]]}, {"counts": part}
 
 
@@ -95,10 +111,11 @@ class Path:
         self.routes, self._shm = connect(world, comm_id, members, hosts, rank, poll, timeout)
         self._engine = Engine(self.routes)
         self._kinds: dict[int, tuple[Schedule, str]] = {}  # see _transport_of
+        self._plans: dict[tuple[Any, ...], _Plan] = {}  # see move
 
     @property
     def transport(self) -> str:
-        """"shm" (every rank on this host), "tcp", "shm+tcp" or "self" (a single rank)."""
+        """ "shm" (every rank on this host), "tcp", "shm+tcp" or "self" (a single rank)."""
         if self.size == 1:
             return "self"
         if not self.routes.local_peers:
@@ -117,52 +134,95 @@ class Path:
     ) -> None:
         """Move a call's data: ``bufs`` are the engine's named flat buffers ("in", "out", "tmp"),
         ``kw`` what the op's schedule is built from (count, counts, root, …). A mean travels as
-        a sum and is divided once where the result lands (by the shm group in cache)."""
+        a sum and is divided once where the result lands (by the shm group in cache).
+
+        Everything that depends only on the call's shape (the algorithm, its schedule, the
+        buffers it needs) is decided once per shape and kept, so a repeated call pays one
+        dictionary lookup before the engine runs."""
+        first = next(iter(bufs.values()))
+        key = (op, algo, rop, first.dtype, "out" in bufs, *kw.items())
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plan(key, op, algo, rop, first.itemsize, "out" in bufs, kw)
+        if plan.shm:
+            self._recorder.note("shm_group", None, "shm")  # shm.py picks its own path by size
+            assert self._shm is not None
+            self._shm.run(op, bufs, plan.sent, call.sig, deadline, plan.finish, **kw)
+            return
+        if plan.sched is None:  # a large reduce or reduce_scatter, piece by piece
+            for k, (piece, piece_kw) in enumerate(_pieces(op, bufs, self.rank, **kw), 1):
+                sched = _schedule(op, plan.algo, self.rank, self.size, self._topology, **piece_kw)
+                self._run(call, k, plan, sched, _needs(sched), piece, deadline)
+                piece.clear()  # free this piece's staging and scratch before the next is cut
+        else:
+            self._run(call, 0, plan, plan.sched, plan.needs, bufs, deadline)
+        if plan.finish is not None:
+            plan.finish(bufs["out"])
+
+    def _plan(
+        self,
+        key: tuple[Any, ...],
+        op: str,
+        algo: str | None,
+        rop: ReduceOp | None,
+        itemsize: int,
+        has_out: bool,
+        kw: dict[str, Any],
+    ) -> _Plan:
+        """Decide, once per call shape, how a call moves (see :meth:`move`)."""
         root = kw.get("root")
-        lands = "out" in bufs and rop is not None and (root is None or root == self.rank)
+        lands = has_out and rop is not None and (root is None or root == self.rank)
         finish = functools.partial(finish_mean, size=self.size) if rop is _MEAN and lands else None
         sent = wire_op(rop) if rop is not None else None
         forced = algo or self._forced.get(op)
         if self._shm is not None and forced is None:
-            self._recorder.note("shm_group", None, "shm")  # shm.py picks its own path by size
-            self._shm.run(op, bufs, sent, call.sig, deadline, finish, **kw)
-            return
-        nbytes = calls.total(next(iter(bufs.values())).itemsize, **kw)
-        chosen = select.select(
-            op, self.size, nbytes, forced, hosts=self._topology, deterministic=self._deterministic
-        )
-        if op in calls.IN_PIECES and nbytes > PIECE_BYTES:
-            for k, (piece, piece_kw) in enumerate(_pieces(op, bufs, self.rank, **kw), 1):
-                self._run(call, k, op, chosen, piece, sent, deadline, **piece_kw)
-                piece.clear()  # free this piece's staging and scratch before the next is cut
+            plan = _Plan(True, "shm_group", None, sent, finish, False, (0, 0, False))
         else:
-            self._run(call, 0, op, chosen, bufs, sent, deadline, **kw)
-        if finish is not None:
-            finish(bufs["out"])
+            nbytes = calls.total(itemsize, **kw)
+            chosen = select.select(
+                op,
+                self.size,
+                nbytes,
+                forced,
+                hosts=self._topology,
+                deterministic=self._deterministic,
+            )
+            pieces = op in calls.IN_PIECES and nbytes > PIECE_BYTES
+            sched = (
+                None
+                if pieces
+                else _schedule(op, chosen, self.rank, self.size, self._topology, **kw)
+            )
+            keep = op in calls.SUMS_INTO_INPUT and root != self.rank
+            needs = _needs(sched) if sched is not None else (0, 0, False)
+            plan = _Plan(False, chosen, sched, sent, finish, keep, needs)
+        if len(self._plans) >= 256:
+            self._plans.clear()
+        self._plans[key] = plan
+        return plan
 
     def _run(
         self,
         call: Call,
         piece: int,
-        op: str,
-        algo: str,
+        plan: _Plan,
+        sched: Schedule,
+        needs: tuple[int, int, bool],
         bufs: dict[str, np.ndarray],
-        sent: ReduceOp | None,
         deadline: float,
-        **kw: Any,
     ) -> None:
-        """Build (cached) and execute the schedule of one call, or of its ``piece`` (1, 2, …)."""
-        sched = _schedule(op, algo, self.rank, self.size, self._topology, **kw)
-        self._recorder.note(algo, sched, self._transport_of(sched))
-        if op in calls.SUMS_INTO_INPUT and kw.get("root") != self.rank and _writes(sched, "out"):
+        """Execute the schedule of one call, or of its ``piece`` (1, 2, …)."""
+        self._recorder.note(plan.algo, sched, self._transport_of(sched))
+        out_size, tmp_size, writes_out = needs
+        if plan.keep_input and writes_out:
             bufs = {"out": bufs["out"].copy()}  # a non-root's input must come back unchanged
         dtype = next(iter(bufs.values())).dtype
-        for name in ("out", "tmp"):
-            need = extent(sched, name)  # type: ignore[arg-type]
-            if name not in bufs or bufs[name].size < need:
-                bufs[name] = np.empty(need, dtype)
+        if "out" not in bufs or bufs["out"].size < out_size:
+            bufs["out"] = np.empty(out_size, dtype)
+        if tmp_size and ("tmp" not in bufs or bufs["tmp"].size < tmp_size):
+            bufs["tmp"] = np.empty(tmp_size, dtype)
         sig = call.sig if not piece else (call.sig + piece * PIECE_SIG) & ((1 << 64) - 1)
-        self._engine.run(sched, bufs, sent, call.seq, sig, deadline)
+        self._engine.run(sched, bufs, plan.sent, call.seq, sig, deadline)
 
     def _transport_of(self, sched: Schedule) -> str:
         """Which transports a schedule's messages use on this rank: "shm", "tcp" or "shm+tcp".
