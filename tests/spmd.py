@@ -37,6 +37,8 @@ PRELOAD = [
     "numpy",
     "ml_dtypes",
     "ringlet",
+    "ringlet.world",  # `import ringlet` alone loads no submodule; init() and comm come from here
+    "ringlet.comm",
     "ringlet.transport.shm",
     "ringlet.transport.shm_p2p",
     "ringlet.transport.tcp",

@@ -8,6 +8,22 @@ from __future__ import annotations
 import argparse
 import sys
 from importlib import metadata
+from typing import Any
+
+
+def _version() -> str:
+    return f"ringlet {metadata.version('ringlet')}"
+
+
+class _VersionAction(argparse.Action):
+    """--version: the installed version, looked up only when asked (it scans site-packages)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print ringlet's version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(_version())
+        parser.exit()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,9 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ringlet", description="Collective communication for Python processes."
     )
-    parser.add_argument(
-        "--version", action="version", version=f"ringlet {metadata.version('ringlet')}"
-    )
+    parser.add_argument("--version", action=_VersionAction)
     commands = parser.add_subparsers(dest="subcommand", metavar="{run,bench,plan,version}")
     commands.required = True
 
@@ -62,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     if rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.subcommand == "version":
-        print(f"ringlet {metadata.version('ringlet')}")
+        print(_version())
         return 0
     from ringlet.launch import run_main
 

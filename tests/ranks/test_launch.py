@@ -216,17 +216,18 @@ LAZY_ML_DTYPES = textwrap.dedent("""
 
 @pytest.mark.timeout(30)
 def test_ml_dtypes_is_imported_only_for_bfloat16() -> None:
-    """`import ringlet` and `ringlet --version` skip ml_dtypes; bfloat16 still works every way."""
+    """`import ringlet` and `ringlet --version` skip ml_dtypes (and --version the communicator);
+    bfloat16 still works every way."""
     for how in ("name", "code", "array"):
         result = subprocess.run([sys.executable, "-c", LAZY_ML_DTYPES, how],
                                 capture_output=True, text=True, timeout=20)  # fmt: skip
         assert result.stdout == "ok\n", (how, result.stderr)
     probe = "import runpy, sys; sys.argv = ['ringlet', '--version']\ntry:\n"
     probe += "    runpy.run_module('ringlet', run_name='__main__')\nexcept SystemExit:\n"
-    probe += "    print('ml_dtypes' in sys.modules)"
+    probe += "    print('ml_dtypes' in sys.modules, 'ringlet.comm' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                             timeout=20)  # fmt: skip
-    assert result.stdout.splitlines() == [f"ringlet {ringlet.__version__}", "False"], result
+    assert result.stdout.splitlines() == [f"ringlet {ringlet.__version__}", "False False"], result
 
 
 @pytest.mark.timeout(20)
