@@ -284,24 +284,28 @@ def test_kubeflow_pytorchjob_variables(script: Path) -> None:
     results(merged, 2, "torchrun")
 
 
-def test_kubernetes_jobset_variables(script: Path) -> None:
+@pytest.mark.parametrize(("jobs", "pods"), [(1, 2), (2, 2)], ids=["one-job", "two-jobs"])
+def test_kubernetes_jobset_variables(script: Path, jobs: int, pods: int) -> None:
     """Pods of a JobSet's replicated job: JOBSET_NAME, REPLICATED_JOB_NAME, JOB_INDEX and the
-    Indexed Job's JOB_COMPLETION_INDEX, WORLD_SIZE from the pod template. The master would be pod
-    0-0's DNS name (a unit test checks it); here, where no cluster DNS exists, MASTER_ADDR."""
+    Indexed Job's JOB_COMPLETION_INDEX, WORLD_SIZE from the pod template; with several Jobs also
+    REPLICATED_JOB_REPLICAS (the pod's ``jobset.sigs.k8s.io/replicatedjob-replicas`` label), and
+    no RANK: pod i of Job j is rank j * pods + i. The master would be pod 0-0's DNS name (a unit
+    test checks it); here, where no cluster DNS exists, MASTER_ADDR."""
     name = f"ringlet-{free_port()}"  # the port is derived from it, so one per test run
-    pods = [
+    processes = [
         subprocess.Popen(
             [sys.executable, str(script)],
             env=clean_env(JOBSET_NAME=name, REPLICATED_JOB_NAME="trainer",
-                          JOB_INDEX="0", JOB_COMPLETION_INDEX=str(index), WORLD_SIZE="2",
+                          REPLICATED_JOB_REPLICAS=str(jobs), JOB_INDEX=str(job),
+                          JOB_COMPLETION_INDEX=str(index), WORLD_SIZE=str(jobs * pods),
                           MASTER_ADDR="127.0.0.1", RINGLET_SECRET="a-kubernetes-secret-0123456789"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
-        for index in range(2)
+        for job in reversed(range(jobs)) for index in range(pods)  # Job 1's pods may come first
     ]  # fmt: skip
-    outputs = [pod.communicate(timeout=90) for pod in pods]
+    outputs = [pod.communicate(timeout=90) for pod in processes]
     merged = subprocess.CompletedProcess(
-        "pods", max(p.returncode for p in pods), "".join(o for o, _ in outputs),
+        "pods", max(p.returncode for p in processes), "".join(o for o, _ in outputs),
         "".join(e for _, e in outputs),
     )  # fmt: skip
-    results(merged, 2, "jobset")
+    results(merged, jobs * pods, "jobset")

@@ -204,8 +204,12 @@ def _from_jobset(environ: Mapping[str, str]) -> _Found:
     """Kubernetes JobSet: rank from the Indexed Job's JOB_COMPLETION_INDEX; the master is pod 0-0.
 
     JobSet names pods ``<jobset>-<replicated job>-<job index>-<pod index>`` under the subdomain
-    ``<jobset>``; the world size is the template's WORLD_SIZE. With several Jobs in the replicated
-    job (JOB_INDEX > 0) a pod's rank is not in its variables: set RANK there.
+    ``<jobset>``; the world size is the template's WORLD_SIZE. With several Jobs (JOB_INDEX > 0)
+    the rank is ``job * pods_per_job + JOB_COMPLETION_INDEX``, from the labels JobSet puts on each
+    pod, passed in by the pod template's downward API: JOB_GLOBAL_INDEX and GLOBAL_REPLICAS
+    (``jobset.sigs.k8s.io/job-global-index``, ``global-replicas``: every Job of every replicated
+    job), else JOB_INDEX and REPLICATED_JOB_REPLICAS (``job-index``, ``replicatedjob-replicas``);
+    pods_per_job = WORLD_SIZE / that many Jobs. RANK, if set, wins.
     """
     found = _Found(
         "jobset",
@@ -216,21 +220,46 @@ def _from_jobset(environ: Mapping[str, str]) -> _Found:
     name = environ.get("JOBSET_NAME", "").strip()
     replicated = environ.get("REPLICATED_JOB_NAME", "").strip()
     job_index = _int_var(environ, "JOB_INDEX") or 0
-    index = _int_var(environ, "JOB_COMPLETION_INDEX")
     found.rank = _int_var(environ, "RANK")
-    if found.rank is None and job_index == 0:
-        found.rank = index
+    missing = list(_unset(environ, "JOBSET_NAME", "REPLICATED_JOB_NAME", "WORLD_SIZE"))
+    if found.rank is None:
+        found.rank, why = _jobset_rank(environ, job_index, found.world_size)
+        if why:
+            missing.append(why)
+    several = _int_var(environ, "GLOBAL_REPLICAS") or 1
+    one_replicated_job = several <= (_int_var(environ, "REPLICATED_JOB_REPLICAS") or 1)
     found.host = environ.get("MASTER_ADDR", "").strip() or None
-    if found.host is None and name and replicated:
+    if found.host is None and name and replicated and one_replicated_job:
         found.host = f"{name}-{replicated}-0-0.{name}"
+    if found.host is None and not one_replicated_job:
+        missing.append("MASTER_ADDR (several replicated jobs: which one holds rank 0?)")
     found.port = _int_var(environ, "MASTER_PORT")
     if found.port is None and name:
         found.port = derived_port(f"jobset:{name}")
-    missing = list(_unset(environ, "JOBSET_NAME", "REPLICATED_JOB_NAME", "WORLD_SIZE"))
-    if found.rank is None:
-        missing.append("JOB_COMPLETION_INDEX" if job_index == 0 else "RANK (JOB_INDEX > 0)")
     found.missing = tuple(missing)
     return found
+
+
+def _jobset_rank(
+    environ: Mapping[str, str], job_index: int, world_size: int | None
+) -> tuple[int | None, str]:
+    """This pod's rank among every Job's pods, or None and the variable that would give it."""
+    index = _int_var(environ, "JOB_COMPLETION_INDEX")
+    if index is None:
+        return None, "JOB_COMPLETION_INDEX"
+    job, jobs = _int_var(environ, "JOB_GLOBAL_INDEX"), _int_var(environ, "GLOBAL_REPLICAS")
+    if job is None or jobs is None:
+        job, jobs = job_index, _int_var(environ, "REPLICATED_JOB_REPLICAS")
+    if job == 0:
+        return index, ""
+    if jobs is None:
+        return (
+            None,
+            "RANK (JOB_INDEX > 0) or REPLICATED_JOB_REPLICAS (or JOB_GLOBAL_INDEX+GLOBAL_REPLICAS)",
+        )
+    if world_size is None or jobs < 1 or world_size % jobs:
+        return None, f"RANK (WORLD_SIZE={world_size} is not {jobs} Jobs of equal size)"
+    return job * (world_size // jobs) + index, ""
 
 
 _SOURCES = (_from_ringlet, _from_torchrun, _from_slurm, _from_mpi, _from_jobset)
