@@ -24,6 +24,10 @@ TAIL_LINES = 200  # stderr lines kept per rank for the failure summary
 _VICTIM = re.compile(r"^(?:ringlet\.errors\.)?(?:PeerError|CollectiveTimeout|BrokenCommunicator)\b")
 
 
+#: A victim's CollectiveTimeout naming the ranks that never arrived at the call (failures.py).
+_MISSING = re.compile(r"timed out: ranks? ([\d, ]+) ha(?:s|ve) not arrived at call")
+
+
 def is_victim_line(line: str) -> bool:
     """True for an error line saying the rank failed because another rank failed, stopped or left."""
     return _VICTIM.match(line) is not None
@@ -73,6 +77,13 @@ class RankProcess:
             return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
         return False
 
+    def missing(self) -> list[int]:
+        """The ranks its CollectiveTimeout says never arrived at the call (none: no such error)."""
+        for line in reversed(list(self.tail)[-30:]):
+            if found := _MISSING.search(line):
+                return [int(r) for r in found.group(1).split(",")]
+        return []
+
     def last_error(self) -> str:
         """The last line of its stderr that looks like an exception, for the summary."""
         for line in reversed(self.tail):
@@ -93,8 +104,9 @@ class RankProcess:
 
 
 def culprit(ranks: dict[int, RankProcess], first_failure: RankProcess | None) -> RankProcess | None:
-    """The rank that caused the end: the first to fail by itself, else one that stopped (or
-    left early) while the others waited for it; the first failure only when nothing else fits.
+    """The rank that caused the end: the first to fail by itself, else one that stopped, one the
+    others' timeouts name as never arriving while it ran on (busy in its own code), or one that
+    left early while the others waited for it; the first failure only when nothing else fits.
     """
     if first_failure is None:
         return None
@@ -107,6 +119,9 @@ def culprit(ranks: dict[int, RankProcess], first_failure: RankProcess | None) ->
             return rank
     if stalled := [r for r in ranks.values() if r.stalled]:
         return stalled[0]
+    named = [ranks[m] for r in failures for m in r.missing() if m in ranks]
+    if hung := [r for r in named if r.stopped_with is not None]:  # ran on till the launcher's end
+        return hung[0]
     assert first_failure.exited_at is not None
     left = [r for r in ranks.values() if r.proc.returncode == 0 and r.stopped_with is None
             and r.exited_at is not None and r.exited_at <= first_failure.exited_at]  # fmt: skip
@@ -132,6 +147,8 @@ def summary(ranks: dict[int, RankProcess], culprit: RankProcess | None) -> str:
         if rank is culprit:
             if rank.stalled:
                 outcome += "  <- caused the end: it stalled and the others timed out waiting"
+            elif rank.stopped_with is not None:
+                outcome += "  <- caused the end: it never made the call the others timed out in"
             elif rank.proc.returncode == 0:
                 outcome += "  <- caused the end: it left while the others still needed it"
             else:
