@@ -36,7 +36,16 @@ from .comm import WORLD_ID, Communicator
 from .errors import CollectiveTimeout, PeerError, RingletError
 from .rejoin import RESTART_VARIABLE, _joined, grow, init_or_rejoin, pending, rejoin  # noqa: F401
 
-__all__ = ["Elastic", "elastic", "grow", "init_or_rejoin", "pending", "rejoin", "shrink"]
+__all__ = [
+    "Elastic",
+    "elastic",
+    "grow",
+    "init_or_rejoin",
+    "pending",
+    "rejoin",
+    "shrink",
+    "torch_ddp",
+]
 
 #: How often a waiting survivor looks at the store again (seconds).
 POLL = 0.005
@@ -320,8 +329,12 @@ class Elastic:
 
     def _rebuilt(self, new: Communicator) -> None:
         if self._rebuild is not None:
-            for handle in getattr(self.model, "_hooks", ()):  # ringlet DDP's gradient hooks
-                handle.remove()  # the old wrapper must not average on the old communicator
+            # The old wrapper must not average on the old communicator: its gradient hooks stay on
+            # the parameters while anything (a traceback, a graph) keeps it alive.
+            for handle in getattr(self.model, "_hooks", ()):  # ringlet DDP's
+                handle.remove()
+            if hasattr(self.model, "_remove_autograd_hooks"):  # torch DDP's reducer, which would
+                self.model._remove_autograd_hooks()  # reduce into a failed group (a crash)
             self.model = self._rebuild(new)
 
     def _recover(self, exc: BaseException) -> None:
@@ -397,3 +410,35 @@ def elastic(
                 opt.zero_grad(); loss_fn(job.model(x[step]), y[step]).backward(); opt.step()
     """
     return Elastic(comm, state, rebuild, timeout=timeout, admit_every=admit_every)
+
+
+def torch_ddp(model: Any, comm: Communicator, **kwargs: Any) -> Any:
+    """torch's own ``DistributedDataParallel`` of ``model`` on a RingletProcessGroup over ``comm``
+    (no ``init_process_group``), for ``elastic``'s rebuild: ``lambda c: torch_ddp(model, c)``.
+
+    It averages gradients through a Python comm hook: torch's built-in C++ averaging crashes the
+    process (SIGSEGV, torch 2.13) when a Python process group's all_reduce fails, as it does when a
+    rank is lost; through a hook the loss is an exception that ``elastic`` recovers from. Keyword
+    arguments go to torch's constructor. For a hook of your own (a Python hook, torch's included,
+    is safe), build torch's DDP the same way and register yours instead.
+    """
+    import torch
+    from torch.distributed import GradBucket  # type: ignore[attr-defined]
+    from torch.nn.parallel import DistributedDataParallel
+
+    from .torch import RingletProcessGroup
+
+    # torch compares a hook's annotations with its classes; in this module they are strings
+    _average.__annotations__.update(bucket=GradBucket, group=Any)
+    _average.__annotations__["return"] = torch.futures.Future[torch.Tensor]
+    group = RingletProcessGroup(comm)
+    ddp = DistributedDataParallel(model, process_group=group, **kwargs)
+    ddp.register_comm_hook(group, _average)
+    return ddp
+
+
+def _average(group: Any, bucket: Any) -> Any:
+    """A DDP comm hook: the bucket summed over the group, divided by its size (torch's default)."""
+    size = group.size()
+    summed = group.allreduce([bucket.buffer()]).get_future()
+    return summed.then(lambda f: f.value()[0].div_(size))

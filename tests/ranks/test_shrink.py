@@ -1,5 +1,6 @@
 """Surviving lost ranks on real ranks: SIGKILL, shrink, every collective on the survivors; a rank
-killed during the agreement, a stopped rank kept, rank 0 (the store's host) lost; training drills.
+killed during the agreement, a stopped rank kept, rank 0 (the store's host) lost; the NumPy
+training drills and a replacement rejoining (the DDP drills are in test_survive_ddp.py).
 
 The fault injector is a rank killing itself (SIGKILL, no goodbye) at a chosen point, or a survivor
 stopping another with SIGSTOP and resuming it with SIGCONT.
@@ -354,73 +355,6 @@ def test_numpy_training_drill_20_runs(transport: str, tmp_path: Path) -> None:
     times = _drill(transport, 20, 1616, tmp_path)
     print(
         f"numpy drill, 20 runs ({transport}): loss -> next step median "
-        f"{statistics.median(times):.3f} s, max {max(times):.3f} s"
-    )
-    assert max(times) < 5.0
-
-
-def ddp_drill(
-    comm: ringlet.Communicator, victim: int, kill_at: int, steps: int, deathfile: Path
-) -> dict[str, Any]:
-    """The NumPy drill with a torch MLP under ringlet's DistributedDataParallel and SGD with
-    momentum (optimizer state is rolled back too); digests are of the exact parameter bytes."""
-    import torch
-
-    from ringlet.torch import DistributedDataParallel
-
-    torch.set_num_threads(1)
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
-    job = survive.elastic(comm, [model, opt], lambda c: DistributedDataParallel(model, comm=c))
-    digests: dict[int, str] = {}
-    done: dict[int, float] = {}
-    for step in job.steps(steps):
-        with job.guard():
-            if step == kill_at and comm.rank == victim:
-                deathfile.write_text(repr(time.time()))
-                _die()
-            c = job.comm
-            x, y = (torch.from_numpy(a).float() for a in _batch(step))
-            opt.zero_grad()
-            torch.nn.functional.mse_loss(
-                job.model(x.chunk(c.size)[c.rank]), y.chunk(c.size)[c.rank]
-            ).backward()
-            opt.step()
-        if job.step == step + 1:
-            flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-            digests[step] = flat.numpy().tobytes().hex()
-            done[step] = time.time()
-    return {"digests": digests, "done": done, "members": job.comm.members, "shrinks": job.shrinks}
-
-
-@pytest.mark.torch
-@pytest.mark.drill  # 4 ranks importing torch: ~40 s on a loaded 2-core machine
-@pytest.mark.timeout(1800)
-@pytest.mark.parametrize("transport", TRANSPORTS)
-def test_ddp_training_carries_on(transport: str, tmp_path: Path) -> None:
-    """RINGLET_DDP_DRILL_RUNS runs (1 by default: each pays 4 torch imports), a random victim
-    other than rank 0 killed at a random step."""
-    pytest.importorskip("torch")
-    rng = random.Random(1617)
-    times = []
-    for run in range(int(os.environ.get("RINGLET_DDP_DRILL_RUNS", "1"))):
-        victim, kill_at = rng.randrange(1, 4), rng.randrange(1, 6)
-        death = tmp_path / f"death{run}"
-        out = spmd.run(
-            ddp_drill,
-            4,
-            victim,
-            kill_at,
-            7,
-            death,
-            env=_env(transport),
-            timeout=120,
-            expect_failure=True,
-        )
-        times.append(_recovery(out, victim, kill_at, death))
-    print(
-        f"DDP drill, {len(times)} runs ({transport}): kill -> next completed step median "
         f"{statistics.median(times):.3f} s, max {max(times):.3f} s"
     )
     assert max(times) < 5.0

@@ -1,0 +1,151 @@
+"""Training that carries on under DistributedDataParallel: ringlet's own, and torch's own on a
+RingletProcessGroup, 4 ranks, a random rank other than 0 SIGKILLed at a random step.
+
+Every survivor must finish every step with byte-identical parameters, recovering once; the time
+from the kill to the next completed step is printed. The number of runs is a parameter
+(RINGLET_DDP_DRILL_RUNS, default 20 for the drill), since each run pays four torch imports.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from test_shrink import TRANSPORTS, _batch, _die, _env, _recovery
+
+import ringlet
+import spmd
+from ringlet import survive
+
+KINDS = ["ringlet", "torch"]
+
+
+def _wrapper(kind: str, model: Any) -> Any:
+    """``rebuild(comm)`` for the kind of DDP: a fresh wrapper on every new communicator."""
+    from ringlet.torch import DistributedDataParallel
+
+    if kind == "ringlet":
+        return lambda c: DistributedDataParallel(model, comm=c)
+    return lambda c: survive.torch_ddp(model, c)  # torch's DDP on a RingletProcessGroup
+
+
+def _model() -> tuple[Any, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 1))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+
+
+def _flat(model: Any) -> Any:
+    import torch
+
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]).numpy()
+
+
+def _alone(steps: int) -> Any:
+    """The parameters one process reaches on the whole batch of each step: what the ranks must
+    reach whatever their number (48 rows split evenly over 4 or 3 ranks, gradients averaged)."""
+    import torch
+
+    model, opt = _model()
+    for step in range(steps):
+        x, y = (torch.from_numpy(a).float() for a in _batch(step))
+        opt.zero_grad()
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+    return _flat(model)
+
+
+def ddp_drill(
+    comm: ringlet.Communicator,
+    kind: str,
+    victim: int,
+    kill_at: int,
+    steps: int,
+    deathfile: Path,
+) -> dict[str, Any]:
+    """A torch MLP under DDP and SGD with momentum (optimizer state is rolled back too); the
+    victim SIGKILLs itself at step ``kill_at``; digests are of the exact parameter bytes."""
+    import torch
+
+    model, opt = _model()
+    job = survive.elastic(comm, [model, opt], _wrapper(kind, model))
+    digests: dict[int, str] = {}
+    done: dict[int, float] = {}
+    for step in job.steps(steps):
+        with job.guard():
+            if step == kill_at and comm.rank == victim:
+                deathfile.write_text(repr(time.time()))
+                _die()
+            c = job.comm
+            x, y = (torch.from_numpy(a).float() for a in _batch(step))
+            opt.zero_grad()
+            out = job.model(x.chunk(c.size)[c.rank])
+            torch.nn.functional.mse_loss(out, y.chunk(c.size)[c.rank]).backward()
+            opt.step()
+        if job.step == step + 1:
+            digests[step] = _flat(model).tobytes().hex()
+            done[step] = time.time()
+    return {
+        "digests": digests,
+        "done": done,
+        "members": job.comm.members,
+        "shrinks": job.shrinks,
+        "final": _flat(model),
+    }
+
+
+def _drill(kind: str, transport: str, runs: int, tmp: Path) -> list[float]:
+    rng = random.Random(1617)
+    times = []
+    for run in range(runs):
+        victim, kill_at = rng.randrange(1, 4), rng.randrange(1, 6)
+        death = tmp / f"death{run}"
+        out = spmd.run(
+            ddp_drill,
+            4,
+            kind,
+            victim,
+            kill_at,
+            7,
+            death,
+            env=_env(transport),
+            timeout=120,
+            expect_failure=True,
+        )
+        times.append(_recovery(out, victim, kill_at, death))
+        np.testing.assert_allclose(out[0][1]["final"], _alone(7), rtol=1e-4, atol=1e-6)
+    print(
+        f"{kind} DDP drill, {len(times)} runs ({transport}): kill -> next completed step median "
+        f"{statistics.median(times):.3f} s, max {max(times):.3f} s"
+    )
+    return times
+
+
+@pytest.mark.torch
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind", KINDS)
+def test_ddp_training_carries_on(kind: str, tmp_path: Path) -> None:
+    """One run over TCP per kind of DDP (four torch imports: tens of seconds on a busy machine)."""
+    pytest.importorskip("torch")
+    assert max(_drill(kind, "tcp", 1, tmp_path)) < 5.0
+
+
+@pytest.mark.torch
+@pytest.mark.drill
+@pytest.mark.timeout(3600)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_ddp_training_drill(kind: str, transport: str, tmp_path: Path) -> None:
+    """RINGLET_DDP_DRILL_RUNS runs (20 by default) per kind of DDP and transport."""
+    pytest.importorskip("torch")
+    runs = int(os.environ.get("RINGLET_DDP_DRILL_RUNS", "20"))
+    assert max(_drill(kind, transport, runs, tmp_path)) < 5.0
