@@ -7,6 +7,7 @@ each rank rebuilds every rank's inputs locally, so the references need no commun
 from __future__ import annotations
 
 import os
+import time
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -304,6 +305,40 @@ def _errors(bad: list[str], n: int, me: int) -> None:
     _check(bad, "all_reduce after errors", got, torch.tensor([float(n)]))
 
 
+def _nested_callbacks(bad: list[str], n: int, me: int) -> None:
+    """Future callbacks that each issue a call and wait for the next level's callback, 12 deep
+    (PowerSGD's pattern, nested): each level holds a resolver thread while it waits, so a fixed
+    pool of a few threads deadlocked here. Afterwards the extra threads end."""
+    import torch.distributed as dist
+
+    from ringlet.torch import resolvers
+
+    depth, deepest = 12, [0]
+
+    def level(k: int) -> Any:
+        fut = dist.all_reduce(torch.full((2,), float(k + me)), async_op=True).get_future()
+        if k == depth:
+            return fut.then(lambda f: [f.value()[0].sum().item()])
+
+        def callback(f: Any) -> list[float]:
+            deepest[0] = max(deepest[0], resolvers.threads())
+            return [f.value()[0].sum().item(), *level(k + 1).wait()]
+
+        return fut.then(callback)
+
+    got = level(0).wait()
+    want = [2.0 * (n * k + n * (n - 1) / 2) for k in range(depth + 1)]
+    if got != want:
+        bad.append(f"nested callbacks: got {got}, want {want}")
+    if deepest[0] <= 4:  # a level whose call finished before then() runs inline: fewer threads
+        bad.append(f"nested callbacks held only {deepest[0]} resolver threads: not nested enough")
+    end = time.monotonic() + resolvers.IDLE_SECONDS + 10
+    while resolvers.threads() > resolvers.KEEP and time.monotonic() < end:
+        time.sleep(0.2)
+    if resolvers.threads() > resolvers.KEEP:
+        bad.append(f"{resolvers.threads()} resolver threads stayed after the nesting ended")
+
+
 def backend_cases(comm: Any, init: str, port: int) -> list[str]:
     """Initialize torch.distributed on "ringlet" with ``init`` and run every case on this rank."""
     import torch.distributed as dist
@@ -341,6 +376,7 @@ def backend_cases(comm: Any, init: str, port: int) -> list[str]:
             _all_to_all,
             _point_to_point,
             _groups_and_objects,
+            _nested_callbacks,
             _errors,
         ):
             cases(bad, n, me)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -21,6 +20,8 @@ import torch.distributed as dist
 
 import ringlet
 from ringlet.errors import PeerError, RingletError
+
+from .resolvers import resolve
 
 __all__ = ["RingletWork", "as_future", "completed", "reduce_op", "torch_error"]
 
@@ -92,24 +93,6 @@ class RingletWork(dist.Work):  # type: ignore[misc]
         return f"<RingletWork {self._desc} {'done' if self.is_completed() else 'pending'}>"
 
 
-_completer: ThreadPoolExecutor | None = None
-_completer_lock = threading.Lock()
-
-
-def _resolve(fn: Callable[[], None]) -> None:
-    """Run ``fn`` (which resolves a torch Future, running its callbacks) off ringlet's threads.
-
-    A callback may issue another call and wait for it (torch's PowerSGD hook does): on ringlet's
-    progress thread, which runs calls one after another, that would wait for itself. A few
-    threads let such callbacks nest.
-    """
-    global _completer
-    with _completer_lock:
-        if _completer is None:
-            _completer = ThreadPoolExecutor(max_workers=4, thread_name_prefix="ringlet-torch-done")
-    _completer.submit(fn)
-
-
 def as_future(
     works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any]
 ) -> torch.futures.Future[Any]:
@@ -117,7 +100,7 @@ def as_future(
 
     ``finish`` runs on the thread that finished the last work (ringlet's progress thread), or
     right here when ``works`` is empty or already done; the future is resolved, and its
-    callbacks run, on a thread of its own (see :func:`_resolve`).
+    callbacks run, on a resolver thread (see :mod:`ringlet.torch.resolvers`).
     """
     future: torch.futures.Future[Any] = torch.futures.Future()
     remaining = [len(works)]
@@ -126,14 +109,14 @@ def as_future(
     def settle() -> None:
         for work in works:
             if (exc := work.exception()) is not None:
-                _resolve(partial(future.set_exception, torch_error(exc)))
+                resolve(partial(future.set_exception, torch_error(exc)))
                 return
         try:
             value = finish([work.wait() for work in works])
         except BaseException as exc:
-            _resolve(partial(future.set_exception, torch_error(exc)))
+            resolve(partial(future.set_exception, torch_error(exc)))
             return
-        _resolve(partial(future.set_result, value))
+        resolve(partial(future.set_result, value))
 
     def one_done(_: ringlet.Work) -> None:
         with lock:
