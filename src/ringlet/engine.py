@@ -29,6 +29,19 @@ class Engine:
     def __init__(self, transport: Transport, segment_bytes: int = SEGMENT_BYTES) -> None:
         self.transport = transport
         self.segment_bytes = segment_bytes
+        self._landing: list[np.ndarray] = []  # see _scratch
+
+    def _scratch(self, dtype: np.dtype, counts: list[int]) -> list[np.ndarray]:
+        """One landing area per reducing receive of a round, at most one segment each, carved
+        from byte buffers the engine keeps: a reducing round allocates (and faults in) nothing
+        after the first, and the memory held stays one segment per peer received from at once."""
+        pool, need = self._landing, max(counts, default=0) * dtype.itemsize
+        for i in range(len(counts)):
+            if i == len(pool):
+                pool.append(np.empty(max(need, self.segment_bytes), np.uint8))
+            elif pool[i].size < need:  # an element wider than the segment size (tests)
+                pool[i] = np.empty(need, np.uint8)
+        return [pool[i][: c * dtype.itemsize].view(dtype) for i, c in enumerate(counts)]
 
     def run(
         self,
@@ -64,7 +77,9 @@ class Engine:
         longest = max(
             [s.count for s in rnd.sends if s.fold] + [v.count for v in rnd.recvs if v.reduce] + [1]
         )
-        scratch = {v.peer: np.empty(min(seg, v.count), dtype) for v in rnd.recvs if v.reduce}
+        folded = [v for v in rnd.recvs if v.reduce]
+        areas = self._scratch(dtype, [min(seg, v.count) for v in folded])
+        scratch = {v.peer: a for v, a in zip(folded, areas, strict=True)}
         for s, lo in enumerate(range(0, longest, seg)):
             sends = [
                 (m.peer, as_bytes(bufs[m.buf][m.start + lo : min(m.stop, m.start + lo + seg)]))

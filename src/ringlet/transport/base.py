@@ -9,13 +9,13 @@ PeerError / MismatchError / ProtocolError / CollectiveTimeout instead of ever ha
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 
-@dataclass(frozen=True)
-class Tag:
-    """What a frame belongs to: the call (sequence number and signature), round and segment."""
+class Tag(NamedTuple):
+    """What a frame belongs to: the call (sequence number and signature), round and segment.
+
+    A tuple, not a dataclass: the engine makes one per segment of every round (~0.1 µs, not ~1)."""
 
     seq: int
     sig: int
