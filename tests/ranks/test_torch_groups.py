@@ -55,7 +55,10 @@ def _cases(n: int, me: int) -> dict[str, Any]:
         cpu.supports_splitting,
         cpu.supports_shrinking,
         world.get_group_store() is not None,
+        cpu.options._timeout,
+        dist.distributed_c10d._get_pg_default_device(world).type,
     )
+    got["unsupported"] = [_error(getattr(cpu, m)).split(":")[0] for m in ("suspend", "resume")]
     # ProcessGroup.split_group: every rank calls it; the first half gets a group, the rest None
     # (both splits before either group is used: Gloo connects a split's ranks lazily)
     half = list(range((n + 1) // 2))

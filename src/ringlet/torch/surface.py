@@ -26,6 +26,8 @@ from .works import RingletWork
 
 __all__ = ["GroupSurface"]
 
+_BackendOptions: Any = torch._C._distributed_c10d.Backend.Options
+
 
 class GroupSurface:
     """Naming, lifecycle, timeouts, coalescing and splitting of a ringlet process group."""
@@ -118,6 +120,21 @@ class GroupSurface:
 
     supports_shrinking = False  # as Gloo: torch's shrink_group is refused (see ringlet.survive)
     supports_time_estimate = False
+
+    @property
+    def options(self) -> Any:
+        """torch's Backend.Options of the group: its timeout (what split_group copies)."""
+        seconds = self._timeout if self._timeout is not None else self.comm.timeout
+        return _BackendOptions("ringlet", timedelta(seconds=seconds))
+
+    def memory_stats(self) -> dict[str, int]:
+        raise RuntimeError("Backend ringlet does not support getMemoryStats")
+
+    def suspend(self) -> None:
+        raise RuntimeError("Backend ringlet does not support suspend")
+
+    def resume(self) -> None:
+        raise RuntimeError("Backend ringlet does not support resume")
 
     def supports_tensor_alloc(self, device: Any) -> bool:
         """False: torch allocates communication buffers itself (as on Gloo)."""
