@@ -4,9 +4,12 @@ The same MLP (default 6 × Linear(2048, 2048): 25.2M parameters, 100 MB of float
 trains with SGD on every rank; each configuration is timed in the same run, in rounds that rotate
 their order, so a busy machine slows them alike. A step's time is the slowest rank's (forward,
 backward with gradient averaging, optimizer step); the table shows the median over every timed
-step. "local" is the same step without any communication: the floor. "torch DDP, no-op hook" is
-torch's DDP with a communication hook that does nothing: what torch's reducer costs by itself
-(it copies every gradient into its buckets and back), the floor of any backend under it.
+step, and "per round" the median and range of Gloo's step over this one's round by round (each
+round times every configuration once, so a round's ratio holds up better when other work on the
+machine comes and goes). "local" is the same step without any communication: the floor.
+"torch DDP, no-op hook" is torch's DDP with a communication hook that does nothing: what torch's
+reducer costs by itself (it copies every gradient into its buckets and back), the floor of any
+backend under it.
 ", views" rows pass gradient_as_bucket_view=True (no copy back) and compare with Gloo so set.
 "ringlet DDP, overlap" starts each bucket's averaging during backward (overlap=True), "no
 overlap" when backward ends (overlap=False); the line under the table says which ringlet's DDP
@@ -15,7 +18,8 @@ picks by default here.
 Run (2 ranks):
     ringlet run -n 2 benchmarks/ddp_step.py
     python benchmarks/ddp_step.py            # starts 2 ranks itself
-Options: --layers, --hidden, --batch, --steps, --rounds, --threads, --bucket-cap-mb, --json FILE.
+Options: --layers, --hidden, --batch, --steps, --rounds, --threads, --bucket-cap-mb, --json FILE,
+--config NAME (repeatable: time only these configurations, and Gloo's).
 """
 
 from __future__ import annotations
@@ -103,15 +107,29 @@ def slowest_rank(comm: Any, times: list[float]) -> list[float]:
     return [float(t) for t in everyone.max(axis=0)]
 
 
+def chosen(args: argparse.Namespace) -> tuple[str, ...]:
+    """The configurations ``--config`` names (all by default); Gloo's rows always run."""
+    if not args.config:
+        return CONFIGS
+    names = set(args.config)
+    if unknown := names - set(CONFIGS):
+        raise SystemExit(f"unknown configurations {sorted(unknown)}; choose from {CONFIGS}")
+    names.add(BASELINE)
+    if any(name.endswith(", views") for name in names):
+        names.add(BASELINE + ", views")
+    return tuple(name for name in CONFIGS if name in names)
+
+
 def run(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)
     dist.init_process_group("ringlet")
     comm = rt.communicator()
     gloo = dist.new_group(list(range(comm.size)), backend="gloo")
-    steps: dict[str, list[float]] = {name: [] for name in CONFIGS}
+    configs = chosen(args)
+    steps: dict[str, list[float]] = {name: [] for name in configs}
     overlap = ""
     for round_ in range(args.rounds):
-        order = CONFIGS[round_ % len(CONFIGS) :] + CONFIGS[: round_ % len(CONFIGS)]
+        order = configs[round_ % len(configs) :] + configs[: round_ % len(configs)]
         for name in order:
             model = wrap(name, build_model(args), gloo, args)
             comm.barrier()
@@ -123,6 +141,16 @@ def run(args: argparse.Namespace) -> None:
     if comm.rank == 0:
         report(args, comm, steps, overlap, default_overlap)
     dist.destroy_process_group()
+
+
+def paired(gloo: list[float], mine: list[float], per_round: int) -> list[float]:
+    """Gloo's median step over this configuration's, round by round: the two ran minutes apart at
+    most, so a load that drifts over the run moves both alike (the column's median and range)."""
+    cut = range(0, len(mine), per_round)
+    return [
+        statistics.median(gloo[i : i + per_round]) / statistics.median(mine[i : i + per_round])
+        for i in cut
+    ]
 
 
 def report(
@@ -138,13 +166,18 @@ def report(
         f"DDP step, {params / 1e6:.1f}M parameters ({params * 4 / 2**20:.0f} MiB of gradients), "
         f"batch {args.batch}/rank, {comm.size} ranks, {args.threads} torch thread(s)/rank, "
         f"ringlet transport {os.environ.get('RINGLET_TRANSPORT', 'auto')}, "
-        f"{len(steps['local'])} timed steps per configuration, "
+        f"{len(steps[BASELINE])} timed steps per configuration, "
         f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
     )
-    print(f"{'configuration':<30}{'median step':>14}{'gloo / this':>14}")
-    for name in CONFIGS:
-        gloo = median[BASELINE if not name.endswith(", views") else BASELINE + ", views"]
-        print(f"{name:<30}{median[name] * 1e3:>11.1f} ms{gloo / median[name]:>13.2f}x")
+    print(f"{'configuration':<30}{'median step':>14}{'gloo / this':>14}{'per round':>24}")
+    for name in steps:
+        base = BASELINE if not name.endswith(", views") else BASELINE + ", views"
+        rounds = paired(steps[base], steps[name], args.steps)
+        spread = f"{statistics.median(rounds):.2f}x ({min(rounds):.2f}-{max(rounds):.2f})"
+        print(
+            f"{name:<30}{median[name] * 1e3:>11.1f} ms{median[base] / median[name]:>13.2f}x"
+            f"{spread:>24}"
+        )
     print(f"ringlet DDP's default here: {'overlap' if default_overlap else 'no overlap'}")
     print(f"ringlet DDP with overlap, last step: {overlap}")
     if args.json:
@@ -196,7 +229,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bucket-cap-mb", type=float, default=25.0)
     parser.add_argument("--ranks", type=int, default=2, help="ranks to start when not launched")
     parser.add_argument("--json", help="append the results as one JSON line to this file")
+    parser.add_argument(
+        "--config",
+        action="append",
+        help="a configuration to time, named as in the table (repeatable; default: all)",
+    )
     args = parser.parse_args(argv)
+    chosen(args)  # unknown names: exit before any rank starts
     if "RANK" in os.environ:
         run(args)
         return
