@@ -30,18 +30,32 @@ class Engine:
         self.transport = transport
         self.segment_bytes = segment_bytes
         self._landing: list[np.ndarray] = []  # see _scratch
+        self._areas: dict[
+            tuple[np.dtype, tuple[int, ...]], list[tuple[np.ndarray, memoryview]]
+        ] = {}
 
-    def _scratch(self, dtype: np.dtype, counts: list[int]) -> list[np.ndarray]:
-        """One landing area per reducing receive of a round, at most one segment each, carved
-        from byte buffers the engine keeps: a reducing round allocates (and faults in) nothing
-        after the first, and the memory held stays one segment per peer received from at once."""
+    def _scratch(self, dtype: np.dtype, counts: list[int]) -> list[tuple[np.ndarray, memoryview]]:
+        """One landing area per reducing receive of a round (typed, and as bytes for the
+        transport), at most one segment each, carved from byte buffers the engine keeps: a
+        reducing round allocates (and faults in) nothing after the first, and the memory held
+        stays one segment per peer received from at once. The views are kept per shape too."""
+        key = (dtype, tuple(counts))
+        known = self._areas.get(key)
+        if known is not None:
+            return known
         pool, need = self._landing, max(counts, default=0) * dtype.itemsize
         for i in range(len(counts)):
             if i == len(pool):
                 pool.append(np.empty(max(need, self.segment_bytes), np.uint8))
             elif pool[i].size < need:  # an element wider than the segment size (tests)
                 pool[i] = np.empty(need, np.uint8)
-        return [pool[i][: c * dtype.itemsize].view(dtype) for i, c in enumerate(counts)]
+                self._areas.clear()  # views of the buffer replaced
+        areas = [pool[i][: c * dtype.itemsize] for i, c in enumerate(counts)]
+        made = [(a.view(dtype), as_bytes(a)) for a in areas]
+        if len(self._areas) >= 256:
+            self._areas.clear()
+        self._areas[key] = made
+        return made
 
     def run(
         self,
@@ -53,12 +67,59 @@ class Engine:
         deadline: float,
     ) -> None:
         """Execute ``sched`` on the flat buffers ``bufs`` ("in", "out", "tmp")."""
-        for k, rnd in enumerate(sched.rounds):
-            for c in rnd.copies:
-                bufs[c.dst_buf][c.dst : c.dst + c.count] = bufs[c.src_buf][c.src : c.src + c.count]
-            if rnd.sends or rnd.recvs:
-                assert op is not None or not any(v.reduce for v in rnd.recvs), "reduce needs an op"
+        dtype = next(iter(bufs.values())).dtype
+        seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
+        views: dict[str, memoryview] = {}
+        for k, step in enumerate(_compiled(sched)):
+            rnd, copies, folded = step
+            for src_buf, src, dst_buf, dst, n in copies:
+                bufs[dst_buf][dst : dst + n] = bufs[src_buf][src : src + n]
+            if not (rnd.sends or rnd.recvs):
+                continue
+            assert op is not None or not folded, "reduce needs an op"
+            if folded > seg:
                 self._round(rnd, bufs, op, Tag(seq, sig, k), deadline)
+            else:
+                self._whole(rnd, bufs, views, dtype, op, Tag(seq, sig, k), deadline)
+
+    def _whole(
+        self,
+        rnd: Round,
+        bufs: dict[str, np.ndarray],
+        views: dict[str, memoryview],
+        dtype: np.dtype,
+        op: ReduceOp | None,
+        tag: Tag,
+        deadline: float,
+    ) -> None:
+        """A round whose folded messages fit one segment: every message in one exchange, cut
+        from byte views of the buffers made once per call (the common case, kept short)."""
+        isz = dtype.itemsize
+
+        def view(name: str) -> memoryview:  # a buffer as bytes, made once per call
+            got = views.get(name)
+            if got is None:
+                got = views[name] = as_bytes(bufs[name])
+            return got
+
+        sends = [(m.peer, view(m.buf)[m.start * isz : m.stop * isz]) for m in rnd.sends]
+        reduces: list[tuple[Recv, np.ndarray, np.ndarray]] = []
+        recvs: list[tuple[int, memoryview]] = []
+        folded = [v for v in rnd.recvs if v.reduce]
+        areas = iter(self._scratch(dtype, [v.count for v in folded]) if folded else ())
+        for v in rnd.recvs:
+            if v.reduce:
+                landing, raw = next(areas)
+                reduces.append((v, bufs[v.buf][v.start : v.stop], landing))
+                recvs.append((v.peer, raw))
+            else:
+                recvs.append((v.peer, view(v.buf)[v.start * isz : v.stop * isz]))
+        self.transport.exchange(sends, recvs, tag, deadline)
+        if rnd.ordered:
+            fold_ranges(op, self.transport.rank, reduces)  # type: ignore[arg-type]
+            return
+        for _, dest, landing in reduces:
+            combine(op, dest, landing)  # type: ignore[arg-type]
 
     def _round(
         self,
@@ -79,7 +140,7 @@ class Engine:
         )
         folded = [v for v in rnd.recvs if v.reduce]
         areas = self._scratch(dtype, [min(seg, v.count) for v in folded])
-        scratch = {v.peer: a for v, a in zip(folded, areas, strict=True)}
+        scratch = {v.peer: a for v, (a, _) in zip(folded, areas, strict=True)}
         for s, lo in enumerate(range(0, longest, seg)):
             sends = [
                 (m.peer, as_bytes(bufs[m.buf][m.start + lo : min(m.stop, m.start + lo + seg)]))
@@ -107,6 +168,34 @@ class Engine:
                 continue
             for _, dest, landing in reduces:
                 combine(op, dest, landing)  # type: ignore[arg-type]
+
+
+_Step = tuple[Round, tuple[tuple[str, int, str, int, int], ...], int]
+
+
+_COMPILED: dict[int, tuple[Schedule, tuple[_Step, ...]]] = {}
+
+
+def _compiled(sched: Schedule) -> tuple[_Step, ...]:
+    """Per round: the round, its copies as plain tuples, and the longest folded message (0:
+    none), so that running a cached schedule again walks no dataclass fields it need not.
+
+    Kept by the schedule's identity (schedules come from caches; hashing one walks all of it);
+    holding the schedule keeps its id from being reused."""
+    known = _COMPILED.get(id(sched))
+    if known is not None and known[0] is sched:
+        return known[1]
+    steps = []
+    for rnd in sched.rounds:
+        copies = tuple((c.src_buf, c.src, c.dst_buf, c.dst, c.count) for c in rnd.copies)
+        folded = max(
+            [s.count for s in rnd.sends if s.fold] + [v.count for v in rnd.recvs if v.reduce] + [0]
+        )
+        steps.append((rnd, copies, folded))
+    if len(_COMPILED) >= 1024:
+        _COMPILED.clear()
+    _COMPILED[id(sched)] = (sched, tuple(steps))
+    return tuple(steps)
 
 
 def fold_ranges(
