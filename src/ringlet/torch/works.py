@@ -23,7 +23,7 @@ from ringlet.errors import PeerError, RingletError
 
 from .resolvers import resolve
 
-__all__ = ["RingletWork", "as_future", "completed", "reduce_op", "torch_error"]
+__all__ = ["Delivery", "RingletWork", "as_future", "completed", "reduce_op", "torch_error"]
 
 
 def torch_error(exc: BaseException) -> BaseException:
@@ -43,10 +43,13 @@ def torch_error(exc: BaseException) -> BaseException:
 class RingletWork(dist.Work):  # type: ignore[misc]
     """The torch Work of a ringlet call: ``wait()`` raises the call's error, ``get_future()`` chains."""
 
-    def __init__(self, future: torch.futures.Future[Any], desc: str = "") -> None:
+    def __init__(
+        self, future: torch.futures.Future[Any], desc: str = "", delivery: Delivery | None = None
+    ) -> None:
         super().__init__()
         self._future = future
         self._desc = desc
+        self._delivery = delivery  # lets wait() resolve the future itself, a thread hop sooner
         # Set by a done callback, which torch may run after ``future.wait()`` has already returned
         # to another thread: completion is read from the future itself, the event only serves a
         # wait with a timeout.
@@ -56,13 +59,22 @@ class RingletWork(dist.Work):  # type: ignore[misc]
     def wait(self, timeout: timedelta = timedelta(0)) -> bool:
         """Block until the call finished (or ``timeout`` passed, if not zero); raise its error."""
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else float(timeout or 0)
-        if seconds > 0 and not self._future.done() and not self._done.wait(seconds):
-            raise dist.DistBackendError(
-                f"ringlet: {self._desc or 'the call'} did not finish within {seconds} s of waiting; "
-                "a rank may be late or stuck (the call itself keeps its own deadline)"
-            )
+        if self._future.done():
+            pass
+        elif self._delivery is not None:  # wake as the outcome is known, and deliver it here
+            if not self._delivery.known.wait(seconds if seconds > 0 else None):
+                raise self._late(seconds)
+            self._delivery.hand_over()  # unless the resolver thread already did
+        elif seconds > 0 and not self._done.wait(seconds):
+            raise self._late(seconds)
         self._future.wait()  # raises the call's error
         return True
+
+    def _late(self, seconds: float) -> BaseException:
+        return dist.DistBackendError(
+            f"ringlet: {self._desc or 'the call'} did not finish within {seconds} s of waiting; "
+            "a rank may be late or stuck (the call itself keeps its own deadline)"
+        )
 
     def get_future(self) -> torch.futures.Future[Any]:
         return self._future
@@ -93,30 +105,49 @@ class RingletWork(dist.Work):  # type: ignore[misc]
         return f"<RingletWork {self._desc} {'done' if self.is_completed() else 'pending'}>"
 
 
-def as_future(
-    works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any]
-) -> torch.futures.Future[Any]:
-    """A torch Future resolved with ``finish(results)`` once every work finished, or with the first error.
+class Delivery:
+    """Who resolves a future once its outcome is known: a resolver thread, or a thread waiting in
+    ``RingletWork.wait()`` that gets there first (it wakes straight from ringlet's progress
+    thread, one thread hop sooner; the future's callbacks then run on that thread)."""
 
-    ``finish`` runs on the thread that finished the last work (ringlet's progress thread), or
-    right here when ``works`` is empty or already done; the future is resolved, and its
-    callbacks run, on a resolver thread (see :mod:`ringlet.torch.resolvers`).
-    """
+    def __init__(self) -> None:
+        self.known = threading.Event()
+        self._lock = threading.Lock()
+        self._deliver: Callable[[], None] | None = None
+
+    def settle(self, deliver: Callable[[], None]) -> None:
+        """The outcome is known (on ringlet's progress thread): hand ``deliver`` on."""
+        self._deliver = deliver
+        self.known.set()
+        resolve(self.hand_over)
+
+    def hand_over(self) -> None:
+        """Resolve the future, unless another thread already took that on."""
+        with self._lock:
+            deliver, self._deliver = self._deliver, None
+        if deliver is not None:
+            deliver()
+
+
+def _pending(
+    works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any]
+) -> tuple[torch.futures.Future[Any], Delivery]:
     future: torch.futures.Future[Any] = torch.futures.Future()
+    delivery = Delivery()
     remaining = [len(works)]
     lock = threading.Lock()
 
     def settle() -> None:
         for work in works:
             if (exc := work.exception()) is not None:
-                resolve(partial(future.set_exception, torch_error(exc)))
+                delivery.settle(partial(future.set_exception, torch_error(exc)))
                 return
         try:
             value = finish([work.wait() for work in works])
         except BaseException as exc:
-            resolve(partial(future.set_exception, torch_error(exc)))
+            delivery.settle(partial(future.set_exception, torch_error(exc)))
             return
-        resolve(partial(future.set_result, value))
+        delivery.settle(partial(future.set_result, value))
 
     def one_done(_: ringlet.Work) -> None:
         with lock:
@@ -129,14 +160,28 @@ def as_future(
         settle()
     for work in works:
         work.add_done_callback(one_done)
-    return future
+    return future, delivery
+
+
+def as_future(
+    works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any]
+) -> torch.futures.Future[Any]:
+    """A torch Future resolved with ``finish(results)`` once every work finished, or with the first error.
+
+    ``finish`` runs on the thread that finished the last work (ringlet's progress thread), or
+    right here when ``works`` is empty or already done; the future is resolved, and its
+    callbacks run, on a resolver thread (see :mod:`ringlet.torch.resolvers`), or on a thread
+    waiting for it in ``RingletWork.wait()`` that got there first (:class:`Delivery`).
+    """
+    return _pending(works, finish)[0]
 
 
 def completed(
     works: Sequence[ringlet.Work], finish: Callable[[list[Any]], Any], desc: str
 ) -> RingletWork:
     """The torch Work of ``works`` (see :func:`as_future`)."""
-    return RingletWork(as_future(works, finish), desc)
+    future, delivery = _pending(works, finish)
+    return RingletWork(future, desc, delivery)
 
 
 _OPS: dict[Any, str] = {
