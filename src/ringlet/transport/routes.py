@@ -100,6 +100,7 @@ class _Helper:
                 job()  # type: ignore[operator]
             except BaseException as exc:
                 self._error = exc
+            job = None  # nor the round's buffers, which the job holds, until the next round
             self._done.release()
 
     def start(self, job: object) -> None:
@@ -110,7 +111,7 @@ class _Helper:
         """Wait for the running job (if any); its exception or None."""
         if self._running:
             self._done.acquire()
-            self._running = False
+            self._running, self._job = False, None
         return self._error
 
     def close(self) -> None:
