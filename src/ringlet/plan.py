@@ -38,7 +38,7 @@ from .schedules.hier import HIER_SMALL
 from .schedules.select import (
     ALGORITHMS,
     HIER_MODEL_MAX,
-    ORDERED,
+    RANK_ORDER,
     TOPOLOGICAL,
     build,
     select,
@@ -239,7 +239,7 @@ def algorithms_for(
     return [
         a
         for a in ALGORITHMS[op]
-        if (a not in TOPOLOGICAL or span) and (deterministic or a != ORDERED.get(op))
+        if (a not in TOPOLOGICAL or span) and (deterministic or a not in RANK_ORDER.get(op, ()))
     ]
 
 
@@ -415,7 +415,7 @@ def predict(
                 exact=exact,
             )
         )
-    fair = [f for f in found if f.algo != ORDERED.get(op)] or found
+    fair = [f for f in found if f.algo not in RANK_ORDER.get(op, ())] or found
     best = min(fair, key=lambda f: f.time_us).algo
     return [_mark(f, best) for f in found]
 

@@ -20,7 +20,7 @@ import pytest
 from ringlet.engine import Engine, fold_ranges
 from ringlet.ops import ReduceOp
 from ringlet.schedules.base import Recv, Round, Schedule, Send, check_hazards
-from ringlet.schedules.select import ORDERED, build, select
+from ringlet.schedules.select import DIRECT_MAX, ORDERED, RANK_ORDER, build, select
 from ringlet.schedules.simulate import replay
 from ringlet.transport.base import Tag
 
@@ -56,10 +56,12 @@ def test_hazards_allow_an_ordered_fold_of_one_range_only() -> None:
             check_hazards(Schedule((bad,)), 0)
 
 
-@pytest.mark.parametrize("op", sorted(ORDERED))
+@pytest.mark.parametrize(
+    ("op", "algo"), sorted((op, a) for op, algos in RANK_ORDER.items() for a in algos)
+)
 @pytest.mark.parametrize("size", range(1, 9))
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_replay_is_the_left_fold(op: str, size: int, dtype: Any) -> None:
+def test_replay_is_the_left_fold(op: str, algo: str, size: int, dtype: Any) -> None:
     rng = np.random.default_rng(size)
     for n in (0, 1, size + 3, 50):
         xs = spread(rng, size, n, dtype)
@@ -67,11 +69,11 @@ def test_replay_is_the_left_fold(op: str, size: int, dtype: Any) -> None:
         if op == "reduce_scatter":
             counts = [int(c) for c in rng.integers(0, n // size + 3, size)]
             xs = spread(rng, size, sum(counts), dtype)
-            got = replay(op, ORDERED[op], size, xs, np.add, counts=counts)
+            got = replay(op, algo, size, xs, np.add, counts=counts)
             assert np.concatenate(got).tobytes() == left_fold(xs).tobytes(), counts
             continue
         kw: dict[str, Any] = {"count": n} | ({"root": size - 1} if op == "reduce" else {})
-        got = replay(op, ORDERED[op], size, xs, np.add, **kw)
+        got = replay(op, algo, size, xs, np.add, **kw)
         for r in range(size) if op == "all_reduce" else [size - 1]:
             assert got[r].tobytes() == want.tobytes(), (n, r)
 
@@ -79,8 +81,12 @@ def test_replay_is_the_left_fold(op: str, size: int, dtype: Any) -> None:
 def test_select_deterministic_takes_the_ordered_fold_everywhere() -> None:
     for op, algo in ORDERED.items():
         for size, nbytes, hosts in ((1, 8, None), (8, 1 << 30, None), (4, 64, (0, 0, 1, 1))):
-            assert select(op, size, nbytes, hosts=hosts, deterministic=True) == algo
-        assert select(op, 4, 64, algo, deterministic=True) == algo
+            got = select(op, size, nbytes, hosts=hosts, deterministic=True)
+            assert got in RANK_ORDER[op]
+            assert got == algo or nbytes <= DIRECT_MAX  # one step for small vectors
+        assert select(op, 8, DIRECT_MAX + 1, deterministic=True) == algo
+        for forced in RANK_ORDER[op]:
+            assert select(op, 4, 64, forced, deterministic=True) == forced
         with pytest.raises(ValueError, match="deterministic mode needs"):
             select(op, 4, 64, "ring", deterministic=True)
     assert select("broadcast", 8, 8, deterministic=True) == "tree"  # nothing to fold

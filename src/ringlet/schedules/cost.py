@@ -17,6 +17,8 @@ from typing import Any
 from .base import Round, Schedule
 from .select import (
     ALGORITHMS,
+    DIRECT,
+    DIRECT_MAX,
     HIER_OPS,
     MODEL_INTER,
     MODEL_INTRA,
@@ -145,7 +147,9 @@ def _chosen_for(op: str, algo: str, size: int) -> str:
     """The message sizes (powers of two up to 1 GiB) for which select picks ``algo``."""
     picked = [1 << e for e in range(31) if select(op, size, 1 << e) == algo]
     if ORDERED.get(op) == algo:
-        return "deterministic=True"
+        return "deterministic=True" + (f", n > {_human(DIRECT_MAX)}" if op in DIRECT else "")
+    if DIRECT.get(op) == algo:
+        return f"deterministic=True, n ≤ {_human(DIRECT_MAX)}"
     if not picked:
         return "on request"
     if len(picked) == 31:

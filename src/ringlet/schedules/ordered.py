@@ -26,6 +26,35 @@ def direct_fold_round(
     )
 
 
+def direct_all_reduce(rank: int, size: int, count: int) -> Schedule:
+    """Every rank sends its whole vector to every other and folds all p in rank order.
+
+    Steps: 1 (the latency optimum; one host's shared memory does it without a copy per peer).
+    Sent per rank: (p-1)·n elements. A send may not read what the round folds into, so the
+    vector is first copied to ``tmp``.
+    """
+    others = [r for r in range(size) if r != rank]
+    rnd = Round(
+        tuple(Send(r, 0, count, "tmp", fold=True) for r in others),
+        tuple(Recv(r, 0, count, reduce=True) for r in others),
+        (Copy(0, 0, count, "out", "tmp"),),
+        ordered=True,
+    )
+    return timeline([rnd], "direct_all_reduce")
+
+
+def direct_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
+    """Every rank sends its vector to root, which folds all p in rank order.
+
+    Steps: 1. Sent per rank: n (root: none); root receives (p-1)·n. ``out`` is untouched off
+    root.
+    """
+    if rank != root:
+        return timeline([Round(sends=(Send(root, 0, count, fold=True),))], "direct_reduce")
+    others = tuple(Recv(r, 0, count, reduce=True) for r in range(size) if r != root)
+    return timeline([Round(recvs=others, ordered=True)], "direct_reduce")
+
+
 def ordered_all_reduce(rank: int, size: int, count: int) -> Schedule:
     """Direct reduce-scatter (rank c folds chunk c in rank order), then a direct all-gather.
 

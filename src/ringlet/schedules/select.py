@@ -29,7 +29,13 @@ from .hier import (
     hier_reduce_scatter,
 )
 from .linear import linear_broadcast, linear_gather, linear_scatter
-from .ordered import ordered_all_reduce, ordered_reduce, ordered_reduce_scatter
+from .ordered import (
+    direct_all_reduce,
+    direct_reduce,
+    ordered_all_reduce,
+    ordered_reduce,
+    ordered_reduce_scatter,
+)
 from .pairwise import pairwise_all_to_all
 from .ring import (
     chain_broadcast,
@@ -49,6 +55,7 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "doubling": recursive_doubling_all_reduce,
         "halving_doubling": halving_doubling_all_reduce,
         "ordered": ordered_all_reduce,
+        "direct": direct_all_reduce,
         "hier": hier_all_reduce,
     },
     "broadcast": {
@@ -63,6 +70,7 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "ring": ring_reduce,
         "chain": chain_reduce,
         "ordered": ordered_reduce,
+        "direct": direct_reduce,
         "hier": hier_reduce,
     },
     "all_gather": {"ring": ring_all_gather, "bruck": bruck_all_gather, "hier": hier_all_gather},
@@ -83,6 +91,14 @@ ORDERED: dict[str, str] = {
     "all_reduce": "ordered",
     "reduce": "ordered",
     "reduce_scatter": "ordered",
+}
+#: ...and the one-step rank-order folds it takes instead up to DIRECT_MAX bytes: every rank's
+#: vector straight to the folding rank(s), one round instead of two (latency-bound sizes).
+DIRECT: dict[str, str] = {"all_reduce": "direct", "reduce": "direct"}
+DIRECT_MAX = 16 << 10
+#: Every algorithm of each reduction that folds in rank order (what deterministic mode accepts).
+RANK_ORDER: dict[str, frozenset[str]] = {
+    op: frozenset({algo, *([DIRECT[op]] if op in DIRECT else [])}) for op, algo in ORDERED.items()
 }
 
 #: Algorithms that take the topology as a keyword ``hosts`` after their :data:`PARAMS`.
@@ -186,7 +202,7 @@ def select(
     if override is not None:
         return _checked_override(op, override, choices, deterministic)
     if deterministic and op in ORDERED:
-        return ORDERED[op]
+        return DIRECT[op] if op in DIRECT and nbytes <= DIRECT_MAX else ORDERED[op]
     if op in HIER_OPS and spans_hosts(hosts):
         assert hosts is not None
         if nbytes > HIER_MODEL_MAX and op != "barrier":
@@ -234,10 +250,11 @@ def _checked_override(op: str, override: str, choices: Collection[str], determin
             f"{op}: no algorithm named {override!r} (from RINGLET_ALGO or the caller); "
             f"choose one of {', '.join(sorted(choices))}"
         )
-    if deterministic and op in ORDERED and override != ORDERED[op]:
+    if deterministic and op in ORDERED and override not in RANK_ORDER[op]:
         raise ValueError(
             f"{op}: deterministic mode needs an algorithm that folds in rank order, not "
-            f"{override!r}; choose {ORDERED[op]!r} or leave the algorithm unforced"
+            f"{override!r}; choose {' or '.join(map(repr, sorted(RANK_ORDER[op])))} or leave the "
+            "algorithm unforced"
         )
     return override
 
