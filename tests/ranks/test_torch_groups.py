@@ -1,6 +1,6 @@
 """Making groups on backend "ringlet" as on Gloo: ProcessGroup.split_group, new_subgroups,
-new_subgroups_by_enumeration, new_group with local synchronization or unsorted ranks, and what
-torch asks a group about its backend (devices, splitting, store).
+new_subgroups_by_enumeration, new_group with local synchronization or unsorted ranks,
+merge_remote_group, and what torch asks a group about its backend (devices, splitting, store).
 
 Every rank runs the same script twice in one job, on Gloo and then on ringlet, and the two
 answers must match; sums are also checked against the value every rank computes by itself.
@@ -89,6 +89,12 @@ def _cases(n: int, me: int) -> dict[str, Any]:
         _sum(backwards, me),
     )
     got["default device"] = dist.distributed_c10d._get_pg_default_device(local).type
+    # merge_remote_group: every process meets in a store and takes the next rank of the new group
+    meeting = dist.PrefixStore("merge-test/", dist.distributed_c10d._get_default_store())
+    merged = world.merge_remote_group(meeting, n, timedelta(seconds=30), f"merged{n}")
+    got["merged"] = (merged.size(), _sum(merged, merged.rank(), True))
+    got["merged rank"] = merged.rank()  # in store order: compared as a set below
+    merged.shutdown()
     return got
 
 
@@ -132,6 +138,7 @@ def _expected(n: int, me: int) -> dict[str, Any]:
         ),
         "local sync": (len(same_parity), float(sum(r + 1 for r in same_parity))),
         "unsorted": (n - 1 - me, list(reversed(range(n))), float(n * (n + 1) // 2)),
+        "merged": (n, float(n * (n + 1) // 2)),
     }
     if first:
         want["split of split"] = (1, float(half)) if me == half - 1 else None
@@ -150,7 +157,7 @@ def test_groups_like_gloo(n: int) -> None:
     failures = []
     for me, got in enumerate(results):
         gloo, ours = got["gloo"], got["ringlet"]
-        for key in sorted(set(gloo) | set(ours)):
+        for key in sorted((set(gloo) | set(ours)) - {"merged rank"}):
             if gloo.get(key) != ours.get(key):
                 failures.append(
                     f"rank {me} {key}: gloo {gloo.get(key)!r}, ringlet {ours.get(key)!r}"
@@ -158,4 +165,7 @@ def test_groups_like_gloo(n: int) -> None:
         for key, want in _expected(n, me).items():
             if ours.get(key) != want:
                 failures.append(f"rank {me} {key}: ringlet {ours.get(key)!r}, want {want!r}")
+    merged = sorted(got["ringlet"]["merged rank"] for got in results)
+    if merged != list(range(n)):
+        failures.append(f"merge_remote_group gave ranks {merged}")
     assert not failures, "\n".join(failures)

@@ -28,6 +28,7 @@ __all__ = [
     "default_world",
     "forget",
     "group_communicator",
+    "new_world",
     "sub_communicator",
 ]
 
@@ -79,7 +80,7 @@ def _timeout(seconds: float) -> float | None:
     return None if os.environ.get("RINGLET_TIMEOUT") else seconds
 
 
-def _new_world(store: Any, rank: int, size: int, seconds: float) -> ringlet.Communicator:
+def new_world(store: Any, rank: int, size: int, seconds: float) -> ringlet.Communicator:
     """Start a ringlet world for these ``size`` ranks, meeting through torch's ``store``."""
     if size == 1:
         return ringlet.init(rank=0, world_size=1, timeout=_timeout(seconds))
@@ -120,12 +121,12 @@ def group_communicator(options: Any) -> ringlet.Communicator:
     ranks = list(options.global_ranks_in_group)
     world = default_world()
     if not dist.is_initialized():  # torch is creating its default group
-        comm = _new_world(options.store, options.group_rank, options.group_size, seconds)
+        comm = new_world(options.store, options.group_rank, options.group_size, seconds)
         _default_world = comm
         return comm
     if world is not None and dist.get_backend() == "ringlet" and ranks:
         return sub_communicator(world, str(options.group_id), ranks)
-    return _new_world(options.store, options.group_rank, options.group_size, seconds)
+    return new_world(options.store, options.group_rank, options.group_size, seconds)
 
 
 def communicator_for(group: Any = None) -> ringlet.Communicator:

@@ -159,7 +159,28 @@ class GroupSurface:
         see :func:`ringlet.torch.monitored_barrier`."""
         monitored.monitored_barrier(self, timeout, wait_all_ranks)
 
-    # -- splitting -----------------------------------------------------------------------------
+    # -- splitting and merging -----------------------------------------------------------------
+    def merge_remote_group(
+        self,
+        store: Any,
+        size: int,
+        timeout: timedelta = timedelta(minutes=30),
+        group_name: str | None = None,
+        group_desc: str | None = None,
+    ) -> Any:
+        """A new group of ``size`` processes that meet in ``store`` (as Gloo's: each takes the
+        next rank from the store's ``mergeGroupRank`` counter): a ringlet world of their own."""
+        from .backend import RingletProcessGroup  # the class this surface belongs to
+
+        rank = int(store.add("mergeGroupRank", 1)) - 1
+        meeting = PrefixStore("ringlet-merge/", store)
+        pg = RingletProcessGroup(
+            groups.new_world(meeting, rank, size, timeout.total_seconds()), meeting
+        )
+        pg.setGroupName(group_name or f"{self._group_name}:merged")
+        pg.setGroupDesc(group_desc or "merged")
+        return pg
+
     def comm_split_count(self) -> int:
         """How many groups were split from this one (torch names a split's description by it)."""
         return self._splits
