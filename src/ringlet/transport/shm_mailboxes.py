@@ -85,11 +85,17 @@ class _Segment:
         self.bells = self.bytes[layout.ranks : layout.ranks + layout.k * LINE].view(np.uint32)
         n = layout.k * layout.k * BOX_WORDS
         self.boxes = self.bytes[layout.boxes : layout.boxes + n * 8].view(np.uint64)
+        # The same words and bytes as memoryviews: an item is a Python int (no NumPy scalar)
+        # and a slice copy is one memmove, which is what the message path does per piece.
+        self.words = memoryview(self._mm)[layout.boxes : layout.boxes + n * 8].cast("Q")
+        self.raw = memoryview(self._mm)
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
         if mm is None:
             return
-        del self.bytes, self.header, self.ranks, self.bells, self.boxes
+        self.words.release()
+        self.raw.release()
+        del self.bytes, self.header, self.ranks, self.bells, self.boxes, self.words, self.raw
         with contextlib.suppress(BufferError):
             mm.close()

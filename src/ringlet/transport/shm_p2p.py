@@ -86,11 +86,14 @@ def _bytes_of(view: memoryview) -> np.ndarray:
 
 
 class _Op:
-    """One message of a round in progress: ``done`` once every piece moved."""
+    """One message of a round in progress: ``done`` once every piece moved. ``data`` is its
+    bytes (a NumPy view only where cross-memory attach needs an address)."""
 
     __slots__ = ("box", "data", "direct", "done", "length", "peer", "piece", "pieces", "send")
 
-    def __init__(self, send: bool, peer: int, box: int, data: np.ndarray, pieces: int) -> None:
+    def __init__(
+        self, send: bool, peer: int, box: int, data: memoryview | np.ndarray, pieces: int
+    ) -> None:
         self.send, self.peer, self.box, self.data = send, peer, box, data
         self.length = data.nbytes
         self.pieces = pieces  # 0 for a direct (cross-memory) message
@@ -217,17 +220,23 @@ class ShmTransport:
             self._wait(pending, tag, deadline)
 
     def _op(self, send: bool, peer: int, box: int, data: memoryview) -> _Op:
-        arr = _bytes_of(data)
-        direct = self._cma is not None and arr.nbytes >= DIRECT_MIN_BYTES
-        pieces = 0 if direct else max(1, -(-arr.nbytes // self._chunk))
-        return _Op(send, peer, box * BOX_WORDS, arr, pieces)
+        if self._cma is not None and data.nbytes >= DIRECT_MIN_BYTES:
+            return _Op(send, peer, box * BOX_WORDS, _bytes_of(data), 0)
+        pieces = max(1, -(-data.nbytes // self._chunk))
+        return _Op(
+            send,
+            peer,
+            box * BOX_WORDS,
+            data.cast("B") if data.ndim != 1 or data.format != "B" else data,
+            pieces,
+        )
 
     def _step(self, op: _Op, tag: Tag) -> bool:
         """Move what can move without waiting; True once the message is complete."""
-        boxes = self._seg.boxes
+        boxes = self._seg.words
         b = op.box
         while not op.done:
-            posted, taken = int(boxes[b + POSTED]), int(boxes[b + TAKEN])
+            posted, taken = boxes[b + POSTED], boxes[b + TAKEN]
             if op.send:
                 if op.direct and op.piece:  # our buffer was published: done when it was taken
                     if taken < posted:
@@ -244,15 +253,15 @@ class ShmTransport:
         return True
 
     def _post(self, op: _Op, b: int, posted: int, tag: Tag) -> None:
-        boxes, parity = self._seg.boxes, posted & 1
+        boxes, parity = self._seg.words, posted & 1
         h = b + HEADERS + parity * HDR
         if op.direct:
-            boxes[h + H_ADDRESS] = op.data.ctypes.data if op.length else 0
+            boxes[h + H_ADDRESS] = op.data.ctypes.data if op.length else 0  # type: ignore[union-attr]
         else:
             lo = op.piece * self._chunk
             n = min(self._chunk, op.length - lo)
             start = self._seg.layout.slot(self._me, self._index[op.peer], parity)
-            self._seg.bytes[start : start + n] = op.data[lo : lo + n]
+            self._seg.raw[start : start + n] = op.data[lo : lo + n]  # type: ignore[assignment]
         boxes[h + H_SEQ], boxes[h + H_SIG] = tag.seq, tag.sig & 0xFFFFFFFFFFFFFFFF
         boxes[h + H_ROUND], boxes[h + H_SEGMENT] = tag.round, tag.segment
         boxes[h + H_LENGTH], boxes[h + H_PIECE] = op.length, op.piece | (op.direct << 32)
@@ -263,33 +272,33 @@ class ShmTransport:
             op.done = True
 
     def _take(self, op: _Op, b: int, taken: int, tag: Tag) -> None:
-        boxes, parity = self._seg.boxes, taken & 1
+        boxes, parity = self._seg.words, taken & 1
         h = b + HEADERS + parity * HDR
         self._check(op, boxes, h, tag)
         if op.direct:
             if op.length:
-                assert self._cma is not None
-                self._cma.read(self._index[op.peer], int(boxes[h + H_ADDRESS]), op.data)
+                assert self._cma is not None and isinstance(op.data, np.ndarray)
+                self._cma.read(self._index[op.peer], boxes[h + H_ADDRESS], op.data)
         else:
             lo = op.piece * self._chunk
             n = min(self._chunk, op.length - lo)
             start = self._seg.layout.slot(self._index[op.peer], self._me, parity)
-            op.data[lo : lo + n] = self._seg.bytes[start : start + n]
+            op.data[lo : lo + n] = self._seg.raw[start : start + n]
         boxes[b + TAKEN] = taken + 1
         self._ring(op.peer)
         op.piece += 1
         if op.direct or op.piece >= op.pieces:
             op.done = True
 
-    def _check(self, op: _Op, boxes: np.ndarray, h: int, tag: Tag) -> None:
-        seq, sig = int(boxes[h + H_SEQ]), int(boxes[h + H_SIG])
+    def _check(self, op: _Op, boxes: memoryview, h: int, tag: Tag) -> None:
+        seq, sig = boxes[h + H_SEQ], boxes[h + H_SIG]
         if (seq, sig) != (tag.seq, tag.sig & 0xFFFFFFFFFFFFFFFF):
             raise MismatchError(
                 f"rank {op.peer} is in call #{seq} (signature {sig:#018x}) while this rank is in "
                 f"call #{tag.seq} (signature {tag.sig & 0xFFFFFFFFFFFFFFFF:#018x})"
             )
-        got = (int(boxes[h + H_ROUND]), int(boxes[h + H_SEGMENT]), int(boxes[h + H_LENGTH]))
-        piece, direct = int(boxes[h + H_PIECE]) & 0xFFFFFFFF, bool(int(boxes[h + H_PIECE]) >> 32)
+        got = (boxes[h + H_ROUND], boxes[h + H_SEGMENT], boxes[h + H_LENGTH])
+        piece, direct = boxes[h + H_PIECE] & 0xFFFFFFFF, bool(boxes[h + H_PIECE] >> 32)
         if got != (tag.round, tag.segment, op.length) or (piece, direct) != (op.piece, op.direct):
             raise MismatchError(
                 f"rank {op.peer} sent round {got[0]} segment {got[1]} of {got[2]} bytes where "
