@@ -168,3 +168,19 @@ def test_engine_ordered_round_with_own_value_in_the_middle() -> None:
     bufs = [{"in": x.copy(), "out": x.copy(), "tmp": x[:0]} for x in xs]
     run_engine([give, Schedule((fold,)), give], bufs, seg=4)
     assert bufs[1]["out"].tobytes() == left_fold(xs).tobytes()
+
+
+def test_engine_round_mixing_folded_and_whole_messages() -> None:
+    """A folded message is cut in segments while the other messages of its round move whole
+    with the first: both ends cut alike, whichever kind each side's other messages are."""
+    n, seg = 10, 12  # segment of 3 float32 elements: the folded message takes 4
+    xs = [np.arange(n, dtype=np.float32) + 100 * r for r in range(3)]
+    first = Round((Send(1, 0, n, "in", fold=True),), (Recv(2, 0, n),))
+    middle = Round((Send(2, 0, n, "in"),), (Recv(0, 0, n, True),))  # folds 0's, passes its own
+    last = Round((Send(0, 0, n, "in"),), (Recv(1, n, 2 * n),))  # no folded message at all
+    bufs = [{"in": x, "out": np.zeros(2 * n, np.float32), "tmp": x[:0]} for x in xs]
+    bufs[1]["out"][:n] = xs[1]  # rank 1 folds rank 0's vector into its own
+    run_engine([Schedule((first,)), Schedule((middle,)), Schedule((last,))], bufs, seg=seg)
+    assert bufs[0]["out"][:n].tolist() == xs[2].tolist()
+    assert bufs[1]["out"][:n].tolist() == (xs[0] + xs[1]).tolist()
+    assert bufs[2]["out"][n:].tolist() == xs[1].tolist()
