@@ -9,12 +9,14 @@ stopping another with SIGSTOP and resuming it with SIGCONT.
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import random
 import signal
 import statistics
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -246,25 +248,28 @@ def _numpy_loop(
     }
 
 
-def numpy_drill(
-    comm: ringlet.Communicator,
-    victim: int,
-    kill_at: int,
-    steps: int,
-    deathfile: Path,
-    replace: bool = False,
-) -> dict[str, Any]:
-    """4 ranks train; the victim SIGKILLs itself at step ``kill_at`` (writing the time first,
-    and with ``replace`` leaving its environment for the test to start a replacement with, as a
-    launcher would)."""
-    params = _params()
-    job = survive.elastic(comm, params)
+@dataclass(frozen=True)
+class Kill:
+    """A drill's fault: ``victim`` SIGKILLs itself at step ``at``, writing the time to
+    ``deathfile`` first (and with ``replace`` its environment, for the test to start a
+    replacement with, as a launcher would)."""
+
+    victim: int
+    at: int
+    deathfile: Path
+    replace: bool = False
+
+
+def injector(comm: ringlet.Communicator, job: survive.Elastic, kill: Kill) -> Any:
+    """A drill's ``before(step)``: the kill; with ``replace`` rank 0 then waits for the
+    replacement to ask."""
+    victim, kill_at, deathfile, replace = kill.victim, kill.at, kill.deathfile, kill.replace
 
     def before(step: int) -> None:
         if step == kill_at and comm.rank == victim:
-            if replace:  # what the launcher needs to start a replacement
+            if replace:
                 env = {k: v for k, v in os.environ.items() if k.startswith("RINGLET_")}
-                Path(str(deathfile) + ".env").write_text(repr(env))
+                Path(f"{deathfile}.env").write_text(json.dumps(env))
             deathfile.write_text(repr(time.time()))
             _die()
         if replace and step == kill_at + 1 and job.comm.rank == 0:
@@ -273,12 +278,19 @@ def numpy_drill(
             while job.comm.size < comm.size and survive.pending(job.comm) == 0:
                 time.sleep(0.01)
 
+    return before
+
+
+def numpy_drill(comm: ringlet.Communicator, kill: Kill, steps: int) -> dict[str, Any]:
+    """4 ranks train the MLP with the NumPy loop under ``elastic``; ``kill`` strikes."""
+    params = _params()
+    job = survive.elastic(comm, params)
+    before = injector(comm, job, kill)
     return _numpy_loop(job, params, steps, before)
 
 
 def _replacement(env: dict[str, str], steps: int, out: str) -> None:
     """A new process for the lost rank: rejoin, receive the state, train to the end."""
-    import json
     import traceback
 
     os.environ.update(env, RINGLET_RESTART_COUNT="1")
@@ -325,10 +337,8 @@ def _drill(transport: str, runs: int, seed: int, tmp: Path) -> list[float]:
         out = spmd.run(
             numpy_drill,
             4,
-            victim,
-            kill_at,
+            Kill(victim, kill_at, death),
             10,
-            death,
             env=_env(transport),
             timeout=45,
             expect_failure=True,
@@ -360,47 +370,68 @@ def test_numpy_training_drill_20_runs(transport: str, tmp_path: Path) -> None:
     assert max(times) < 5.0
 
 
-@pytest.mark.timeout(90)
-def test_a_replacement_rejoins_and_receives_the_state(tmp_path: Path) -> None:
-    """The victim's replacement asks to rejoin; the survivors admit it at the next step, hand it
-    the step and the parameters, and all 4 finish with identical parameters."""
-    import json
-
-    death = tmp_path / "death"
-    replaced, env_file = Path(str(death) + ".replaced"), Path(str(death) + ".env")
+def with_replacement(
+    drill: Any,
+    args: tuple[Any, ...],
+    replacement: Any,
+    extra: tuple[Any, ...],
+    death: Path,
+    env: dict[str, str],
+    timeout: float,
+) -> tuple[list[tuple[str, Any]], dict[str, Any]]:
+    """``drill(comm, *args)`` on 4 ranks while a thread plays the launcher: once the victim died
+    (``death`` written), it starts ``replacement(env, *extra, out)`` with the victim's environment.
+    Returns the ranks' outcomes and the replacement's result (which must not be an error)."""
+    replaced, env_file = Path(f"{death}.replaced"), Path(f"{death}.env")
     procs = []
 
     def launcher() -> None:  # restarts the lost rank, as ringlet run --max-restarts would
-        end = time.monotonic() + 50
+        end = time.monotonic() + timeout
         while not death.exists() and time.monotonic() < end:
             time.sleep(0.01)
         if death.exists():
-            env = eval(env_file.read_text())  # written by a rank of this test
-            p = spmd.context().Process(target=_replacement, args=(env, 10, str(replaced)))
+            victim_env = json.loads(env_file.read_text())  # written by a rank of this test
+            target, more = replacement, (victim_env, *extra, str(replaced))
+            p = spmd.context().Process(target=target, args=more)
             p.start()
             procs.append(p)
 
     watcher = threading.Thread(target=launcher)
     watcher.start()
-    out = spmd.run(
-        numpy_drill, 4, 2, 3, 10, death, True, env=_env("auto"), timeout=60, expect_failure=True
-    )
+    out = spmd.run(drill, 4, *args, env=env, timeout=timeout, expect_failure=True)
     watcher.join()
     for p in procs:
-        p.join(timeout=20)
+        p.join(timeout=60)
         if p.is_alive():
             p.kill()
-    _recovery(out, 2, 3, death)
-    assert replaced.exists(), "the replacement did not finish"
+    assert replaced.exists(), f"the replacement did not finish: {out}"
     back = json.loads(replaced.read_text())
     assert "error" not in back, back.get("error")
+    return out, back
+
+
+def rejoined_at(out: list[tuple[str, Any]], back: dict[str, Any], kill_at: int) -> int:
+    """The step the replacement was admitted at, once all 4 ended together with the same
+    parameters after every step from there on."""
     first = out[0][1]
     assert back["members"] == first["members"] == [0, 1, 2, 3]
     assert first["grows"] and first["grows"][0]["members"] == [0, 1, 2, 3], first["grows"]
     joined = min(int(k) for k in back["digests"])
-    # admitted at step 3 when it asked before the survivors redid the step it interrupted
-    assert joined == first["grows"][0]["step"] and joined >= 3
-    print(f"replacement admitted at step {joined} (rank 2 killed at step 3)")
+    # at kill_at when it asked before the survivors redid the step its predecessor interrupted
+    assert joined == first["grows"][0]["step"] and joined >= kill_at
     assert {int(k): v for k, v in back["digests"].items()} == {
         k: v for k, v in first["digests"].items() if k >= joined
     }
+    return joined
+
+
+@pytest.mark.timeout(90)
+def test_a_replacement_rejoins_and_receives_the_state(tmp_path: Path) -> None:
+    """The victim's replacement asks to rejoin; the survivors admit it at the next step, hand it
+    the step and the parameters, and all 4 finish with identical parameters."""
+    death = tmp_path / "death"
+    args = (Kill(2, 3, death, True), 10)
+    out, back = with_replacement(numpy_drill, args, _replacement, (10,), death, _env("auto"), 60)
+    _recovery(out, 2, 3, death)
+    joined = rejoined_at(out, back, 3)
+    print(f"replacement admitted at step {joined} (rank 2 killed at step 3)")

@@ -8,6 +8,7 @@ from the kill to the next completed step is printed. The number of runs is a par
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import statistics
@@ -17,7 +18,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from test_shrink import TRANSPORTS, _batch, _die, _env, _recovery
+from test_shrink import (
+    TRANSPORTS,
+    Kill,
+    _batch,
+    _env,
+    _recovery,
+    injector,
+    rejoined_at,
+    with_replacement,
+)
 
 import ringlet
 import spmd
@@ -64,27 +74,17 @@ def _alone(steps: int) -> Any:
     return _flat(model)
 
 
-def ddp_drill(
-    comm: ringlet.Communicator,
-    kind: str,
-    victim: int,
-    kill_at: int,
-    steps: int,
-    deathfile: Path,
-) -> dict[str, Any]:
-    """A torch MLP under DDP and SGD with momentum (optimizer state is rolled back too); the
-    victim SIGKILLs itself at step ``kill_at``; digests are of the exact parameter bytes."""
+def _train(job: survive.Elastic, model: Any, opt: Any, steps: int, before: Any = None) -> Any:
+    """The steps under ``job``, each on this rank's share of the step's batch; ``before(step)``
+    runs first in each step (the fault injector). Digests are of the exact parameter bytes."""
     import torch
 
-    model, opt = _model()
-    job = survive.elastic(comm, [model, opt], _wrapper(kind, model))
     digests: dict[int, str] = {}
     done: dict[int, float] = {}
     for step in job.steps(steps):
         with job.guard():
-            if step == kill_at and comm.rank == victim:
-                deathfile.write_text(repr(time.time()))
-                _die()
+            if before is not None:
+                before(step)
             c = job.comm
             x, y = (torch.from_numpy(a).float() for a in _batch(step))
             opt.zero_grad()
@@ -99,8 +99,40 @@ def ddp_drill(
         "done": done,
         "members": job.comm.members,
         "shrinks": job.shrinks,
-        "final": _flat(model),
+        "grows": job.grows,
+        "final": _flat(model).tolist(),
     }
+
+
+def ddp_drill(comm: ringlet.Communicator, kind: str, kill: Kill, steps: int) -> dict[str, Any]:
+    """A torch MLP under DDP and SGD with momentum (optimizer state is rolled back too); ``kill``
+    strikes."""
+    model, opt = _model()
+    job = survive.elastic(comm, [model, opt], _wrapper(kind, model))
+    before = injector(comm, job, kill)
+    return _train(job, model, opt, steps, before)
+
+
+def _replacement(env: dict[str, str], kind: str, steps: int, out: str) -> None:
+    """A new process for the lost rank: rejoin, receive the model and optimizer, train on."""
+    import traceback
+
+    import torch
+
+    os.environ.update(env, RINGLET_RESTART_COUNT="1")
+    try:
+        comm = survive.init_or_rejoin()
+        model, opt = _model()
+        with torch.no_grad():
+            for p in model.parameters():
+                p.zero_()  # the members send theirs
+        result = _train(
+            survive.elastic(comm, [model, opt], _wrapper(kind, model)), model, opt, steps
+        )
+        comm.close()
+    except BaseException:
+        result = {"error": traceback.format_exc()}
+    Path(out).write_text(json.dumps(result))
 
 
 def _drill(kind: str, transport: str, runs: int, tmp: Path) -> list[float]:
@@ -113,10 +145,8 @@ def _drill(kind: str, transport: str, runs: int, tmp: Path) -> list[float]:
             ddp_drill,
             4,
             kind,
-            victim,
-            kill_at,
+            Kill(victim, kill_at, death),
             7,
-            death,
             env=_env(transport),
             timeout=120,
             expect_failure=True,
@@ -149,3 +179,19 @@ def test_ddp_training_drill(kind: str, transport: str, tmp_path: Path) -> None:
     pytest.importorskip("torch")
     runs = int(os.environ.get("RINGLET_DDP_DRILL_RUNS", "20"))
     assert max(_drill(kind, transport, runs, tmp_path)) < 5.0
+
+
+@pytest.mark.torch
+@pytest.mark.timeout(300)
+def test_a_replacement_rejoins_under_torch_ddp(tmp_path: Path) -> None:
+    """Rank 2 dies at step 2 of torch's DDP; its replacement (a fresh process with zeroed
+    parameters) rejoins, receives model and optimizer state, and all 4 end with identical
+    parameters, those of one process training on the whole batch."""
+    death = tmp_path / "death"
+    args = ("torch", Kill(2, 2, death, True), 7)
+    out, back = with_replacement(
+        ddp_drill, args, _replacement, ("torch", 7), death, _env("tcp"), 200
+    )
+    _recovery(out, 2, 2, death)
+    rejoined_at(out, back, 2)
+    np.testing.assert_allclose(back["final"], _alone(7), rtol=1e-4, atol=1e-6)
