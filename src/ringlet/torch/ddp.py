@@ -57,7 +57,8 @@ class DistributedDataParallel(nn.Module, Joinable):
 
     Args:
         module: the model; every rank must build the same one (rank 0's parameters win).
-        device_ids, output_device: for CUDA modules in torch; None (or "cpu") here.
+        device_ids: for CUDA modules in torch; None (or "cpu") here.
+        output_device: likewise.
         dim: accepted for torch's signature (it only matters with ``device_ids``).
         broadcast_buffers: copy rank 0's buffers (e.g. BatchNorm statistics) to all before each
             forward (None: True).
