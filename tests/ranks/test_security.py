@@ -38,8 +38,9 @@ RANK = textwrap.dedent("""
     import ringlet
     out = pathlib.Path(sys.argv[1])
     comm = ringlet.init()
-    (out / f"ready{comm.rank}").write_text(json.dumps(
+    (out / f"ready{comm.rank}.part").write_text(json.dumps(
         {"listener": comm.world.listener.address[1], "job": comm.world.job}))
+    os.replace(out / f"ready{comm.rank}.part", out / f"ready{comm.rank}")  # never seen half-written
     while os.environ.get("WAIT_FOR_GO") and not (out / "go").exists():
         time.sleep(0.02)
     total = comm.all_reduce(np.arange(4, dtype=np.float64) + comm.rank)

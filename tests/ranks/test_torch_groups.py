@@ -154,10 +154,12 @@ def _expected(n: int, me: int) -> dict[str, Any]:
 @pytest.mark.torch
 @pytest.mark.parametrize("n", [2, 3, 4])
 def test_groups_like_gloo(n: int) -> None:
-    # At 4 ranks on this 2-core machine Gloo's own split groups hung in 2 of 3 runs (both ranks
-    # of one split never returned from its first all_reduce, the other two timed out in Gloo's
-    # recv): there ringlet is checked against the expected groups and sums alone.
-    backends = ("gloo", "ringlet") if n < 4 else ("ringlet",)
+    # Gloo's own split groups hang now and then on this 2-core machine (at 4 ranks in 2 of 3
+    # runs, at 2 ranks once in CI: ranks never return from a split's first all_reduce), which no
+    # timeout of ours can catch; so by default ringlet is checked against the expected groups and
+    # sums alone, and RINGLET_TEST_GLOO_GROUPS=1 also compares every case with Gloo.
+    with_gloo = os.environ.get("RINGLET_TEST_GLOO_GROUPS") == "1"
+    backends = ("gloo", "ringlet") if with_gloo else ("ringlet",)
     ports = [spmd.free_port(), spmd.free_port()]
     results = spmd.run(groups_like_gloo, n, ports, backends, env=TRANSPORT, timeout=150)
     failures = []

@@ -278,7 +278,14 @@ class ShmTransport:
         if op.direct:
             if op.length:
                 assert self._cma is not None and isinstance(op.data, np.ndarray)
-                self._cma.read(self._index[op.peer], boxes[h + H_ADDRESS], op.data)
+                try:
+                    self._cma.read(self._index[op.peer], boxes[h + H_ADDRESS], op.data)
+                except PeerError as exc:  # it names the peer's index on this host: say its rank
+                    raise PeerError(
+                        f"rank {self.rank}: rank {op.peer} exited during a shared-memory copy "
+                        "from its memory",
+                        rank=op.peer,
+                    ) from exc
         else:
             lo = op.piece * self._chunk
             n = min(self._chunk, op.length - lo)
