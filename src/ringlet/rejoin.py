@@ -47,7 +47,16 @@ def rejoin(
 
     from .rendezvous import resolve
     from .transport.tcp import Listener
-    from .world import World, _host_id, _join_store, _local_address, _peer_key, finalize
+    from .world import (
+        World,
+        _deterministic_from_env,
+        _host_id,
+        _job_name,
+        _join_store,
+        _local_address,
+        _peer_key,
+        finalize,
+    )
 
     env = resolve(rank, world_size, master, secret, timeout)
     if env.secret is None:
@@ -73,13 +82,8 @@ def rejoin(
         listener.close()
         store.close()
         raise RingletError(f"rejoin(): the job refused rank {env.rank}: {answer['error']}")
-    job = (
-        os.environ.get("RINGLET_JOB_ID")
-        or hashlib.sha256(key + str(env.store_port).encode()).hexdigest()[:12]
-    )
     from .schedules import select
 
-    flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
     world = World(
         env.rank,
         env.world_size,
@@ -88,9 +92,9 @@ def rejoin(
         peer_key,
         [tuple(a) for a in answer["addresses"]],
         answer["hosts"],
-        job,
+        _job_name(key, env.store_port),
         env.timeout,
-        deterministic=flag in ("1", "true", "yes"),
+        deterministic=_deterministic_from_env(),
         forced=select.forced(os.environ.get("RINGLET_ALGO", "")),
     )
     world.closer = lambda: finalize(world)

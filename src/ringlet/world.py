@@ -144,6 +144,22 @@ def _claim_rank(store: Store, env: JobEnv, value: bytes) -> None:
         )
 
 
+def _deterministic_from_env() -> bool:
+    """RINGLET_DETERMINISTIC as a bool; ValueError for a value that is neither on nor off."""
+    flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
+    if flag not in ("", "0", "1", "true", "false", "yes", "no"):
+        raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
+    return flag in ("1", "true", "yes")
+
+
+def _job_name(key: bytes, port: int) -> str:
+    """The job's name in shm segment names: RINGLET_JOB_ID, else one derived from the secret."""
+    return (
+        os.environ.get("RINGLET_JOB_ID")
+        or hashlib.sha256(key + str(port).encode()).hexdigest()[:12]
+    )
+
+
 def init(
     rank: int | None = None,
     world_size: int | None = None,
@@ -178,10 +194,7 @@ def init(
     """
     with _init_lock:
         if deterministic is None:
-            flag = os.environ.get("RINGLET_DETERMINISTIC", "0").strip().lower()
-            if flag not in ("", "0", "1", "true", "false", "yes", "no"):
-                raise ValueError(f"RINGLET_DETERMINISTIC={flag!r}: use 1 or 0")
-            deterministic = flag in ("1", "true", "yes")
+            deterministic = _deterministic_from_env()
         forced = select.forced(os.environ.get("RINGLET_ALGO", ""))  # a typo fails here
         env = resolve(rank, world_size, master, secret, timeout)
         key = (env.master_host, env.store_port, env.job_id)
@@ -243,10 +256,7 @@ def _join(env: JobEnv, deterministic: bool, forced: dict[str, str]) -> Communica
         raise
     if local is not None and server is not None:
         local.remove(key)  # every rank has registered, so every rank has read it: no longer needed
-    job = (
-        os.environ.get("RINGLET_JOB_ID")
-        or hashlib.sha256(key + str(port).encode()).hexdigest()[:12]
-    )
+    job = _job_name(key, port)
     world = World(
         env.rank,
         env.world_size,
