@@ -78,7 +78,7 @@ class Engine:
                 continue
             assert op is not None or not folded, "reduce needs an op"
             if folded > seg:
-                self._round(rnd, bufs, op, Tag(seq, sig, k), deadline)
+                self._round(rnd, bufs, dtype, seg, folded, op, Tag(seq, sig, k), deadline)
             else:
                 self._whole(rnd, bufs, views, dtype, op, Tag(seq, sig, k), deadline)
 
@@ -125,19 +125,18 @@ class Engine:
         self,
         rnd: Round,
         bufs: dict[str, np.ndarray],
+        dtype: np.dtype,
+        seg: int,
+        longest: int,
         op: ReduceOp | None,
         tag: Tag,
         deadline: float,
     ) -> None:
-        """Move the round's messages: a folded one (a reducing receive and the Send it meets) in
+        """Move the round's messages (``seg`` elements a segment; ``longest``: its longest folded
+        message, from the compiled schedule): a folded one (a reducing receive and the Send it meets) in
         segments, cut by its length alone so both sides cut alike, each landing in scratch and
         then combined (in rank order with the other receives of its range if the round is
         ordered); every other message whole, straight into place, with the first segment."""
-        dtype = next(iter(bufs.values())).dtype
-        seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
-        longest = max(
-            [s.count for s in rnd.sends if s.fold] + [v.count for v in rnd.recvs if v.reduce] + [1]
-        )
         folded = [v for v in rnd.recvs if v.reduce]
         areas = self._scratch(dtype, [min(seg, v.count) for v in folded])
         scratch = {v.peer: a for v, (a, _) in zip(folded, areas, strict=True)}
