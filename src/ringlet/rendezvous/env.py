@@ -8,7 +8,9 @@ with them, is complete.
 
 Where a launcher names no master, it is derived alike on every rank: SLURM's first host of the
 step and a port from the job and step ids; under mpiexec with every rank on this host, 127.0.0.1
-and a port from the job id (Open MPI's PMIx namespace, or the Hydra proxy that started the ranks).
+and a port from the job id (Open MPI's PMIx namespace, or the Hydra proxy that started the ranks);
+under MPICH's Hydra across hosts, rank 0 publishes its address through Hydra's PMI
+(:mod:`ringlet.rendezvous.pmi`).
 Under torchrun, rank 0 publishes its store's address in the agent's own store, keyed by the
 restart count, so a restarted attempt never meets the previous attempt's store.
 """
@@ -61,7 +63,6 @@ class JobEnv:
         return self.master_port + self.store_port_offset if self.master_port else 0
 
 
-
 def resolve(
     rank: int | None = None,
     world_size: int | None = None,
@@ -110,12 +111,15 @@ def resolve(
         job_id=job_id(environ) or found.job,
         secret_file=_secret_file_used(secret, environ),
     )
+    if found.via_pmi and agent_store:
+        from ringlet.rendezvous.pmi import via_pmi
+
+        env = via_pmi(env, environ)
     if agent_store and env.store_port_offset and env.world_size > 1:
         from ringlet.rendezvous.torchelastic import via_agent_store
 
         env = via_agent_store(env, environ)
     return env
-
 
 
 def _complete(found: _Found) -> _Found | None:
@@ -142,6 +146,7 @@ def _first_complete(given: _Found, environ: Mapping[str, str]) -> _Found | None:
             port=found.port if given.port is None else given.port,
             port_offset=found.port_offset if given.port is None else 0,
             job=found.job,
+            via_pmi=found.via_pmi and given.host is None and given.port is None,
         )
         # Local placement is only trusted when the arguments do not move this process elsewhere.
         if (merged.rank, merged.world_size) == (found.rank, found.world_size):
@@ -178,9 +183,9 @@ def _nothing_complete_message(given: _Found, environ: Mapping[str, str]) -> str:
         )
     lines.append(
         "Set RINGLET_RANK/RINGLET_WORLD_SIZE/RINGLET_MASTER (ringlet run sets them), or torchrun's"
-        " RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or run under srun or mpiexec (across hosts with"
-        " MASTER_ADDR/MASTER_PORT), or pass rank=, world_size=, master='host:port' (world_size=1 needs no"
-        " master)."
+        " RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or run under srun or mpiexec (Open MPI across"
+        " hosts with MASTER_ADDR/MASTER_PORT), or pass rank=, world_size=, master='host:port'"
+        " (world_size=1 needs no master)."
     )
     return "\n".join(lines)
 

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from ringlet.rendezvous.mpi import hydra_job
+from ringlet.rendezvous.pmi import PENDING_HOST, can_ask
 from ringlet.rendezvous.slurm import expand_nodelist, expand_tasks_per_node, first_host
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # job-derived store ports land in 20000-29999
@@ -37,6 +38,7 @@ class _Found:
     port_offset: int = 0
     missing: tuple[str, ...] = ()
     job: str = ""  # a job id the source derived itself (Hydra's proxy), used when none is set
+    via_pmi: bool = False  # the master is to be asked of Hydra's PMI (ringlet.rendezvous.pmi)
 
 
 def _int_var(environ: Mapping[str, str], *names: str) -> int | None:
@@ -186,6 +188,9 @@ def _from_mpi(environ: Mapping[str, str]) -> _Found:
             job = found.job = hydra_job()  # alike on this host only: hence one_host
         if job:
             found.port = derived_port(job)
+    if found.host is None and found.port is None and not one_host and can_ask(environ):
+        # across hosts under Hydra: rank 0 publishes its address in the job's PMI key space
+        found.host, found.port, found.via_pmi = PENDING_HOST, 1, True
     missing = []
     if found.rank is None:
         missing.append("OMPI_COMM_WORLD_RANK or PMI_RANK")
@@ -195,7 +200,7 @@ def _from_mpi(environ: Mapping[str, str]) -> _Found:
         spread = ""
         if found.local_size is not None and found.world_size is not None and not one_host:
             spread = f"; the ranks span hosts, {found.local_size} of {found.world_size} here"
-        missing.append(f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}")
+        missing.append(f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}, no Hydra PMI_FD")
     found.missing = tuple(missing)
     return found
 
@@ -267,7 +272,7 @@ _HOW_TO_SET = {
     "ringlet": "ringlet run sets them",
     "torchrun": "torchrun sets them",
     "slurm": "srun sets them",
-    "mpi": "mpiexec sets the ranks; across hosts export the master yourself",
+    "mpi": "mpiexec sets them; across hosts MPICH's Hydra gives the master, Open MPI does not",
     "jobset": "a Kubernetes JobSet sets them, with WORLD_SIZE in the pod template",
 }
 

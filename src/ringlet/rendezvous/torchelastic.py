@@ -34,7 +34,7 @@ def _reachable_address(master_host: str, environ: Mapping[str, str]) -> str:
     return "127.0.0.1"
 
 
-def _free_port(host: str) -> int:
+def free_port(host: str) -> int:
     family = socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)[0]
     with socket.socket(family[0], socket.SOCK_STREAM) as probe:
         probe.bind((family[4][0], 0))
@@ -68,7 +68,7 @@ def via_agent_store(env: JobEnv, environ: Mapping[str, str]) -> JobEnv:
     name = key(environ)
     if env.rank == 0:
         host = _reachable_address(env.master_host, environ)
-        port = _free_port(host)
+        port = free_port(host)
         agent.set(name, f"{host}\n{port}")
     else:
         try:

@@ -1,0 +1,125 @@
+"""The real ``mpiexec`` (MPICH's Hydra, from the mpich wheel) across two simulated hosts.
+
+Two network namespaces (tests/netns.py: own address, hostname, /dev/shm) stand for two machines.
+Hydra starts its proxy on the far host through its ssh launcher; ``-launcher-exec`` points it at a
+stand-in for ssh that enters that host's namespaces (nsenter) instead of logging in, so mpiexec,
+its proxies and the ranks talk over the bridge exactly as across machines. Nothing but the secret
+is exported (MASTER_ADDR/MASTER_PORT never are): rank 0's address comes from Hydra's PMI.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import netns
+
+pytestmark = pytest.mark.multihost
+
+SCRIPT = textwrap.dedent("""
+    import json, socket
+    import numpy as np
+    import ringlet
+
+    comm = ringlet.init()
+    r, n = comm.rank, comm.size
+    table = np.arange(n * 1000, dtype=np.float64).reshape(n, 1000) * 0.5  # alike on every rank
+    x = table[r].copy()
+    comm.all_reduce(x)
+    assert (x == table.sum(axis=0)).all(), "all_reduce"
+    got = comm.all_gather(np.full(2, r, dtype=np.int32))
+    assert (got == np.repeat(np.arange(n), 2)).all(), "all_gather"
+    print("RESULT " + json.dumps({"rank": r, "size": n, "host": socket.gethostname()}), flush=True)
+    comm.close()
+""")
+
+
+@pytest.fixture(scope="module")
+def hosts() -> Iterator[netns.Hosts]:
+    reason = netns.unavailable()
+    if reason is not None:
+        pytest.skip(f"needs network namespaces: {reason}")
+    if shutil.which("mpiexec", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("no mpiexec next to this Python (pip install mpich)")
+    with netns.Hosts(2) as made:
+        yield made
+
+
+def fake_ssh(hosts: netns.Hosts, path: Path) -> Path:
+    """An executable Hydra calls as ``<it> -x <host> <command>``: runs the command on that host."""
+    lines = []
+    for h in hosts.hosts:
+        enter = " ".join(hosts.command(h.index, ["sh", "-c"]))
+        lines.append(f'    {h.address}) exec {enter} "$*" ;;\n')
+    cases = "".join(lines)
+    path.write_text(
+        '#!/bin/sh\n[ "$1" = -x ] && shift\nhost="$1"; shift\n'
+        f'case "$host" in\n{cases}    *) echo "no simulated host $host" >&2; exit 255 ;;\nesac\n'
+    )
+    path.chmod(path.stat().st_mode | stat.S_IXUSR)
+    return path
+
+
+def mpiexec(
+    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int], extra: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    """``mpiexec -hosts h0:a,h1:b -n a+b python train.py`` started on host 0."""
+    script = tmp_path / "train.py"
+    script.write_text(SCRIPT)
+    spec = ",".join(f"{hosts.address(h)}:{n}" for h, n in enumerate(slots))
+    argv = [shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or "mpiexec",
+            "-launcher", "ssh", "-launcher-exec", str(fake_ssh(hosts, tmp_path / "ssh")),
+            "-hosts", spec, "-n", str(sum(slots)), sys.executable, str(script)]  # fmt: skip
+    return hosts.run(0, argv, timeout=120, env=netns.clean_env(extra), cwd=str(tmp_path))
+
+
+def results(proc: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
+    report = f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    assert proc.returncode == 0, report
+    lines = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
+    return sorted(lines, key=lambda line: int(str(line["rank"])))
+
+
+@pytest.mark.parametrize("slots", [(2, 2), (1, 2)], ids=["2+2", "1+2"])
+def test_mpiexec_across_hosts_with_only_the_secret_exported(
+    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int]
+) -> None:
+    proc = mpiexec(hosts, tmp_path, slots, {"RINGLET_SECRET": secrets.token_hex(16)})
+    lines = results(proc)
+    n = sum(slots)
+    expected = [hosts.hosts[0].hostname] * slots[0] + [hosts.hosts[1].hostname] * slots[1]
+    assert [line["rank"] for line in lines] == list(range(n)), proc.stdout
+    assert [line["host"] for line in lines] == expected, proc.stdout
+    assert all(line["size"] == n for line in lines), proc.stdout
+
+
+def test_mpiexec_across_hosts_without_a_secret_says_so(hosts: netns.Hosts, tmp_path: Path) -> None:
+    """Hydra's key space relays the address, never a secret: every rank refuses, naming why."""
+    proc = mpiexec(hosts, tmp_path, (1, 1), {"RINGLET_TIMEOUT": "20"})
+    assert proc.returncode != 0, proc.stdout
+    assert proc.stderr.count("no secret for a job that spans hosts (started by mpi") == 2, (
+        proc.stderr
+    )
+
+
+def test_rank_0_without_a_reachable_address_fails_every_rank(
+    hosts: netns.Hosts, tmp_path: Path
+) -> None:
+    """RINGLET_HOST on rank 0's host overrides PMI_HOSTNAME; one nobody has makes init() fail on
+    every rank with rank 0's reason, not a timeout (the store cannot be served there)."""
+    extra = {"RINGLET_SECRET": secrets.token_hex(16), "RINGLET_HOST": "10.77.0.250",
+             "RINGLET_TIMEOUT": "20"}  # fmt: skip
+    proc = mpiexec(hosts, tmp_path, (1, 1), extra)
+    assert proc.returncode != 0, proc.stdout
+    assert "10.77.0.250" in proc.stderr, proc.stderr
