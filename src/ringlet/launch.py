@@ -5,7 +5,8 @@ WORLD_SIZE, LOCAL_RANK, LOCAL_WORLD_SIZE, GROUP_RANK, MASTER_ADDR and MASTER_POR
 OMP_NUM_THREADS=1 when several ranks share the node and it is not set), so scripts written for
 torchrun run unchanged. MASTER_ADDR:MASTER_PORT is left to torch (``init_process_group`` binds it
 on rank 0); ringlet's own store listens on another port (MASTER_PORT + 1 across nodes, unless
---store-port; a free one on one node), given to the ranks as RINGLET_MASTER. torchrun's flag
+--store-port; a free one on one node), given to the ranks as RINGLET_MASTER and served by node
+0's launcher itself, so that losing rank 0 does not take it away. torchrun's flag
 spellings and Kubeflow's PET_* defaults (PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK,
 PET_MASTER_ADDR, PET_MASTER_PORT) are understood. Each rank runs in its own process group, so a
 signal reaches the whole tree a rank started. One rank failing ends the job: the others get
@@ -35,7 +36,7 @@ import time
 from dataclasses import dataclass
 from typing import IO, Any
 
-from ringlet.launch_env import command_argv, rank_environments
+from ringlet.launch_env import command_argv, launcher_store, rank_environments
 from ringlet.launch_flags import add_arguments as add_arguments
 from ringlet.launch_flags import int_option, master_option, nnodes_option
 from ringlet.launch_outcome import TAIL_LINES as TAIL_LINES
@@ -117,9 +118,15 @@ def launch(
         store_port=store_port,
         job_id=job_id,
     )
+    store = launcher_store(rank_envs, node_rank)  # rank 0 then restarts like any rank
     job = _Job(grace, Sink(sys.stdout), Sink(sys.stderr), prefix, max_restarts)
     job.quiet = QuietOthers() if quiet_others else None
-    return job.run(argv, rank_envs, node_rank * nproc)
+    job.restart_rank_0 = store is not None
+    try:
+        return job.run(argv, rank_envs, node_rank * nproc)
+    finally:
+        if store is not None:
+            store.close()
 
 
 def run_main(args: argparse.Namespace) -> int:
@@ -192,6 +199,7 @@ class _Job:
         self.events: queue.SimpleQueue[int | _Received] = queue.SimpleQueue()
         self.reaper: IO[str] | None = None
         self.quiet: QuietOthers | None = None  # --quiet-others
+        self.restart_rank_0 = False  # the store lives here, not in rank 0's process
 
     def run(self, argv: list[str], rank_envs: list[dict[str, str]], first_rank: int) -> int:
         previous = self._install_handlers()
@@ -337,10 +345,10 @@ class _Job:
             self.err.write(b"".join(tag + line + b"\n" for line in lines))
 
     def _restart(self, rank: RankProcess) -> bool:
-        """Start a failed rank again, alone, if it has restarts left (rank 0 hosts the store and
-        never has): the others carry on (ringlet.elastic) and the new process rejoins them."""
+        """Start a failed rank again, alone, if it has restarts left (rank 0 only when the store
+        lives in the launcher): the others carry on (ringlet.elastic) and the new one rejoins."""
         done = self.restarts.get(rank.rank, 0)
-        if rank.rank == 0 or done >= self.max_restarts:
+        if (rank.rank == 0 and not self.restart_rank_0) or done >= self.max_restarts:
             return False
         self.restarts[rank.rank] = done + 1
         rank.join_output(time.monotonic() + _JOIN_OUTPUT)

@@ -15,6 +15,9 @@ import socket
 import sys
 
 from ringlet.auth import job_secret, secret_from_str
+from ringlet.rendezvous.env import LAUNCHER_STORE_VARIABLE
+from ringlet.rendezvous.launchers import parse_master
+from ringlet.rendezvous.server import StoreServer
 
 
 def rank_environments(
@@ -70,6 +73,29 @@ def rank_environments(
          "RANK": str(first + local), "LOCAL_RANK": str(local), "ROLE_RANK": str(first + local)}
         for local in range(nproc)
     ]  # fmt: skip
+
+
+def launcher_store(rank_envs: list[dict[str, str]], node_rank: int) -> StoreServer | None:
+    """Node 0's launcher serves the job's rendezvous store itself, so rank 0's process is not the
+    one every rank depends on: rank 0 can be lost, and restarted, like any other. Every rank is
+    told so (RINGLET_LAUNCHER_STORE=1). Returns the server (None on other nodes); with one rank,
+    or when the address cannot be bound here, rank 0 serves the store as under other launchers
+    (and reports the address it cannot bind)."""
+    first = rank_envs[0]
+    server = None
+    if int(first["RINGLET_WORLD_SIZE"]) > 1 and node_rank == 0:
+        host, port = parse_master(first["RINGLET_MASTER"], "RINGLET_MASTER")
+        secret = secret_from_str(first["RINGLET_SECRET"])
+        try:
+            server = StoreServer(host, port, secret, job=first["RINGLET_JOB_ID"])
+        except OSError:
+            server = None
+        else:
+            server.start()
+    served = server is not None or (node_rank > 0 and int(first["RINGLET_WORLD_SIZE"]) > 1)
+    for env in rank_envs:
+        env[LAUNCHER_STORE_VARIABLE] = "1" if served else "0"
+    return server
 
 
 def command_argv(cmd: list[str]) -> list[str]:

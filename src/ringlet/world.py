@@ -19,6 +19,7 @@ from .comm import WORLD_ID, Communicator
 from .errors import AuthenticationError, RingletError
 from .rendezvous import JobEnv, Store, StoreServer, resolve
 from .rendezvous.arrival import check_world_size, wait_for_peers
+from .rendezvous.env import LAUNCHER_STORE_VARIABLE
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
 from .schedules import select
 from .transport.tcp import Listener
@@ -66,6 +67,7 @@ class World:
     server: Any = None
     deterministic: bool = False  # every reduction folds in rank order (RINGLET_DETERMINISTIC)
     forced: dict[str, str] = field(default_factory=dict)  # op -> algorithm (RINGLET_ALGO)
+    store_in_launcher: bool = False  # served by `ringlet run`, not by rank 0: rank 0 may be lost
     comms: list[Communicator] = field(default_factory=list)
     closer: Any = None  # closes the whole world; called when the world communicator closes
     finalized: bool = False
@@ -108,6 +110,11 @@ def _serve_store(env: JobEnv, key: bytes, local: LocalSecret | None) -> StoreSer
         local.publish(key)
     server.start()
     return server
+
+
+def _store_in_launcher(env: JobEnv) -> bool:
+    """True when ``ringlet run`` serves the job's store itself (RINGLET_LAUNCHER_STORE=1)."""
+    return env.source == "ringlet" and os.environ.get(LAUNCHER_STORE_VARIABLE, "") == "1"
 
 
 def _join_store(
@@ -172,7 +179,8 @@ def init(
     """Join the job and return the world communicator.
 
     Reads, in order: the arguments; RINGLET_* (set by ``ringlet run``); torchrun's variables; SLURM;
-    Open MPI / PMI. Rank 0 hosts the rendezvous store at ``master``. ``deterministic`` (default:
+    Open MPI / PMI. Rank 0 hosts the rendezvous store at ``master`` (under ``ringlet run`` the
+    launcher does, RINGLET_LAUNCHER_STORE=1). ``deterministic`` (default:
     RINGLET_DETERMINISTIC=1) makes every reduction fold each element in rank order, so results are
     bit-identical whatever the transport, algorithm, size or arrival order; every rank must set it
     alike (a rank that differs meets a MismatchError).
@@ -222,7 +230,8 @@ def _join(env: JobEnv, deterministic: bool, forced: dict[str, str]) -> Communica
     server = None
     host = env.master_host if env.world_size > 1 else "127.0.0.1"
     port = env.store_port
-    if env.rank == 0:
+    in_launcher = _store_in_launcher(env) and local is None
+    if env.rank == 0 and not in_launcher:
         key = local.create() if local is not None else key
         assert key is not None
         server = _serve_store(env, key, local)
@@ -270,6 +279,7 @@ def _join(env: JobEnv, deterministic: bool, forced: dict[str, str]) -> Communica
         server,
         deterministic=deterministic,
         forced=forced,
+        store_in_launcher=in_launcher,
     )
     comm = Communicator(world, WORLD_ID, range(env.world_size))
     world.closer = lambda: finalize(world)

@@ -572,9 +572,11 @@ def test_max_restarts_restarts_a_killed_rank_which_rejoins_the_job() -> None:
     assert len({d for _, d in done}) == 1, f"parameters differ: {done}"
 
 
-def test_max_restarts_never_restarts_rank_0_and_ends_the_job() -> None:
-    """Rank 0 hosts the store: its failure ends the job even with restarts left."""
+def test_max_restarts_restarts_rank_0_too_and_ends_the_job_when_none_are_left() -> None:
+    """The launcher, not rank 0, serves the store: rank 0 is restarted like any rank, and its
+    failure with no restarts left ends the job with its exit code."""
     result = run("-n", "2", "--max-restarts", "3", sys.executable, "-c",
                  "import os, sys; sys.exit(3 if os.environ['RANK'] == '0' else 0)")  # fmt: skip
     assert result.returncode == 3, result.stderr
-    assert "restarting" not in result.stderr
+    assert "rank 0 failed (exit code 3); restarting it (3 of 3)" in result.stderr
+    assert "rank 0 failed first (exit code 3)" in result.stderr

@@ -38,6 +38,9 @@ DEFAULT_TIMEOUT = 300.0
 #: Set by ``ringlet run --max-restarts`` in a restarted rank's environment (1, 2, …); a rank that
 #: sees it rejoins the running job (ringlet.survive.init_or_rejoin) instead of starting one.
 RESTART_VARIABLE = "RINGLET_RESTART_COUNT"
+#: Set to 1 by ``ringlet run`` on every rank: the store at RINGLET_MASTER is served by the launcher
+#: (node 0's), not by rank 0, so rank 0 only joins it and can be lost (and replaced) like any rank.
+LAUNCHER_STORE_VARIABLE = "RINGLET_LAUNCHER_STORE"
 
 
 @dataclass(frozen=True)
