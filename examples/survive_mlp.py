@@ -4,11 +4,14 @@
                                               # starts its replacement, checks the result
     ringlet run -n 4 examples/survive_mlp.py  # the same training, nobody killed
     SURVIVE_KILL=1 ringlet run -n 4 --max-restarts 1 examples/survive_mlp.py  # killed, restarted
+    SURVIVE_KILL=1 SURVIVE_VICTIM=0 ringlet run -n 4 --max-restarts 1 examples/survive_mlp.py
 
 Each rank trains on its shard of every step's batch and averages the gradients with all_reduce.
 When rank 2 dies, the others shrink to 3 ranks, roll back and redo the step it interrupted; the
 replacement (started here the way ``ringlet run --max-restarts 1`` does) rejoins at the next
-step, receives the step number and the parameters from rank 0, and the 4 finish together.
+step, receives the step number and the parameters from a member, and the 4 finish together.
+SURVIVE_VICTIM picks another victim; rank 0 can be lost only under ``ringlet run``, whose
+launcher hosts the rendezvous store (started here, rank 0 hosts it).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ import numpy as np
 import ringlet
 from ringlet import survive
 
-STEPS, KILL_AT, VICTIM = 60, 30, 2
+STEPS, KILL_AT = 60, 30
+VICTIM = int(os.environ.get("SURVIVE_VICTIM", "2"))
 
 
 def grads(p: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:

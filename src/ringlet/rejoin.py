@@ -2,11 +2,12 @@
 
 After a shrink the job runs on fewer ranks; this module brings it back to size. ``rejoin()`` runs in
 the replacement process: it asks, through the rendezvous store, to be admitted in place of a lost
-rank and waits. ``grow(comm)`` runs on the members (``Elastic`` calls it between steps): global
-rank 0 admits the waiting requests and every member builds the larger communicator, with the same
-id on every rank. ``init_or_rejoin()`` picks ``init()`` or ``rejoin()`` from the launcher's restart
-count. It lives apart from ``survive`` because admitting ranks is its own protocol (tickets in the
-store, an answer per ticket), separate from the agreement that shrinks.
+rank and waits. ``grow(comm)`` runs on the members (``Elastic`` calls it between steps): the
+communicator's rank 0 admits the waiting requests and every member builds the larger
+communicator, with the same id on every rank. ``init_or_rejoin()`` picks ``init()`` or
+``rejoin()`` from the launcher's restart count. It lives apart from ``survive`` because admitting
+ranks is its own protocol (tickets in the store, an answer per ticket), separate from the
+agreement that shrinks.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from .rendezvous.env import RESTART_VARIABLE
 
 __all__ = ["RESTART_VARIABLE", "grow", "init_or_rejoin", "pending", "rejoin"]
 
-_joined: weakref.WeakSet[Communicator] = weakref.WeakSet()  # made by rejoin(), state still due
+#: Communicators made by rejoin() whose state is still due, with the global rank that sends it.
+_joined: weakref.WeakKeyDictionary[Communicator, int] = weakref.WeakKeyDictionary()
 
 
 def rejoin(
@@ -40,7 +42,8 @@ def rejoin(
     Takes what ``ringlet.init()`` takes (the lost rank's number, the job's master and secret, e.g.
     from the same RINGLET_* variables). Asks to be admitted, and waits until the members call
     :func:`grow` (``Elastic`` does at every step); returns the grown communicator. Raises
-    RingletError when the job refuses it (rank 0, or a rank that is still alive).
+    RingletError when the job refuses it: a rank that is still alive, or rank 0 unless the store
+    lives in the launcher (``ringlet run``) rather than in rank 0's process.
     """
     import atexit
     import os
@@ -55,6 +58,7 @@ def rejoin(
         _join_store,
         _local_address,
         _peer_key,
+        _store_in_launcher,
         finalize,
     )
 
@@ -64,8 +68,11 @@ def rejoin(
             "rejoin(): a replacement needs the job's secret (RINGLET_SECRET or "
             "RINGLET_SECRET_FILE, as the other ranks were given)"
         )
-    if env.rank == 0:
-        raise RingletError("rejoin(): rank 0 hosts the store and cannot be replaced")
+    if env.rank == 0 and not _store_in_launcher(env):
+        raise RingletError(
+            "rejoin(): rank 0 hosts the store and cannot be replaced (under `ringlet run` the"
+            " launcher hosts it, and rank 0 can)"
+        )
     store, key = _join_store(env, env.master_host, env.store_port, env.secret, None)
     peer_key = _peer_key(key, env.job_id)
     listener = Listener(_local_address(env.master_host), peer_key)
@@ -96,11 +103,12 @@ def rejoin(
         env.timeout,
         deterministic=_deterministic_from_env(),
         forced=select.forced(os.environ.get("RINGLET_ALGO", "")),
+        store_in_launcher=_store_in_launcher(env),
     )
     world.closer = lambda: finalize(world)
     atexit.register(finalize, world)
     comm = Communicator(world, answer["comm"], answer["members"])
-    _joined.add(comm)
+    _joined[comm] = answer["root"]
     return comm
 
 
@@ -133,10 +141,12 @@ def grow(comm: Communicator) -> Communicator:
     """Admit the replacements waiting to rejoin (see :func:`rejoin`); every member calls it.
 
     Returns a new communicator of the members and the replacements (ordered by global rank), or
-    ``comm`` itself when none is waiting. Rank 0 of ``comm`` decides; it must be global rank 0.
+    ``comm`` itself when none is waiting. Rank 0 of ``comm`` decides. Global rank 0 can be
+    replaced only when the store lives in the launcher (``World.store_in_launcher``).
     """
     world, store = comm.world, comm.world.store
     joiners: list[dict[str, Any]] = []
+    lowest = 0 if world.store_in_launcher else 1  # rank 0 may host the store: never replaced
     if comm.rank == 0:
         seen = int(store.add("join/seen", 0))
         for ticket in range(seen + 1, int(store.add("join/count", 0)) + 1):
@@ -146,8 +156,9 @@ def grow(comm: Communicator) -> Communicator:
             store.add("join/seen", 1)
             request = {**json.loads(raw), "ticket": ticket}
             g = request["rank"]
-            if g in comm.members or g in {j["rank"] for j in joiners} or not 0 < g < world.size:
-                why = f"rank {g} is alive" if 0 < g < world.size else f"no rank {g} to replace"
+            known = lowest <= g < world.size
+            if g in comm.members or g in {j["rank"] for j in joiners} or not known:
+                why = f"rank {g} is alive" if known else f"no rank {g} to replace"
                 store.set(f"join/{ticket}/admitted", json.dumps({"error": why}).encode())
             else:
                 joiners.append(request)
@@ -168,6 +179,7 @@ def grow(comm: Communicator) -> Communicator:
             "members": members,
             "addresses": [list(a) for a in world.addresses],
             "hosts": world.hosts,
+            "root": comm.members[0],  # a member: it hands the replacements the state
         }
         for j in joiners:
             store.set(f"join/{j['ticket']}/admitted", json.dumps(answer).encode())

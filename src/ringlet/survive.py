@@ -7,8 +7,9 @@ listener is refused, which a process that exited or was killed always gives and 
 one never does — or until the timeout. Then any survivor proposes the registered ranks, and the
 store's compare-and-set keeps the first proposal: every survivor reads the same membership. The
 members then acknowledge it; a member that dies before acknowledging voids the round (again
-decided by compare-and-set) and the next round agrees among the rest. The store lives in global
-rank 0's process: if rank 0 is lost, shrink cannot agree and raises a PeerError naming it.
+decided by compare-and-set) and the next round agrees among the rest. Under ``ringlet run`` the
+store lives in the launcher and rank 0 is lost like any rank; elsewhere it lives in global rank
+0's process, and if rank 0 is lost shrink cannot agree and raises a PeerError naming it.
 
 ``Elastic`` wraps a training loop: it snapshots the state before each step, and when a step fails
 on a lost rank it shrinks, rolls every survivor back to the start of the earliest step any
@@ -36,16 +37,8 @@ from .comm import WORLD_ID, Communicator
 from .errors import CollectiveTimeout, PeerError, RingletError
 from .rejoin import RESTART_VARIABLE, _joined, grow, init_or_rejoin, pending, rejoin  # noqa: F401
 
-__all__ = [
-    "Elastic",
-    "elastic",
-    "grow",
-    "init_or_rejoin",
-    "pending",
-    "rejoin",
-    "shrink",
-    "torch_ddp",
-]
+__all__ = ["Elastic", "elastic", "grow", "init_or_rejoin", "pending", "rejoin", "shrink"]
+__all__ += ["torch_ddp"]
 
 #: How often a waiting survivor looks at the store again (seconds).
 POLL = 0.005
@@ -63,7 +56,8 @@ def shrink(comm: Communicator, *, timeout: float | None = None) -> Communicator:
     Every surviving member of ``comm`` must call it (typically after a PeerError). A member that
     is slow but alive is waited for up to ``timeout`` (default: the communicator's). Every caller
     gets the same membership, or an error: PeerError if this rank was left out (it came after the
-    timeout) or if global rank 0, which hosts the rendezvous store, is lost. A communicator is
+    timeout) or if the rendezvous store is lost with its host (global rank 0, except under
+    ``ringlet run``, whose launcher hosts it). A communicator is
     shrunk once (again: RingletError); shrink the new one when it fails in its turn.
     """
     return agree(comm, b"", timeout=timeout)[0]
@@ -118,11 +112,17 @@ def agree(
 
 
 def _store_lost(comm: Communicator, exc: BaseException) -> PeerError:
-    zero = comm.members.index(0) if 0 in comm.members else None
+    launcher = comm.world.store_in_launcher
+    why = (
+        "which `ringlet run` serves, is unreachable: the launcher has ended"
+        if launcher
+        else "which lives in global rank 0's process, is unreachable. A job that loses rank 0 "
+        "cannot shrink; restart it (from a checkpoint), or start it with `ringlet run`"
+    )
+    zero = comm.members.index(0) if 0 in comm.members and not launcher else None
     return PeerError(
         f"global rank {comm.world.rank}: shrink cannot agree on the survivors: the rendezvous "
-        f"store, which lives in global rank 0's process, is unreachable ({exc}). A job that "
-        "loses rank 0 cannot shrink; restart it (from a checkpoint).",
+        f"store, {why} ({exc}).",
         rank=zero,
     )
 
@@ -268,9 +268,9 @@ class Elastic:
         self.grows: list[dict[str, Any]] = []  # one record per admission: step, who came back
         self._snaps: dict[int, _Snapshot] = {}
         self._looked: tuple[int, int] | None = None  # (communicator, step) admitted at last
-        if comm in _joined:  # a replacement: the members send the step and the state
-            _joined.discard(comm)
-            self.step, parts = comm.broadcast_object(None, root=0)
+        if comm in _joined:  # a replacement: a member sends the step and the state
+            root = comm.members.index(_joined.pop(comm))
+            self.step, parts = comm.broadcast_object(None, root=root)
             _Snapshot.of(parts).restore(self.state)
             self._looked = (comm.id, self.step)  # the members looked at this step already
         self.model: Any = rebuild(comm) if rebuild is not None else None
@@ -318,12 +318,13 @@ class Elastic:
 
     def _admit(self) -> None:
         """Grow to the replacements waiting, hand them the step and the state, rebuild."""
-        new = grow(self.comm)
+        old, new = self.comm, grow(self.comm)
         self._looked = (new.id, self.step)
-        if new is self.comm:
+        if new is old:
             return
         self.comm = new
-        new.broadcast_object((self.step, _Snapshot(self.state).parts), root=0)
+        root = new.members.index(old.members[0])  # not a replacement (global rank 0 may be one)
+        new.broadcast_object((self.step, _Snapshot(self.state).parts), root=root)
         self._rebuilt(new)
         self.grows.append({"step": self.step, "members": new.members, "at": time.time()})
 
