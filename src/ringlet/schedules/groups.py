@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 from .base import Buf, Copy, Recv, Round, Schedule, Send, even_chunks
 
 #: Where a group schedule's buffers live in ours: its buffer -> (our buffer, offset).
 Place = Mapping[Buf, tuple[Buf, int]]
 Rounds = Callable[..., "Schedule | list[Round]"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+#: Phase lengths algorithms declare (:func:`spans`): algorithm -> length(size, **kw).
+SPANS: dict[Callable[..., Any], Callable[..., int]] = {}
 
 
 class Group(NamedTuple):
@@ -87,9 +91,27 @@ def _rounds(made: Schedule | list[Round]) -> list[Round]:
     return list(made.rounds) if isinstance(made, Schedule) else made
 
 
+def spans(length: Callable[..., int]) -> Callable[[F], F]:
+    """Declare ``length(size, **kw)``: the rounds of the decorated algorithm's longest member
+    schedule over a group of ``size``, so :func:`span` need not build every member's (O(p²)
+    for a ring across p hosts). tests/unit/test_plan_scale.py checks each against building."""
+
+    def mark(fn: F) -> F:
+        SPANS[fn] = length
+        return fn
+
+    return mark
+
+
 @lru_cache(maxsize=4096)
 def span(fn: Rounds, size: int, kw: tuple[tuple[str, Any], ...]) -> int:
     """Rounds of the longest member schedule of ``fn`` over a group of ``size``."""
+    known = SPANS.get(fn)
+    return known(size, **dict(kw)) if known is not None else built_span(fn, size, kw)
+
+
+def built_span(fn: Rounds, size: int, kw: tuple[tuple[str, Any], ...]) -> int:
+    """:func:`span` by building every member's schedule (the reference for declared ones)."""
     return max(len(_rounds(fn(i, size, **dict(kw)))) for i in range(size))
 
 

@@ -22,8 +22,24 @@ from .base import (
     offsets,
     timeline,
 )
-from .groups import lift
+from .groups import lift, spans
 from .tree import binomial_scatter_rounds
+
+
+def _ring_span(size: int, count: int) -> int:
+    """Rounds of ring_all_reduce's longest member: 2(p-1) once any element moves."""
+    return 2 * (size - 1) if count > 0 else 0
+
+
+def _blocks_span(size: int, counts: Sequence[int]) -> int:
+    """Rounds of the longest member of the ring all-gather / reduce-scatter: p-1 once any
+    block is non-empty (one rank then talks in the last round), one copy round alone."""
+    return (size - 1 if size > 1 else 1) if sum(counts) > 0 else 0
+
+
+def _chain_span(size: int, count: int, root: int) -> int:
+    """Rounds of a chain's longest member: k + p - 2 (its far end's last chunk)."""
+    return len(_chain_chunks(count, size)) + size - 2 if count > 0 and size > 1 else 0
 
 
 def ring_reduce_scatter_rounds(
@@ -57,6 +73,7 @@ def ring_all_gather_rounds(
     ]
 
 
+@spans(_ring_span)
 def ring_all_reduce(rank: int, size: int, count: int) -> Schedule:
     """Reduce-scatter then all-gather around the ring, on ``out``.
 
@@ -68,6 +85,7 @@ def ring_all_reduce(rank: int, size: int, count: int) -> Schedule:
     return timeline(rounds, "ring_all_reduce")
 
 
+@spans(_blocks_span)
 def ring_all_gather(rank: int, size: int, counts: Sequence[int]) -> Schedule:
     """Copy own block into place, then pass blocks right p-1 times.
 
@@ -85,6 +103,7 @@ def ring_all_gather_along(ring: tuple[int, ...], rank: int, counts: Sequence[int
     return timeline(first_copies(lift(rounds, ring, {}), own), "ring_all_gather")
 
 
+@spans(_blocks_span)
 def ring_reduce_scatter(rank: int, size: int, counts: Sequence[int]) -> Schedule:
     """Working copy of ``in`` in ``tmp``; ring reduce-scatter; the last step lands in ``out``.
 
@@ -154,6 +173,7 @@ def _chain_chunks(count: int, size: int) -> list[tuple[int, int]]:
     return even_chunks(count, max(1, min(count // CHAIN_MIN_CHUNK, CHAIN_CHUNKS_PER_RANK * size)))
 
 
+@spans(_chain_span)
 def chain_broadcast(rank: int, size: int, count: int, root: int) -> Schedule:
     """Pipelined chain root → root+1 → …: a rank forwards chunk c while it receives chunk c+1.
 
@@ -174,6 +194,7 @@ def chain_broadcast(rank: int, size: int, count: int, root: int) -> Schedule:
     return timeline(rounds, "chain_broadcast")
 
 
+@spans(_chain_span)
 def chain_reduce(rank: int, size: int, count: int, root: int) -> Schedule:
     """Pipelined chain root-1 → root-2 → … → root, reversed: a rank folds chunk c arriving from
     the rank behind it into its own and passes it on while chunk c+1 arrives.
