@@ -109,6 +109,8 @@ class Path:
         self._topology = hosts if len(set(hosts)) > 1 else None
         self._recorder = recorder
         self.routes, self._shm = connect(world, comm_id, members, hosts, rank, poll, timeout)
+        if self._shm is not None:
+            self._shm.note = self._group_way
         self._engine = Engine(self.routes)
         self._kinds: dict[int, tuple[Schedule, str]] = {}  # see _transport_of
         self._plans: dict[tuple[Any, ...], _Plan] = {}  # see move
@@ -145,7 +147,6 @@ class Path:
         if plan is None:
             plan = self._plan(key, op, algo, rop, first.itemsize, "out" in bufs, kw)
         if plan.shm:
-            self._recorder.note("shm_group", None, "shm")  # shm.py picks its own path by size
             assert self._shm is not None
             self._shm.run(op, bufs, plan.sent, call.sig, deadline, plan.finish, **kw)
             return
@@ -223,6 +224,10 @@ class Path:
             bufs["tmp"] = np.empty(tmp_size, dtype)
         sig = call.sig if not piece else (call.sig + piece * PIECE_SIG) & ((1 << 64) - 1)
         self._engine.run(sched, bufs, plan.sent, call.seq, sig, deadline)
+
+    def _group_way(self, way: str) -> None:
+        """The shm group tells which way a call goes (one_step, staged, single_copy)."""
+        self._recorder.note(f"shm_group/{way}", None, "shm")
 
     def _transport_of(self, sched: Schedule) -> str:
         """Which transports a schedule's messages use on this rank: "shm", "tcp" or "shm+tcp".

@@ -21,7 +21,7 @@ from ringlet.ops import Binary, ReduceOp, binary
 
 from . import shm_cma, shm_staged
 from .cma import CrossMemory
-from .shm_channel import Channel, Finish, SignatureMismatch
+from .shm_channel import Channel, Finish, Guard, SignatureMismatch
 from .shm_plan import Plan, check_root
 from .shm_segment import LEFT, SLOT_WORDS
 from .shm_setup import ShmUnavailable, join
@@ -29,6 +29,10 @@ from .shm_tuning import ShmTuning
 from .shm_wait import Waiter
 
 __all__ = ["ShmGroup", "ShmTuning", "ShmUnavailable", "SignatureMismatch"]
+
+#: The ways a call goes, as the flight recorder names them: every rank's data staged and read in
+#: one step; pipelined through double-buffered staging chunks; copied from the peers' buffers.
+ONE_STEP, STAGED, SINGLE_COPY = "one_step", "staged", "single_copy"
 
 
 class ShmGroup:
@@ -62,6 +66,8 @@ class ShmGroup:
         self._plans: dict[tuple[int, ...], Plan] = {}
         self._broken: BaseException | None = None
         self._closed = False
+        self.note: Callable[[str], None] = lambda way: None  # told each call's way (recorder)
+        self._guard = Guard(self._channel, self._fail)
 
     # -- set-up -------------------------------------------------------------------------------
     @classmethod
@@ -147,10 +153,17 @@ class ShmGroup:
             f = self._binaries[key] = binary(op, dtype)
         return f
 
-    def _cma_for(self, kind: str, nbytes: int) -> CrossMemory | None:
-        if self._cma is not None and nbytes >= self._cma_min[kind]:
-            return self._cma
-        return None
+    def _way(self, kind: str, nbytes: int, one_step: bool) -> tuple[str, CrossMemory | None]:
+        """Which way a call of ``nbytes`` goes (told to :attr:`note`), and the cross-memory
+        handle when it is a single copy."""
+        if one_step:
+            way, cma = ONE_STEP, None
+        elif self._cma is not None and nbytes >= self._cma_min[kind]:
+            way, cma = SINGLE_COPY, self._cma
+        else:
+            way, cma = STAGED, None
+        self.note(way)
+        return way, cma
 
     def run(
         self,
@@ -214,18 +227,15 @@ class ShmGroup:
             if finish is not None:
                 finish(buf)
             return
-        ch = self._channel()
-        try:
+        with self._guard as ch:
             f = self._binary(op, buf.dtype)
-            if buf.nbytes <= self._flat_reduce_bytes:
+            way, cma = self._way("all_reduce", buf.nbytes, buf.nbytes <= self._flat_reduce_bytes)
+            if way is ONE_STEP:
                 shm_staged.flat_reduce(ch, buf, buf, f, sig, deadline, "all_reduce", finish)
-            elif (cma := self._cma_for("all_reduce", buf.nbytes)) is not None:
+            elif cma is not None:
                 shm_cma.all_reduce(ch, cma, buf, f, sig, deadline, self._scratch, finish)
             else:
                 shm_staged.pipelined_reduce(ch, buf, buf, f, sig, deadline, "all_reduce", finish)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def reduce(
         self,
@@ -246,33 +256,27 @@ class ShmGroup:
             if result is not None and result is not buf:
                 np.copyto(result, buf)
             return
-        ch = self._channel()
-        try:
+        with self._guard as ch:
             f = self._binary(op, buf.dtype)
-            if buf.nbytes <= self._flat_reduce_bytes:
+            way, cma = self._way("reduce", buf.nbytes, buf.nbytes <= self._flat_reduce_bytes)
+            if way is ONE_STEP:
                 shm_staged.flat_reduce(ch, buf, result, f, sig, deadline, "reduce")
-            elif (cma := self._cma_for("reduce", buf.nbytes)) is not None:
+            elif cma is not None:
                 shm_cma.reduce(ch, cma, buf, result, root, f, sig, deadline, self._scratch)
             else:
                 shm_staged.pipelined_reduce(ch, buf, result, f, sig, deadline, "reduce")
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def broadcast(self, buf: np.ndarray, root: int, sig: int, deadline: float) -> None:
         """Copy ``root``'s ``buf`` into ``buf`` on every rank."""
         check_root("broadcast", root, self.size)
         if self.size == 1:
             return
-        ch = self._channel()
-        try:
-            if (cma := self._cma_for("broadcast", buf.nbytes)) is not None:
+        with self._guard as ch:
+            _, cma = self._way("broadcast", buf.nbytes, False)  # small ones: one step, staged
+            if cma is not None:
                 shm_cma.broadcast(ch, cma, buf, root, sig, deadline)
             else:
                 shm_staged.broadcast(ch, buf, root, sig, deadline)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def all_gather(
         self, inp: np.ndarray, out: np.ndarray, counts: Sequence[int], sig: int, deadline: float
@@ -313,19 +317,17 @@ class ShmGroup:
             if out is not None:
                 np.copyto(out, inp)
             return
-        ch = self._channel()
-        try:
-            if plan.largest * inp.itemsize <= ch.stage_bytes:
+        with self._guard as ch:
+            flat = plan.largest * inp.itemsize <= ch.stage_bytes
+            way, cma = self._way(kind, plan.total * inp.itemsize, flat)
+            if way is ONE_STEP:
                 shm_staged.flat_gather(
                     ch, inp, out, plan.counts, plan.displs, root, sig, plan.layout, deadline
                 )
-            elif (cma := self._cma_for(kind, plan.total * inp.itemsize)) is not None:
+            elif cma is not None:
                 shm_cma.gather(ch, cma, inp, out, counts, root, sig, plan.layout, deadline)
             else:
                 shm_staged.gather(ch, inp, out, counts, root, sig, plan.layout, deadline)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def scatter(
         self,
@@ -346,20 +348,17 @@ class ShmGroup:
             assert inp is not None
             np.copyto(out, inp)
             return
-        ch = self._channel()
-        try:
+        with self._guard as ch:
             nbytes = plan.total * out.itemsize
-            if nbytes <= ch.stage_bytes:
+            way, cma = self._way("scatter", nbytes, nbytes <= ch.stage_bytes)
+            if way is ONE_STEP:
                 shm_staged.flat_scatter(
                     ch, inp, out, plan.displs, plan.total, root, sig, plan.layout, deadline
                 )
-            elif (cma := self._cma_for("scatter", nbytes)) is not None:
+            elif cma is not None:
                 shm_cma.scatter(ch, cma, inp, out, plan.counts, root, sig, plan.layout, deadline)
             else:
                 shm_staged.scatter(ch, inp, out, plan.counts, root, sig, plan.layout, deadline)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def reduce_scatter(
         self,
@@ -377,22 +376,20 @@ class ShmGroup:
         if self.size == 1:
             np.copyto(out, inp)
             return
-        ch = self._channel()
-        try:
+        with self._guard as ch:
             f = self._binary(op, inp.dtype)
-            if inp.nbytes <= min(ch.stage_bytes, self._flat_reduce_bytes):
+            flat = inp.nbytes <= min(ch.stage_bytes, self._flat_reduce_bytes)
+            way, cma = self._way("reduce_scatter", inp.nbytes, flat)
+            if way is ONE_STEP:
                 shm_staged.flat_reduce_scatter(
                     ch, inp, out, plan.displs, f, sig, plan.layout, deadline
                 )
-            elif (cma := self._cma_for("reduce_scatter", inp.nbytes)) is not None:
+            elif cma is not None:
                 shm_cma.reduce_scatter(
                     ch, cma, inp, out, plan.counts, f, sig, plan.layout, deadline, self._scratch
                 )
             else:
                 shm_staged.reduce_scatter(ch, inp, out, plan.counts, f, sig, plan.layout, deadline)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def all_to_all(
         self,
@@ -410,30 +407,24 @@ class ShmGroup:
         if self.size == 1:
             np.copyto(out, inp)
             return
-        ch = self._channel()
-        try:
+        with self._guard as ch:
             shm_staged.stage_first_all_to_all(ch, inp, send_counts)
             sends = ch.arrive_with_splits(
                 "all_to_all", sig, send_counts, recv_counts, deadline, _address_or_zero(inp)
             )
-            if (cma := self._cma_for("all_to_all", int(sends.sum()) * inp.itemsize)) is not None:
+            _, cma = self._way("all_to_all", int(sends.sum()) * inp.itemsize, False)
+            if cma is not None:
                 shm_cma.all_to_all(ch, cma, inp, out, sends, deadline)
             else:
                 shm_staged.all_to_all(ch, inp, out, sends, sig, deadline)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     def barrier(self, sig: int, deadline: float) -> None:
         """Return once every rank has entered the barrier."""
         if self.size == 1:
             return
-        ch = self._channel()
-        try:
+        self.note(ONE_STEP)
+        with self._guard as ch:
             ch.arrive("barrier", sig, 0, deadline)
-        except BaseException as exc:
-            self._fail(exc)
-            raise
 
     # -- helpers ------------------------------------------------------------------------------
     def _fail(self, exc: BaseException) -> None:

@@ -197,3 +197,20 @@ class Channel:
             "root and splits",
             sigs,
         )
+
+
+class Guard:
+    """``with guard as ch``: the channel ``get()`` returns, and any error inside is passed to
+    ``fail`` first (the group marks itself failed). Made once per group: calls allocate nothing."""
+
+    __slots__ = ("_fail", "_get")
+
+    def __init__(self, get: Callable[[], Channel], fail: Callable[[BaseException], None]) -> None:
+        self._get, self._fail = get, fail
+
+    def __enter__(self) -> Channel:
+        return self._get()
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        if exc is not None:
+            self._fail(exc)
