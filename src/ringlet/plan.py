@@ -7,10 +7,12 @@ tags frames with the round number), and lasts
 
     max(local alpha + local beta · bytes to/from ranks of its host,
         net alpha + net beta · bytes the host's one NIC carries that round, all its ranks together)
-    + reduce rate · bytes folded + copy rate · bytes copied,
+    + reduce rate · bytes folded + copy rate · bytes copied + alpha per extra segment (the engine
+    cuts folded messages) + a wake-up when ranks outnumber cores,
 
-the whole call adding a fixed per-call cost. Parameters come from :mod:`ringlet.calibrate`
-(measured on this machine) or the documented presets of :data:`LINKS`.
+the whole call adding a fixed per-call cost; the local link and the rates depend on the message
+and vector sizes (:meth:`Params.local_link`, :meth:`Params.rates`). Parameters come from
+:mod:`ringlet.calibrate` (measured on this machine) or the presets of :data:`LINKS`.
 
 Up to :data:`EXACT_RANKS` ranks every rank's schedule is built and simulated. Above, building
 O(p)-round schedules for every rank costs O(p²), so only the ranks of a few representative hosts
@@ -24,13 +26,14 @@ where s is read off hosts 1 and 2. tests/unit/test_plan.py checks both paths agr
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 import numpy as np
 
 from .bench_cases import OPS, bus_factor
 from .plan_params import Params
+from .plan_rounds import Part, Rounds, busiest, in_step, round_costs, simulate
 from .schedules.base import Schedule
 from .schedules.cost import even_args
 from .schedules.groups import spans_hosts
@@ -73,134 +76,6 @@ class Prediction:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", self.hosts * self.ranks_per_host)
-
-
-# -- per-round cost -------------------------------------------------------------------------------
-
-
-@dataclass
-class _Rounds:
-    """Per rank and round of a set of ranks: the round's duration and whether it has messages."""
-
-    dur: list[np.ndarray]
-    busy: list[np.ndarray]
-    peers: list[list[tuple[int, ...]]]
-    link: int = 0  # elements the busiest link (a host's NIC; on one host a rank's) carries
-    senders: list[list[tuple[int, ...]]] = field(default_factory=list)  # whom each round waits for
-
-
-def _round_costs(
-    scheds: dict[int, Schedule], hosts: Sequence[int], p: Params, itemsize: int
-) -> _Rounds:
-    """Durations of the rounds of ``scheds`` (rank -> schedule, all ranks of their hosts)."""
-    load_out: dict[tuple[int, int], int] = {}
-    load_in: dict[tuple[int, int], int] = {}
-    per: dict[
-        int, list[tuple[int, int, int, int, int, int, int, tuple[int, ...], tuple[int, ...]]]
-    ] = {}
-    for rank, sched in scheds.items():
-        me, rows = hosts[rank], []
-        for k, rnd in enumerate(sched.rounds):
-            lo = li = no = ni = red = 0
-            peers: set[int] = set()
-            for s in rnd.sends:
-                peers.add(s.peer)
-                if hosts[s.peer] == me:
-                    lo += s.stop - s.start
-                else:
-                    no += s.stop - s.start
-            for v in rnd.recvs:
-                peers.add(v.peer)
-                if hosts[v.peer] == me:
-                    li += v.stop - v.start
-                else:
-                    ni += v.stop - v.start
-                if v.reduce:
-                    red += v.stop - v.start
-            cp = sum(c.count for c in rnd.copies) if rnd.copies else 0
-            if no:
-                load_out[(me, k)] = load_out.get((me, k), 0) + no
-            if ni:
-                load_in[(me, k)] = load_in.get((me, k), 0) + ni
-            many = max(len(rnd.sends), len(rnd.recvs))
-            rows.append(
-                (lo, li, no, ni, red, cp, many, tuple(peers), tuple(v.peer for v in rnd.recvs))
-            )
-        per[rank] = rows
-    one_host = len(set(hosts)) == 1
-    totals: dict[tuple[int, int], int] = {}
-    for rank, rows in per.items():
-        key = rank if one_host else hosts[rank]
-        sent = sum(row[0] + row[2] if one_host else row[2] for row in rows)
-        got = sum(row[1] + row[3] if one_host else row[3] for row in rows)
-        totals[(key, 0)] = totals.get((key, 0), 0) + sent
-        totals[(key, 1)] = totals.get((key, 1), 0) + got
-    out = _Rounds([], [], [], max(totals.values(), default=0))
-    order = sorted(scheds)
-    per_host = {h: hosts.count(h) for h in {hosts[r] for r in order}}
-    for rank in order:
-        me = hosts[rank]
-        # More ranks than cores: local copies, folds and loopback transfers share the CPUs.
-        cpu = max(1.0, per_host[me] / p.cores) if p.cores else 1.0
-        durs: list[float] = []
-        busy: list[bool] = []
-        talks: list[tuple[int, ...]] = []
-        waits: list[tuple[int, ...]] = []
-        for k, (lo, li, no, ni, red, cp, many, pr, src) in enumerate(per[rank]):
-            t = 0.0
-            if lo or li:
-                t = cpu * (p.local.alpha + p.local.beta * itemsize * max(lo, li))
-            if no or ni:
-                link = max(load_out.get((me, k), 0), load_in.get((me, k), 0))
-                t = max(t, p.net.alpha + p.net.beta * itemsize * link)
-            if many > 1:  # every message past the first costs its posting and completion
-                t += p.gap * (many - 1)
-            t += cpu * itemsize * (p.reduce * red + p.copy * cp)
-            durs.append(t)
-            busy.append(bool(pr))
-            talks.append(pr)
-            waits.append(src)
-        out.dur.append(np.array(durs))
-        out.busy.append(np.array(busy, dtype=bool))
-        out.peers.append(talks)
-        out.senders.append(waits)
-    return out
-
-
-def _simulate(rounds: _Rounds, size: int) -> tuple[float, int]:
-    """(finish time, steps) of all ranks' rounds: a round starts once this rank and every peer
-    it receives from in the round finished their previous round (sends are eager: the engine
-    hands them to the transport without waiting for the receiver)."""
-    length = max((len(d) for d in rounds.dur), default=0)
-    ready, steps = np.zeros(size), np.zeros(size)
-    for k in range(length):
-        start, sstart = ready.copy(), steps.copy()
-        for r in range(size):
-            if k < len(rounds.dur[r]):
-                for q in rounds.senders[r][k]:
-                    start[r] = max(start[r], ready[q])
-                    sstart[r] = max(sstart[r], steps[q])
-        for r in range(size):
-            if k < len(rounds.dur[r]):
-                ready[r] = start[r] + rounds.dur[r][k]
-                steps[r] = sstart[r] + rounds.busy[r][k]
-    return float(ready.max(initial=0.0)), int(steps.max(initial=0))
-
-
-def _in_step(parts: Sequence[Part]) -> tuple[float, int]:
-    """(time, steps) with all ranks in step: the sum over rounds of the slowest round of any
-    representative rank, each rank's rounds moved by each of its host's shifts (rounds moved
-    before round 0 are dropped: they are the pipeline's idle ones)."""
-    length = max((len(d) + max(shifts) for durs, _, shifts in parts for d in durs), default=0)
-    slow, busy = np.zeros(max(length, 0)), np.zeros(max(length, 0), dtype=bool)
-    for durs, busies, shifts in parts:
-        for d, b in zip(durs, busies, strict=True):
-            for s in shifts:
-                cut = max(0, -s)
-                d2, b2, at = d[cut:], b[cut:], max(0, s)
-                np.maximum(slow[at : at + len(d2)], d2, out=slow[at : at + len(d2)])
-                busy[at : at + len(b2)] |= b2
-    return float(slow.sum()), int(busy.sum())
 
 
 # -- layouts and arguments ------------------------------------------------------------------------
@@ -249,6 +124,8 @@ def _build(op: str, algo: str, rank: int, hosts: tuple[int, ...], kw: dict[str, 
     return build(op, algo, rank, len(hosts), **kw)
 
 
+#: Ops with a root that waits for no one: called back to back, the next call overlaps.
+ROOTED = frozenset({"broadcast", "reduce", "gather", "scatter"})
 #: Algorithms whose hosts run the same rounds one or more rounds after the previous host's.
 PIPELINES = frozenset(
     {("broadcast", "chain"), ("reduce", "chain"), ("broadcast", "hier"), ("reduce", "hier")}
@@ -276,7 +153,7 @@ ROOT_HOST_ENOUGH = frozenset(
 )
 
 
-def _first_net_round(rounds: _Rounds, ranks: Sequence[int], hosts: Sequence[int]) -> int:
+def _first_net_round(rounds: Rounds, ranks: Sequence[int], hosts: Sequence[int]) -> int:
     """The first round in which a rank of ``ranks`` talks to another host."""
     first = [
         k
@@ -302,11 +179,22 @@ def model_time(
     p: Params,
     itemsize: int = 4,
     exact: bool | None = None,
+    back_to_back: bool = False,
 ) -> tuple[float, int, int, bool]:
     """(seconds, steps, bytes on the slowest link, exact) of one call by the schedules.
 
     ``exact``: simulate every rank (True), representative hosts (False), or by world size.
+    ``back_to_back``: the time per call of a rooted op called over and over (what `ringlet
+    bench` measures): its busiest rank's own rounds, not the critical path.
+    A reduce or reduce_scatter above ``p.piece`` bytes runs as that many equal pieces, one
+    schedule each (path.py), a reduce_scatter's piece first gathered into one buffer.
     """
+    pieces = -(-nbytes // p.piece) if p.piece and op in ("reduce", "reduce_scatter") else 1
+    if pieces > 1:
+        t, steps, link, ex = model_time(op, algo, nbytes // pieces, hosts_n, m,
+                                        replace(p, piece=0), itemsize, exact, back_to_back)  # fmt: skip
+        staged = p.rates(nbytes)[1] * nbytes if op == "reduce_scatter" else 0.0
+        return pieces * (t - p.call) + p.call + staged, pieces * steps, pieces * link, ex
     hosts = layout(hosts_n, m)
     size = len(hosts)
     kw = _kwargs(op, size, elements(op, nbytes, size, itemsize))
@@ -314,8 +202,9 @@ def model_time(
         return p.call, 0, 0, True
     if exact or (exact is None and size <= EXACT_RANKS):
         scheds = {r: _build(op, algo, r, hosts, kw) for r in range(size)}
-        rounds = _round_costs(scheds, hosts, p, itemsize)
-        t, steps = _simulate(rounds, size)
+        rounds = round_costs(scheds, hosts, p, itemsize, nbytes)
+        t, steps = simulate(rounds, size)
+        t = busiest(rounds) if back_to_back and op in ROOTED else t
         return t + p.call, steps, rounds.link * itemsize, True
     # Representative hosts: root's (0), 1, 2 and the last; the others run like host 1. Where
     # every host runs alike or the root's host is the busiest in every round, host 0 alone (not
@@ -324,24 +213,23 @@ def model_time(
     alike = (op, algo) in ROOT_HOST_ENOUGH and n >= size and (algo != "hier" or n > HIER_SMALL)
     reps = [0] if alike else sorted({0, 1, 2, hosts_n - 1})
     group = {h: [r for r in range(size) if hosts[r] == h] for h in reps}
-    built: dict[int, _Rounds] = {}
+    built: dict[int, Rounds] = {}
     for h in reps:
         mine = {r: _build(op, algo, r, hosts, kw) for r in group[h]}
-        built[h] = _round_costs(mine, hosts, p, itemsize)
+        built[h] = round_costs(mine, hosts, p, itemsize, nbytes)
     pipe = (op, algo) in PIPELINES and hosts_n >= 4
     parts: list[Part] = [(built[h].dur, built[h].busy, [0]) for h in reps if h != 1 or not pipe]
     if pipe:
         parts += _middle_hosts(built[1], built[2], group[1], group[2], hosts, hosts_n)
-    t, steps = _in_step(parts)
+    t, steps = in_step(parts)
+    if back_to_back and op in ROOTED:
+        t = max(busiest(b) for b in built.values())
     return t + p.call, steps, max(b.link for b in built.values()) * itemsize, False
 
 
-Part = tuple[list[np.ndarray], list[np.ndarray], Sequence[int]]
-
-
 def _middle_hosts(
-    one: _Rounds,
-    two: _Rounds,
+    one: Rounds,
+    two: Rounds,
     ranks1: Sequence[int],
     ranks2: Sequence[int],
     hosts: Sequence[int],

@@ -6,10 +6,12 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import replace
 from importlib import metadata
 
 import pytest
 
+from ringlet import plan_params
 from ringlet.calibrate import fit
 from ringlet.cli import main as cli_main
 from ringlet.plan import PLAN_OPS, algorithms_for, model_time, predict
@@ -97,19 +99,50 @@ def test_plan_4096_ranks_in_seconds() -> None:
 
 
 def test_calibration_fit_recovers_parameters() -> None:
-    """Times made by the model itself from known parameters come back out of the fit."""
-    link, call, reduce, copy = Link(7e-6, 1 / 3e9), 25e-6, 3e-10, 1e-10
-    truth = Params(link, link, reduce, copy, call, 0.0)
+    """Times made by the model itself from known parameters (segments, cross-memory copies and
+    out-of-cache rates included) come back out of the fit."""
+    link, call = Link(7e-6, 1 / 3e9), 25e-6
+    measured = {"reduce": 3e-10, "copy": 1e-10, "reduce_cold": 6e-10, "copy_cold": 3e-10,
+                "cache": 4 << 20, "direct": {"alpha": link.alpha, "beta": 1 / 9e9}}  # fmt: skip
+    truth = params_for("25gbit", "shm", {**measured, "links": {"shm": vars(link)},
+                                          "call_by_link": {"shm": call}})  # fmt: skip
+    assert truth.direct is not None and truth.seg == 1 << 20
     records = [
         {"op": op, "algo": algo, "bytes": b,
          "time_us": model_time(op, algo, b, 1, 2, truth)[0] * 1e6}
         for op, algo in (("broadcast", "linear"), ("all_reduce", "ring"))
-        for b in (8, 64 << 10, 1 << 20, 4 << 20)
+        for b in (8, 64 << 10, 1 << 20, 4 << 20, 16 << 20)
     ]  # fmt: skip
-    got, got_call = fit(records, reduce, copy)
+    got, got_call = fit(records, measured, "shm")
     assert got.alpha == pytest.approx(link.alpha, rel=1e-3)
     assert got.beta == pytest.approx(link.beta, rel=1e-3)
     assert got_call == pytest.approx(call, rel=1e-3)
+
+
+def test_engine_terms() -> None:
+    """A folded 8 MiB message costs an exchange per 1 MiB segment; a 64 MiB reduce_scatter
+    runs as 4 pieces; a crowded host pays a wake-up per round; all as the engine does them."""
+    base = params_for("25gbit", "tcp", {"cores": 2})
+    plain = replace(base, seg=0)
+    t_seg = model_time("all_reduce", "ring", 16 << 20, 1, 2, base)[0]
+    t_one = model_time("all_reduce", "ring", 16 << 20, 1, 2, plain)[0]
+    assert t_seg - t_one == pytest.approx(7 * base.local.alpha)  # 8 segments in one round
+    whole = model_time("reduce_scatter", "ring", 64 << 20, 1, 2, replace(base, piece=0))
+    cut = model_time("reduce_scatter", "ring", 64 << 20, 1, 2, base)
+    assert cut[1] == 4 * whole[1]
+    woken = model_time("barrier", "dissemination", 0, 1, 4, replace(base, wake=1e-3))
+    quiet = model_time("barrier", "dissemination", 0, 1, 4, base)
+    assert woken[0] - quiet[0] == pytest.approx(woken[1] * 1e-3)
+
+
+def test_mirrored_constants() -> None:
+    """The model's copies of the engine's cuts are the engine's."""
+    from ringlet import engine, path
+    from ringlet.transport import shm_mailboxes
+
+    assert plan_params.SEGMENT_BYTES == engine.SEGMENT_BYTES
+    assert plan_params.PIECE_BYTES == path.PIECE_BYTES
+    assert plan_params.DIRECT_MIN_BYTES == shm_mailboxes.DIRECT_MIN_BYTES
 
 
 def test_params_links() -> None:
