@@ -82,6 +82,9 @@ def test_torchrun_agent_store_moves_ours_to_the_next_port() -> None:
     assert (env.master_port, env.store_port_offset, env.store_port) == (29400, 1, 29401)
     env = resolve(environ={**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "False"})
     assert env.store_port_offset == 0
+    # torchrun without a shared agent store: MASTER_PORT is rank 0's torch store, ours is apart
+    elastic = {**TORCHRUN, "TORCHELASTIC_USE_AGENT_STORE": "False", "TORCHELASTIC_RUN_ID": "r7"}
+    assert resolve(environ=elastic).store_port_offset == 1
 
 
 def test_slurm_variables() -> None:
@@ -473,10 +476,11 @@ def test_open_mpi_on_one_host_needs_nothing_exported() -> None:
 def test_torch_elastic_restart_is_another_job() -> None:
     from ringlet.rendezvous.torchelastic import key
 
-    first = {"TORCHELASTIC_RUN_ID": "5f1c", "TORCHELASTIC_RESTART_COUNT": "0"}
+    first = {"TORCHELASTIC_RUN_ID": "5f1c", "TORCHELASTIC_RESTART_COUNT": "0", "WORLD_SIZE": "4"}
     again = {**first, "TORCHELASTIC_RESTART_COUNT": "2"}
     assert (job_id(first), job_id(again)) == ("torchrun:5f1c", "torchrun:5f1c@attempt2")
-    assert key(first) != key(again) == "ringlet/5f1c/attempt2/store"
+    assert key(first) != key(again) == "ringlet/5f1c/attempt2/world4/store"
+    assert key({**first, "WORLD_SIZE": "8"}) != key(first)  # a node joined: no restart, a new round
     assert job_id({"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "1"}) != ""
 
 

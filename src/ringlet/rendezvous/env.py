@@ -11,8 +11,9 @@ step and a port from the job and step ids; under mpiexec with every rank on this
 and a port from the job id (Open MPI's PMIx namespace, or the Hydra proxy that started the ranks);
 under MPICH's Hydra across hosts, rank 0 publishes its address through Hydra's PMI
 (:mod:`ringlet.rendezvous.pmi`).
-Under torchrun, rank 0 publishes its store's address in the agent's own store, keyed by the
-restart count, so a restarted attempt never meets the previous attempt's store.
+Under torchrun, rank 0 publishes its store's address in torch's store on MASTER_PORT (the
+agent's, or one rank 0 serves for torch too), keyed by the restart count and the world size, so a
+restarted attempt, or a round after a node joined, never meets a previous round's store.
 """
 
 from __future__ import annotations
@@ -77,9 +78,11 @@ def resolve(
 ) -> JobEnv:
     """Work out this process's place in the job from the arguments and the environment.
 
-    Under torchrun with its agent store (TORCHELASTIC_USE_AGENT_STORE=True) and ``agent_store``
-    (default: when reading os.environ), rank 0 publishes its store's address there and the others
-    read it (:mod:`ringlet.rendezvous.torchelastic`); otherwise our store takes MASTER_PORT + 1.
+    Under torchrun (TORCHELASTIC_USE_AGENT_STORE set, with a run id when False) and
+    ``agent_store`` (default: when reading os.environ), rank 0 publishes its store's address in
+    torch's store on MASTER_PORT and the others read it (:mod:`ringlet.rendezvous.torchelastic`);
+    without torch importable our store takes MASTER_PORT + 1. Across hosts under MPICH's Hydra,
+    rank 0 publishes it through Hydra's PMI (:mod:`ringlet.rendezvous.pmi`).
 
     Raises ValueError naming, for each source tried, the variables that were missing, when no
     source is complete, or when a value is malformed or out of range; TypeError for non-int

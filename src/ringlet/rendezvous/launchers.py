@@ -94,12 +94,22 @@ def _from_torchrun(environ: Mapping[str, str]) -> _Found:
         world_size=_int_var(environ, "WORLD_SIZE"),
         local_rank=_int_var(environ, "LOCAL_RANK"),
         local_size=_int_var(environ, "LOCAL_WORLD_SIZE"),
-        # torchrun's agent already serves its own TCPStore on MASTER_PORT: ours takes the next
-        port_offset=1 if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True" else 0,
+        # MASTER_PORT is torch's (its agent's store, or rank 0's for init_process_group): under
+        # torch elastic ours is published there (rendezvous.torchelastic), else it takes the next
+        port_offset=1 if _torch_elastic(environ) else 0,
     )
     _master_vars(environ, found, fallback=False)
     found.missing = _unset(environ, "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
     return found
+
+
+def _torch_elastic(environ: Mapping[str, str]) -> bool:
+    """True when torch elastic's agent (torchrun) started this process: with its own store, or
+    (TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, as node changes need) a run id and rank 0's store."""
+    use_agent_store = environ.get("TORCHELASTIC_USE_AGENT_STORE", "")
+    return use_agent_store == "True" or (
+        use_agent_store == "False" and bool(environ.get("TORCHELASTIC_RUN_ID", "").strip())
+    )
 
 
 def derived_port(job: str) -> int:

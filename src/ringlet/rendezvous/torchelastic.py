@@ -1,11 +1,15 @@
-"""torchrun's agent store as the place where rank 0 tells the others where ringlet's store is.
+"""torch's store on MASTER_PORT as the place where rank 0 tells the others where ringlet's store is.
 
-torchrun (TORCHELASTIC_USE_AGENT_STORE=True) already serves a TCPStore on MASTER_ADDR:MASTER_PORT
-for the whole run, restarts included. Rank 0 picks a free port on its own address and publishes
-``host:port`` there under a key that holds the run id and the restart count, so a restarted
-attempt never reads the address of the previous attempt's (dead) store, and ``MASTER_PORT + 1``
-(which another job may own) is never assumed. Only the address goes there: that store is
-unauthenticated, so the secret never does (see :mod:`ringlet.rendezvous.secret`).
+Under torchrun, MASTER_ADDR:MASTER_PORT is torch's: the agent's own TCPStore for the whole run
+(TORCHELASTIC_USE_AGENT_STORE=True), or, where the agents do not share theirs
+(TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, which node changes need in torch 2.13: a node joining a
+running job waits forever otherwise), the one rank 0's ``init_process_group`` serves. In that case
+ringlet's rank 0 serves it first, multi-tenant, so torch's rank 0 later shares the same server.
+Rank 0 picks a free port on its own address and publishes ``host:port`` there under a key that
+holds the run id, the restart count and the world size, so a restarted attempt, or a new round
+after a node joined, never reads the address of a previous round's (dead) store, and
+``MASTER_PORT + 1`` (which another job may own) is never assumed. Only the address goes there:
+that store is unauthenticated, so the secret never does (see :mod:`ringlet.rendezvous.secret`).
 """
 
 from __future__ import annotations
@@ -42,11 +46,16 @@ def free_port(host: str) -> int:
         return port
 
 
+#: torch stores served here for rank 0's process (a server lives as long as its TCPStore).
+_served: list[object] = []
+
+
 def key(environ: Mapping[str, str]) -> str:
-    """The agent-store key of this attempt's ringlet store address."""
+    """The key of this round's ringlet store address: run id, restart count, world size."""
     run = environ.get("TORCHELASTIC_RUN_ID", "").strip() or "none"
     restart = environ.get("TORCHELASTIC_RESTART_COUNT", "").strip() or "0"
-    return f"ringlet/{run}/attempt{restart}/store"
+    world = environ.get("WORLD_SIZE", "").strip() or "?"
+    return f"ringlet/{run}/attempt{restart}/world{world}/store"
 
 
 def via_agent_store(env: JobEnv, environ: Mapping[str, str]) -> JobEnv:
@@ -58,13 +67,17 @@ def via_agent_store(env: JobEnv, environ: Mapping[str, str]) -> JobEnv:
         import torch.distributed as dist
     except ImportError:
         return env
+    serve = env.rank == 0 and environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     agent = dist.TCPStore(  # type: ignore[attr-defined]
         env.master_host,
         env.master_port,
-        is_master=False,
+        is_master=serve,
         timeout=timedelta(seconds=env.timeout),
         wait_for_workers=False,
+        multi_tenant=True,  # as torch's own rank 0 makes it: one server for both
     )
+    if serve:
+        _served.append(agent)
     name = key(environ)
     if env.rank == 0:
         host = _reachable_address(env.master_host, environ)
@@ -80,5 +93,4 @@ def via_agent_store(env: JobEnv, environ: Mapping[str, str]) -> JobEnv:
                 f" (key {name!r}); did rank 0 start, and call ringlet.init()? ({exc})"
             ) from exc
         port = int(port_text)
-    del agent
     return dataclasses.replace(env, master_host=host, master_port=port, store_port_offset=0)
