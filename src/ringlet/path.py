@@ -3,9 +3,9 @@
 A communicator holds one ``Path``. ``move`` takes a call's named flat buffers and the arguments
 its schedule is built from; select picks the algorithm from the op, the size, the hosts the
 communicator spans and what ``algo=`` / RINGLET_ALGO force, and the engine runs the (cached)
-schedule over the routes: shared memory to this host's ranks, TCP to the others. (A communicator
-whose ranks all share one host still runs its default choices through the host's shm group,
-shm.py, until those algorithms are schedules too; forcing an algorithm runs it as a schedule.)
+schedule over the routes: shared memory to this host's ranks, TCP to the others. (Where every rank
+shares one host, select still answers ``select.GROUP`` for the ops whose one-host defaults are the
+host's shm group, shm.py, until schedules match them; forcing an algorithm runs it as a schedule.)
 The flight recorder notes the algorithm and transports of every call.
 """
 
@@ -58,7 +58,7 @@ def _needs(sched: Schedule) -> tuple[int, int, bool]:
 class _Plan(NamedTuple):
     """How calls of one shape move (decided by :meth:`Path._plan`)."""
 
-    shm: bool  # through the host's shm group
+    shm: bool  # through the host's shm group (select chose select.GROUP)
     algo: str
     sched: Schedule | None  # None: a large reduction that runs piece by piece
     sent: ReduceOp | None  # the op that travels (a mean moves as a sum)
@@ -176,18 +176,19 @@ class Path:
         finish = functools.partial(finish_mean, size=self.size) if rop is _MEAN and lands else None
         sent = wire_op(rop) if rop is not None else None
         forced = algo or self._forced.get(op)
-        if self._shm is not None and forced is None:
-            plan = _Plan(True, "shm_group", None, sent, finish, False, (0, 0, False))
+        nbytes = calls.total(itemsize, **kw)
+        chosen = select.select(
+            op,
+            self.size,
+            nbytes,
+            forced,
+            hosts=self._topology,
+            deterministic=self._deterministic,
+            group=self._shm is not None,
+        )
+        if chosen == select.GROUP:
+            plan = _Plan(True, chosen, None, sent, finish, False, (0, 0, False))
         else:
-            nbytes = calls.total(itemsize, **kw)
-            chosen = select.select(
-                op,
-                self.size,
-                nbytes,
-                forced,
-                hosts=self._topology,
-                deterministic=self._deterministic,
-            )
             pieces = op in calls.IN_PIECES and nbytes > PIECE_BYTES
             sched = (
                 None

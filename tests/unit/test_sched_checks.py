@@ -157,6 +157,19 @@ def test_select_honours_a_valid_override(op: str, algo: str) -> None:
     assert select(op, 8, 1 << 30, override=algo) == algo
 
 
+def test_select_sends_one_host_defaults_to_the_shm_group_and_forcing_past_it() -> None:
+    from ringlet.schedules.select import GROUP, GROUP_OPS
+
+    for op in ALGORITHMS:
+        chosen = select(op, 4, 1 << 20, group=True)
+        assert chosen == (GROUP if op in GROUP_OPS else select(op, 4, 1 << 20)), op
+        forced = next(iter(ALGORITHMS[op]))
+        assert select(op, 4, 1 << 20, override=forced, group=True) == forced  # a schedule
+        assert select(op, 4, 1 << 20, group=False) in ALGORITHMS[op]
+    with pytest.raises(ValueError, match="no algorithm named 'shm_group'"):
+        select("all_reduce", 4, 8, override=GROUP, group=True)  # never forced by name
+
+
 def test_select_rejects_an_unknown_override_listing_the_choices() -> None:
     with pytest.raises(ValueError, match="doubling, halving_doubling, hier, ordered, ring"):
         select("all_reduce", 8, 100, override="tree")

@@ -101,6 +101,14 @@ RANK_ORDER: dict[str, frozenset[str]] = {
     op: frozenset({algo, *([DIRECT[op]] if op in DIRECT else [])}) for op, algo in ORDERED.items()
 }
 
+#: What select answers for a call the one-host shm group (transport/shm.py) runs: its own
+#: one-step, staged and single-copy collectives, used by default when every rank of a communicator
+#: shares this host, for the ops in GROUP_OPS. Not a schedule and never forced; an op leaves the
+#: set once its schedules over the shared-memory transport are measured at least as fast
+#: (benchmarks/README.md), and the group goes when the set is empty.
+GROUP = "shm_group"
+GROUP_OPS: frozenset[str] = frozenset(ALGORITHMS)
+
 #: Algorithms that take the topology as a keyword ``hosts`` after their :data:`PARAMS`.
 TOPOLOGICAL: frozenset[str] = frozenset({"hier"})
 
@@ -187,13 +195,16 @@ def select(
     *,
     hosts: Sequence[int] | None = None,
     deterministic: bool = False,
+    group: bool = False,
 ) -> str:
     """The algorithm name for ``op`` over ``size`` ranks moving a vector of ``nbytes``.
 
     ``nbytes`` is the size of the whole vector: the reduced vector (all_reduce, reduce,
     broadcast), the concatenated result (all_gather, gather) or input (scatter,
     reduce_scatter), or one rank's input (all_to_all). ``hosts`` is the host index of each rank
-    (None: not known). ``deterministic`` picks the reductions' rank-order fold (:data:`ORDERED`).
+    (None: not known). ``deterministic`` picks the reductions' rank-order fold (:data:`ORDERED`);
+    ``group`` says every rank shares this host through a shm group (answer: :data:`GROUP`, whose
+    reductions fold in rank order too).
     ``override`` (for example from RINGLET_ALGO) wins if it names an algorithm of ``op`` (an
     ordered one for a reduction in deterministic mode). Raises ValueError for an unknown op or
     override, naming the choices.
@@ -201,6 +212,8 @@ def select(
     choices = algorithms(op)
     if override is not None:
         return _checked_override(op, override, choices, deterministic)
+    if group and op in GROUP_OPS:
+        return GROUP
     if deterministic and op in ORDERED:
         return DIRECT[op] if op in DIRECT and nbytes <= DIRECT_MAX else ORDERED[op]
     if op in HIER_OPS and spans_hosts(hosts):
