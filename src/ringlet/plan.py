@@ -124,6 +124,9 @@ def _build(op: str, algo: str, rank: int, hosts: tuple[int, ...], kw: dict[str, 
     return build(op, algo, rank, len(hosts), **kw)
 
 
+#: Rings with fewer elements than ranks: each element hops from rank to rank in every round,
+#: so all rounds are on the critical path though most ranks idle in most (round counts).
+SPARSE_RINGS = {("all_reduce", "ring"): lambda p: 2 * (p - 1), ("reduce", "ring"): lambda p: p}
 #: Ops with a root that waits for no one: called back to back, the next call overlaps.
 ROOTED = frozenset({"broadcast", "reduce", "gather", "scatter"})
 #: Algorithms whose hosts run the same rounds one or more rounds after the previous host's.
@@ -211,7 +214,8 @@ def model_time(
     # for vectors with fewer elements than ranks: most chunks are empty, a pipeline is left).
     n = elements(op, nbytes, size, itemsize)
     alike = (op, algo) in ROOT_HOST_ENOUGH and n >= size and (algo != "hier" or n > HIER_SMALL)
-    reps = [0] if alike else sorted({0, 1, 2, hosts_n - 1})
+    every = SPARSE_RINGS[(op, algo)](size) if (op, algo) in SPARSE_RINGS and n < size else 0
+    reps = [0] if alike or every else sorted({0, 1, 2, hosts_n - 1})
     group = {h: [r for r in range(size) if hosts[r] == h] for h in reps}
     built: dict[int, Rounds] = {}
     for h in reps:
@@ -221,7 +225,7 @@ def model_time(
     parts: list[Part] = [(built[h].dur, built[h].busy, [0]) for h in reps if h != 1 or not pipe]
     if pipe:
         parts += _middle_hosts(built[1], built[2], group[1], group[2], hosts, hosts_n)
-    t, steps = in_step(parts)
+    t, steps = in_step(parts, every)
     if back_to_back and op in ROOTED:
         t = max(busiest(b) for b in built.values())
     return t + p.call, steps, max(b.link for b in built.values()) * itemsize, False

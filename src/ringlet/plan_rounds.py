@@ -143,11 +143,14 @@ def simulate(rounds: Rounds, size: int) -> tuple[float, int]:
     return float(ready.max(initial=0.0)), int(steps.max(initial=0))
 
 
-def in_step(parts: Sequence[Part]) -> tuple[float, int]:
+def in_step(parts: Sequence[Part], every: int = 0) -> tuple[float, int]:
     """(time, steps) with all ranks in step: the sum over rounds of the slowest round of any
     representative rank, each rank's rounds moved by each of its host's shifts (rounds moved
-    before round 0 are dropped: they are the pipeline's idle ones)."""
+    before round 0 are dropped: they are the pipeline's idle ones). ``every``: the call has
+    that many rounds and some rank works in each (a ring passing a few elements): rounds no
+    representative works in cost what its working rounds cost on average."""
     length = max((len(d) + max(shifts) for durs, _, shifts in parts for d in durs), default=0)
+    length = max(length, every)
     slow, busy = np.zeros(max(length, 0)), np.zeros(max(length, 0), dtype=bool)
     for durs, busies, shifts in parts:
         for d, b in zip(durs, busies, strict=True):
@@ -156,6 +159,9 @@ def in_step(parts: Sequence[Part]) -> tuple[float, int]:
                 d2, b2, at = d[cut:], b[cut:], max(0, s)
                 np.maximum(slow[at : at + len(d2)], d2, out=slow[at : at + len(d2)])
                 busy[at : at + len(b2)] |= b2
+    if every and busy.any():
+        slow[~busy] = slow[busy].mean()
+        return float(slow.sum()), length
     return float(slow.sum()), int(busy.sum())
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 
+from ringlet.plan import model_time
+from ringlet.plan_params import params_for
 from ringlet.schedules import ring
 from ringlet.schedules.groups import SPANS, built_span, span
 
@@ -47,3 +49,18 @@ def test_span_falls_back_to_building() -> None:
         return [None] * (i * count)
 
     assert span(odd, 5, (("count", 2),)) == 8  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("op", "rounds"), [("all_reduce", lambda p: 2 * (p - 1)), ("reduce", lambda p: p)]
+)
+def test_sparse_ring_keeps_every_round(op: str, rounds: object) -> None:
+    """A ring passing fewer elements than ranks: every round is on the critical path, on the
+    representative path as when every rank is simulated."""
+    params = params_for("25gbit")
+    exact = model_time(op, "ring", 8, 16, 8, params, exact=True)
+    reps = model_time(op, "ring", 8, 16, 8, params, exact=False)
+    assert exact[1] == reps[1] == rounds(128)  # type: ignore[operator]
+    assert reps[0] == pytest.approx(exact[0], rel=0.3)  # 18 % (all_reduce), 29 % (reduce)
+    wide = model_time(op, "ring", 8, 512, 8, params)
+    assert wide[1] == rounds(4096) and not wide[3]  # type: ignore[operator]
