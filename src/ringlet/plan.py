@@ -126,7 +126,13 @@ def _build(op: str, algo: str, rank: int, hosts: tuple[int, ...], kw: dict[str, 
 
 #: Rings with fewer elements than ranks: each element hops from rank to rank in every round,
 #: so all rounds are on the critical path though most ranks idle in most (round counts).
-SPARSE_RINGS = {("all_reduce", "ring"): lambda p: 2 * (p - 1), ("reduce", "ring"): lambda p: p}
+SPARSE_RINGS = {
+    ("all_reduce", "ring"): lambda p, n: 2 * (p - 1),
+    ("reduce", "ring"): lambda p, n: p,
+    ("broadcast", "scatter_ring"): lambda p, n: p - 1 + (n - 1).bit_length(),  # + the scatter
+    ("broadcast", "chain"): lambda p, n: p - 1,
+    ("reduce", "chain"): lambda p, n: p - 1,
+}
 #: Ops with a root that waits for no one: called back to back, the next call overlaps.
 ROOTED = frozenset({"broadcast", "reduce", "gather", "scatter"})
 #: Algorithms whose hosts run the same rounds one or more rounds after the previous host's.
@@ -214,14 +220,14 @@ def model_time(
     # for vectors with fewer elements than ranks: most chunks are empty, a pipeline is left).
     n = elements(op, nbytes, size, itemsize)
     alike = (op, algo) in ROOT_HOST_ENOUGH and n >= size and (algo != "hier" or n > HIER_SMALL)
-    every = SPARSE_RINGS[(op, algo)](size) if (op, algo) in SPARSE_RINGS and n < size else 0
+    every = SPARSE_RINGS[(op, algo)](size, n) if (op, algo) in SPARSE_RINGS and n < size else 0
     reps = [0] if alike or every else sorted({0, 1, 2, hosts_n - 1})
     group = {h: [r for r in range(size) if hosts[r] == h] for h in reps}
     built: dict[int, Rounds] = {}
     for h in reps:
         mine = {r: _build(op, algo, r, hosts, kw) for r in group[h]}
         built[h] = round_costs(mine, hosts, p, itemsize, nbytes)
-    pipe = (op, algo) in PIPELINES and hosts_n >= 4
+    pipe = (op, algo) in PIPELINES and hosts_n >= 4 and not every
     parts: list[Part] = [(built[h].dur, built[h].busy, [0]) for h in reps if h != 1 or not pipe]
     if pipe:
         parts += _middle_hosts(built[1], built[2], group[1], group[2], hosts, hosts_n)

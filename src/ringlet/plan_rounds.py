@@ -147,10 +147,9 @@ def in_step(parts: Sequence[Part], every: int = 0) -> tuple[float, int]:
     """(time, steps) with all ranks in step: the sum over rounds of the slowest round of any
     representative rank, each rank's rounds moved by each of its host's shifts (rounds moved
     before round 0 are dropped: they are the pipeline's idle ones). ``every``: the call has
-    that many rounds and some rank works in each (a ring passing a few elements): rounds no
+    that many rounds in which some rank works (a ring passing a few elements); those no
     representative works in cost what its working rounds cost on average."""
     length = max((len(d) + max(shifts) for durs, _, shifts in parts for d in durs), default=0)
-    length = max(length, every)
     slow, busy = np.zeros(max(length, 0)), np.zeros(max(length, 0), dtype=bool)
     for durs, busies, shifts in parts:
         for d, b in zip(durs, busies, strict=True):
@@ -159,10 +158,10 @@ def in_step(parts: Sequence[Part], every: int = 0) -> tuple[float, int]:
                 d2, b2, at = d[cut:], b[cut:], max(0, s)
                 np.maximum(slow[at : at + len(d2)], d2, out=slow[at : at + len(d2)])
                 busy[at : at + len(b2)] |= b2
-    if every and busy.any():
-        slow[~busy] = slow[busy].mean()
-        return float(slow.sum()), length
-    return float(slow.sum()), int(busy.sum())
+    worked = int(busy.sum())
+    if every > worked and worked:
+        return float(slow.sum() + (every - worked) * slow[busy].mean()), every
+    return float(slow.sum()), worked
 
 
 def busiest(rounds: Rounds) -> float:

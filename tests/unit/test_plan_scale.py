@@ -51,16 +51,23 @@ def test_span_falls_back_to_building() -> None:
     assert span(odd, 5, (("count", 2),)) == 8  # type: ignore[arg-type]
 
 
-@pytest.mark.parametrize(
-    ("op", "rounds"), [("all_reduce", lambda p: 2 * (p - 1)), ("reduce", lambda p: p)]
-)
-def test_sparse_ring_keeps_every_round(op: str, rounds: object) -> None:
+SPARSE = [
+    ("all_reduce", "ring", lambda p: 2 * (p - 1)),
+    ("reduce", "ring", lambda p: p),
+    ("broadcast", "scatter_ring", lambda p: p),
+    ("broadcast", "chain", lambda p: p - 1),
+    ("reduce", "chain", lambda p: p - 1),
+]
+
+
+@pytest.mark.parametrize(("op", "algo", "rounds"), SPARSE)
+def test_sparse_ring_keeps_every_round(op: str, algo: str, rounds: object) -> None:
     """A ring passing fewer elements than ranks: every round is on the critical path, on the
     representative path as when every rank is simulated."""
     params = params_for("25gbit")
-    exact = model_time(op, "ring", 8, 16, 8, params, exact=True)
-    reps = model_time(op, "ring", 8, 16, 8, params, exact=False)
+    exact = model_time(op, algo, 8, 16, 8, params, exact=True)
+    reps = model_time(op, algo, 8, 16, 8, params, exact=False)
     assert exact[1] == reps[1] == rounds(128)  # type: ignore[operator]
     assert reps[0] == pytest.approx(exact[0], rel=0.3)  # 18 % (all_reduce), 29 % (reduce)
-    wide = model_time(op, "ring", 8, 512, 8, params)
+    wide = model_time(op, algo, 8, 512, 8, params)
     assert wide[1] == rounds(4096) and not wide[3]  # type: ignore[operator]
