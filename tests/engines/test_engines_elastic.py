@@ -1,14 +1,16 @@
-"""torch elastic with a changing set of nodes: the real ``torchrun --nnodes 1:2``, two agents here.
+"""torch elastic with a changing set of nodes: the real ``torchrun --nnodes 1:2``, agents here.
 
 Each agent is one "node" of two ranks, meeting through torch's c10d rendezvous. Node A runs alone
 (world 2); node B joins, so A's agent stops its ranks and a new round of world 4 starts with the
-same TORCHELASTIC_RESTART_COUNT (a membership change is no restart); then node B dies, A's ranks
-fail, and A's agent restarts them alone (world 2, restart 1). Each round's ranks must meet in
+same TORCHELASTIC_RESTART_COUNT (a membership change is no restart); node B dies, A's ranks fail
+and A's agent restarts them alone (world 2, restart 1); then node C joins, whose agent counts no
+restart at all (the count is each agent's own, not the job's). Each round's ranks must meet in
 their own store, and torch's gloo beside ringlet on MASTER_PORT: each checks both against NumPy.
 
 The agents run with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1: with torch 2.13's shared agent store a
 node joining a running job never starts (the joining agent waits for the round's MASTER_ADDR key,
-which the running rank-0 agent, already holding its store, never writes) and times out, ringlet or not.
+which the running rank-0 agent, already holding its store, never writes) and times out, ringlet
+or not.
 """
 
 from __future__ import annotations
@@ -52,14 +54,15 @@ SCRIPT = textwrap.dedent("""
     dist.all_reduce(t)
     assert t.tolist() == [n * (n + 1) / 2] * 3, t
     comm.barrier()
-    print("ROUND " + json.dumps({"node": node, "rank": r, "size": n, "restart": restart}),
+    print("ROUND " + json.dumps({"node": node, "rank": r, "size": n, "restart": restart,
+                                 "round": os.environ["MASTER_PORT"], "t": time.time()}),
           flush=True)
-    if n == 2 and restart == 0:
-        time.sleep(600)  # node A alone: runs until node B's arrival makes its agent stop it
-    if n == 4 and node == "B":
+    if n == 2:
+        time.sleep(600)  # node A alone: runs until a node's arrival makes its agent stop it
+    if node == "B":
         os.kill(os.getppid(), 9)  # node B dies, agent and all; its ranks go too
         os._exit(1)
-    if n == 4:
+    if restart == 0 and node == "A":
         comm.all_reduce(x)  # node B's ranks never come: this fails, and A's agent restarts
         os._exit(2)
     dist.destroy_process_group()
@@ -92,7 +95,8 @@ def rounds(log: Path) -> list[dict[str, object]]:
 def wait_for(what: str, check: object, deadline: float, logs: list[Path]) -> None:
     while not check():  # type: ignore[operator]
         if time.monotonic() > deadline:
-            text = "\n".join(f"--- {p.name} ---\n{p.read_text()[-6000:]}" for p in logs)
+            text = "\n".join(f"--- {p.name} ---\n{p.read_text()[-6000:]}" for p in logs
+                             if p.exists())  # fmt: skip
             pytest.fail(f"timed out waiting for {what}\n{text}")
         time.sleep(0.2)
 
@@ -102,14 +106,22 @@ def test_nodes_joining_and_leaving_meet_each_rounds_own_store(tmp_path: Path) ->
     script = tmp_path / "elastic.py"
     script.write_text(SCRIPT)
     endpoint, run_id = f"127.0.0.1:{free_port()}", f"elastic-{os.getpid()}"
-    logs = [tmp_path / "node_a.log", tmp_path / "node_b.log"]
-    a = agent("A", endpoint, run_id, script, logs[0])
+    logs = {node: tmp_path / f"node_{node}.log" for node in "ABC"}
+    every = list(logs.values())
+    a = agent("A", endpoint, run_id, script, logs["A"])
     procs = [a]
+
+    def seen() -> list[dict[str, object]]:
+        return [x for log in every if log.exists() for x in rounds(log)]
+
     try:
-        deadline = time.monotonic() + 240
-        wait_for("node A's world of 2", lambda: len(rounds(logs[0])) >= 2, deadline, logs)
-        procs.append(agent("B", endpoint, run_id, script, logs[1]))
-        a.wait(timeout=max(1.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + 300
+        wait_for("node A alone", lambda: len(seen()) >= 2, deadline, every)
+        procs.append(agent("B", endpoint, run_id, script, logs["B"]))
+        wait_for("node A alone again", lambda: len(seen()) >= 8, deadline, every)
+        procs.append(agent("C", endpoint, run_id, script, logs["C"]))
+        for proc in (a, procs[2]):
+            proc.wait(timeout=max(1.0, deadline - time.monotonic()))
     except subprocess.TimeoutExpired:
         pass
     finally:
@@ -117,15 +129,20 @@ def test_nodes_joining_and_leaving_meet_each_rounds_own_store(tmp_path: Path) ->
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
-    report = "\n".join(f"--- {p.name} ---\n{p.read_text()[-8000:]}" for p in logs)
-    seen = [x for log in logs for x in rounds(log)]
-    by_round: dict[tuple[int, int], list[tuple[str, int]]] = {}
-    for x in seen:
-        key = (int(str(x["size"])), int(str(x["restart"])))
-        by_round.setdefault(key, []).append((str(x["node"]), int(str(x["rank"]))))
-    assert a.returncode == 0, report
-    assert sorted(by_round) == [(2, 0), (2, 1), (4, 0)], report
-    for (size, _), ranks in by_round.items():
-        assert sorted(r for _, r in ranks) == list(range(size)), report
-    assert sorted(node for node, _ in by_round[(4, 0)]) == ["A", "A", "B", "B"], report
-    assert {node for key in ((2, 0), (2, 1)) for node, _ in by_round[key]} == {"A"}, report
+    report = "\n".join(f"--- {p.name} ---\n{p.read_text()[-8000:]}" for p in every if p.exists())
+    by_round: dict[str, list[dict[str, object]]] = {}
+    for x in sorted(seen(), key=lambda x: float(str(x["t"]))):
+        by_round.setdefault(str(x["round"]), []).append(x)
+    summary = [
+        (len(xs), sorted({(str(x["node"]), int(str(x["restart"]))) for x in xs}))
+        for xs in by_round.values()
+    ]
+    assert summary == [
+        (2, [("A", 0)]),
+        (4, [("A", 0), ("B", 0)]),
+        (2, [("A", 1)]),
+        (4, [("A", 1), ("C", 0)]),  # the agents' restart counts differ: one round all the same
+    ], report
+    for xs in by_round.values():
+        assert sorted(int(str(x["rank"])) for x in xs) == list(range(len(xs))), report
+    assert a.returncode == 0 and procs[2].returncode == 0, report

@@ -481,6 +481,16 @@ def test_torch_elastic_restart_is_another_job() -> None:
     assert (job_id(first), job_id(again)) == ("torchrun:5f1c", "torchrun:5f1c@attempt2")
     assert key(first) != key(again) == "ringlet/5f1c/attempt2/world4/store"
     assert key({**first, "WORLD_SIZE": "8"}) != key(first)  # a node joined: no restart, a new round
+    # no shared agent store: the round is torch's fresh MASTER_PORT, not each agent's own count
+    own = {
+        **first,
+        "TORCHELASTIC_USE_AGENT_STORE": "False",
+        "MASTER_ADDR": "n1",
+        "MASTER_PORT": "4",
+    }
+    veteran = {**own, "TORCHELASTIC_RESTART_COUNT": "1"}
+    assert (job_id(own), key(own)) == (job_id(veteran), key(veteran)) != (job_id(first), key(first))
+    assert job_id({**own, "MASTER_PORT": "5"}) != job_id(own)
     assert job_id({"TORCHELASTIC_RUN_ID": "none", "TORCHELASTIC_RESTART_COUNT": "1"}) != ""
 
 

@@ -291,18 +291,31 @@ def _unset(environ: Mapping[str, str], *names: str) -> tuple[str, ...]:
     return tuple(name for name in names if not environ.get(name, "").strip())
 
 
+def torch_round(environ: Mapping[str, str]) -> str:
+    """What tells this round of a torch elastic job from the previous ones, alike on every node.
+
+    Without a shared agent store, the round's MASTER_ADDR:MASTER_PORT (rank 0's agent picks a free
+    port each round); with one, only the restart count, which is each agent's own: a node that
+    joined later counts fewer (torch's issue 135712), but joining needs the former anyway.
+    "" for the first attempt with a shared store, or when torch elastic did not start us.
+    """
+    if environ.get("TORCHELASTIC_USE_AGENT_STORE") == "False" and _torch_elastic(environ):
+        return f"@{environ.get('MASTER_ADDR', '').strip()}:{environ.get('MASTER_PORT', '').strip()}"
+    restart = environ.get("TORCHELASTIC_RESTART_COUNT", "").strip()
+    return f"@attempt{restart}" if restart not in ("", "0") else ""
+
+
 def job_id(environ: Mapping[str, str]) -> str:
     """The id the launcher gave this job, alike on every rank and different for another job.
 
     RINGLET_JOB_ID (``ringlet run``), else torchrun's TORCHELASTIC_RUN_ID, else SLURM's job and
     step (``SLURM_JOB_ID.SLURM_STEP_ID``), else Open MPI / PMIx's namespace; "" when none is set.
     It goes into every handshake, so ranks of two jobs never join each other's store or peers.
-    Under torch elastic the restart count is part of it: a restarted attempt is another job.
+    Under torch elastic the round is part of it (torch_round()): a restarted attempt is another job.
     """
     if text := environ.get("RINGLET_JOB_ID", "").strip():
         return text
-    restart = environ.get("TORCHELASTIC_RESTART_COUNT", "").strip()
-    attempt = f"@attempt{restart}" if restart not in ("", "0") else ""
+    attempt = torch_round(environ)
     run_id = environ.get("TORCHELASTIC_RUN_ID", "").strip()
     if run_id and run_id != "none":  # torchrun's default --rdzv-id is the same for every job
         return f"torchrun:{run_id}{attempt}"

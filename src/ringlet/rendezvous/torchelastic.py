@@ -6,8 +6,9 @@ Under torchrun, MASTER_ADDR:MASTER_PORT is torch's: the agent's own TCPStore for
 running job waits forever otherwise), the one rank 0's ``init_process_group`` serves. In that case
 ringlet's rank 0 serves it first, multi-tenant, so torch's rank 0 later shares the same server.
 Rank 0 picks a free port on its own address and publishes ``host:port`` there under a key that
-holds the run id, the restart count and the world size, so a restarted attempt, or a new round
-after a node joined, never reads the address of a previous round's (dead) store, and
+holds the run id, the round (the restart count, or where torch's store is new each round its
+address: agents count restarts each on its own) and the world size, so a restarted attempt, or
+a new round after a node joined, never reads the address of a previous round's (dead) store, and
 ``MASTER_PORT + 1`` (which another job may own) is never assumed. Only the address goes there:
 that store is unauthenticated, so the secret never does (see :mod:`ringlet.rendezvous.secret`).
 """
@@ -51,11 +52,12 @@ _served: list[object] = []
 
 
 def key(environ: Mapping[str, str]) -> str:
-    """The key of this round's ringlet store address: run id, restart count, world size."""
+    """The key of this round's ringlet store address: run id, round (torch_round()), world size."""
+    from ringlet.rendezvous.launchers import torch_round
+
     run = environ.get("TORCHELASTIC_RUN_ID", "").strip() or "none"
-    restart = environ.get("TORCHELASTIC_RESTART_COUNT", "").strip() or "0"
     world = environ.get("WORLD_SIZE", "").strip() or "?"
-    return f"ringlet/{run}/attempt{restart}/world{world}/store"
+    return f"ringlet/{run}/{torch_round(environ)[1:] or 'attempt0'}/world{world}/store"
 
 
 def via_agent_store(env: JobEnv, environ: Mapping[str, str]) -> JobEnv:
