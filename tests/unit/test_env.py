@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import tempfile
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -505,3 +507,13 @@ def test_kubernetes_jobset_variables() -> None:
         resolve(environ={**pod, "JOB_INDEX": "1"})
     assert resolve(environ={**pod, "JOB_INDEX": "1", "RANK": "5", "WORLD_SIZE": "8",
                             "MASTER_PORT": "29500"}).rank == 5  # fmt: skip
+
+
+def test_inside_ray_the_error_points_to_ringlet_ray(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    with pytest.raises(ValueError) as outside:
+        resolve(environ={})
+    assert "ringlet.ray.init()" not in str(outside.value)
+    monkeypatch.setitem(sys.modules, "ray", types.ModuleType("ray"))
+    with pytest.raises(ValueError, match=r"Inside Ray .* call ringlet\.ray\.init\(\)"):
+        resolve(environ={})

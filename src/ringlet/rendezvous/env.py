@@ -19,6 +19,7 @@ restarted attempt, or a round after a node joined, never meets a previous round'
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -193,6 +194,11 @@ def _nothing_complete_message(given: _Found, environ: Mapping[str, str]) -> str:
         " hosts with MASTER_ADDR/MASTER_PORT), or pass rank=, world_size=, master='host:port'"
         " (world_size=1 needs no master)."
     )
+    if "ray" in sys.modules:  # Ray gives its workers none of these: ringlet.ray meets through Ray
+        lines.append(
+            "Inside Ray (an actor, a Ray Train worker) call ringlet.ray.init() instead: rank, size,"
+            " master and secret then come through Ray (Ray Train's context gives the first two)."
+        )
     return "\n".join(lines)
 
 
