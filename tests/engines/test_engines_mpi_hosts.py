@@ -18,6 +18,7 @@ import stat
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -28,10 +29,12 @@ import netns
 pytestmark = pytest.mark.multihost
 
 SCRIPT = textwrap.dedent("""
-    import json, socket
+    import json, os, socket, time
     import numpy as np
     import ringlet
 
+    if os.environ.get("LATE_RANK") == os.environ["PMI_RANK"]:
+        time.sleep(60)  # this rank comes to init() long after the others gave up
     comm = ringlet.init()
     r, n = comm.rank, comm.size
     table = np.arange(n * 1000, dtype=np.float64).reshape(n, 1000) * 0.5  # alike on every rank
@@ -71,16 +74,20 @@ def fake_ssh(hosts: netns.Hosts, path: Path) -> Path:
     return path
 
 
-def mpiexec(
-    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int], extra: dict[str, str]
-) -> subprocess.CompletedProcess[str]:
-    """``mpiexec -hosts h0:a,h1:b -n a+b python train.py`` started on host 0."""
+def mpiexec_argv(hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int]) -> list[str]:
+    """``mpiexec -hosts h0:a,h1:b -n a+b python train.py``, to start on host 0."""
     script = tmp_path / "train.py"
     script.write_text(SCRIPT)
     spec = ",".join(f"{hosts.address(h)}:{n}" for h, n in enumerate(slots))
-    argv = [shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or "mpiexec",
+    return [shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or "mpiexec",
             "-launcher", "ssh", "-launcher-exec", str(fake_ssh(hosts, tmp_path / "ssh")),
             "-hosts", spec, "-n", str(sum(slots)), sys.executable, str(script)]  # fmt: skip
+
+
+def mpiexec(
+    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int], extra: dict[str, str]
+) -> subprocess.CompletedProcess[str]:
+    argv = mpiexec_argv(hosts, tmp_path, slots)
     return hosts.run(0, argv, timeout=120, env=netns.clean_env(extra), cwd=str(tmp_path))
 
 
@@ -123,3 +130,22 @@ def test_rank_0_without_a_reachable_address_fails_every_rank(
     proc = mpiexec(hosts, tmp_path, (1, 1), extra)
     assert proc.returncode != 0, proc.stdout
     assert "10.77.0.250" in proc.stderr, proc.stderr
+
+
+def test_a_rank_that_never_comes_is_named_in_seconds(hosts: netns.Hosts, tmp_path: Path) -> None:
+    """Rank 1 sleeps before init(): rank 0 gives up at the PMI barrier after RINGLET_TIMEOUT
+    (3 s) and says why. (mpiexec itself then waits for the sleeper: Hydra's way, not ours.)"""
+    extra = {"RINGLET_SECRET": secrets.token_hex(16), "RINGLET_TIMEOUT": "3", "LATE_RANK": "1"}
+    errors = tmp_path / "stderr"
+    with errors.open("w") as err:
+        proc = hosts.popen(0, mpiexec_argv(hosts, tmp_path, (1, 1)), env=netns.clean_env(extra),
+                           cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        started, said = time.monotonic(), ""
+        while time.monotonic() - started < 40 and "rank 0 waited" not in said:
+            time.sleep(0.2)
+            said = errors.read_text()
+        took = time.monotonic() - started
+        proc.kill()
+        proc.wait()
+    assert "rank 0 waited for all 2 ranks to call ringlet.init()" in said, said
+    assert took < 25, (took, said)  # 3 s of waiting after two Python starts on a loaded machine
