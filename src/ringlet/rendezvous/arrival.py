@@ -19,7 +19,7 @@ from ringlet.rendezvous.store import KeyValueStore
 ABORT_KEY = "w/abort"
 SHAPE_KEY = "w/shape"
 _POLL = 0.25  # how often a waiting rank looks for an abort
-_LINGER = 0.5  # a rank that aborts the start keeps the store up this long, for the others to see why
+_LINGER = 0.5  # a rank that aborts the start keeps the store up so long, for the others to see why
 
 
 class ConfigurationError(RingletError):
