@@ -20,6 +20,7 @@ from .errors import AuthenticationError, RingletError
 from .rendezvous import JobEnv, Store, StoreServer, resolve
 from .rendezvous.arrival import check_world_size, wait_for_peers
 from .rendezvous.env import LAUNCHER_STORE_VARIABLE
+from .rendezvous.launchers import parse_master
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
 from .schedules import select
 from .transport.tcp import Listener
@@ -113,8 +114,12 @@ def _serve_store(env: JobEnv, key: bytes, local: LocalSecret | None) -> StoreSer
 
 
 def _store_in_launcher(env: JobEnv) -> bool:
-    """True when ``ringlet run`` serves the job's store itself (RINGLET_LAUNCHER_STORE=1)."""
-    return env.source == "ringlet" and os.environ.get(LAUNCHER_STORE_VARIABLE, "") == "1"
+    """True when ``ringlet run`` serves the job's store itself (RINGLET_LAUNCHER_STORE=1) and this
+    process meets the others there (not at a master of its own given to ``init``)."""
+    master = os.environ.get("RINGLET_MASTER", "").strip()
+    if os.environ.get(LAUNCHER_STORE_VARIABLE, "") != "1" or not master or env.world_size == 1:
+        return False
+    return parse_master(master, "RINGLET_MASTER") == (env.master_host, env.store_port)
 
 
 def _join_store(
