@@ -145,3 +145,23 @@ def test_ringlet_run_restarts_rank_0_which_rejoins() -> None:
     assert sorted(r for r, _, _ in done) == ["0", "1", "2", "3"], result.stdout
     assert {lost for r, lost, _ in done if r != "0"} == {"[[0]]"}, done
     assert len({d for _, _, d in done}) == 1, f"parameters differ: {done}"
+
+
+def test_only_ranks_meeting_at_the_launchers_store_count_on_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """RINGLET_LAUNCHER_STORE=1 holds for the store at RINGLET_MASTER only: a process given a
+    master of its own (init(master=…)) serves and meets there as under any launcher."""
+    from ringlet.rendezvous import resolve
+    from ringlet.world import _store_in_launcher
+
+    for name, value in (("RINGLET_RANK", "0"), ("RINGLET_WORLD_SIZE", "4"),
+                        ("RINGLET_MASTER", "127.0.0.1:4711"), ("RINGLET_SECRET", "s" * 32),
+                        (LAUNCHER_STORE_VARIABLE, "1")):  # fmt: skip
+        monkeypatch.setenv(name, value)
+    assert _store_in_launcher(resolve())
+    assert not _store_in_launcher(resolve(master="127.0.0.1:4712"))
+    assert _store_in_launcher(resolve(rank=0, world_size=4, master="127.0.0.1:4711"))
+    assert not _store_in_launcher(resolve(rank=0, world_size=1))
+    monkeypatch.setenv(LAUNCHER_STORE_VARIABLE, "0")
+    assert not _store_in_launcher(resolve())
