@@ -3,7 +3,8 @@ RingletProcessGroup, 4 ranks, a random rank other than 0 SIGKILLed at a random s
 
 Every survivor must finish every step with byte-identical parameters, recovering once; the time
 from the kill to the next completed step is printed. The number of runs is a parameter
-(RINGLET_DDP_DRILL_RUNS, default 20 for the drill), since each run pays four torch imports.
+(RINGLET_DDP_DRILL_RUNS, default 20 for the drill), since each run pays four torch imports;
+RINGLET_DDP_DRILL_SEED draws other victims and steps.
 """
 
 from __future__ import annotations
@@ -136,7 +137,7 @@ def _replacement(env: dict[str, str], kind: str, steps: int, out: str) -> None:
 
 
 def _drill(kind: str, transport: str, runs: int, tmp: Path) -> list[float]:
-    rng = random.Random(1617)
+    rng = random.Random(int(os.environ.get("RINGLET_DDP_DRILL_SEED", "1617")))  # victims, steps
     times = []
     for run in range(runs):
         victim, kill_at = rng.randrange(1, 4), rng.randrange(1, 6)
