@@ -62,6 +62,20 @@ def _mismatch(rank: int, k: int, directory: str, direct: bool) -> str:
     return "none"
 
 
+def _short(rank: int, k: int, directory: str, direct: bool) -> str:
+    """The same call, but rank 1 expects 8 of the 16 bytes rank 0 sends."""
+    t = _open(rank, k, directory, direct)
+    buf = np.zeros(16, np.uint8)
+    try:
+        if rank == 0:
+            t.exchange([(1, memoryview(buf))], [], Tag(3, 1, 0, 0), time.monotonic() + 2)
+        else:
+            t.exchange([], [(0, memoryview(buf[:8]))], Tag(3, 1, 0, 0), time.monotonic() + 2)
+    except (MismatchError, CollectiveTimeout) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return "none"
+
+
 def _dies(rank: int, k: int, directory: str, direct: bool) -> str:
     t = _open(rank, k, directory, direct)
     if rank == 1:
@@ -118,6 +132,13 @@ def test_every_pair_every_size(k: int, direct: bool) -> None:
 def test_a_peer_in_another_call_is_a_mismatch() -> None:
     # The sender's small message fits a slot and completes; the receiver sees the wrong call.
     assert _run(_mismatch, 2) == ["none", "MismatchError"]
+
+
+@pytest.mark.timeout(60)
+def test_a_message_of_another_length_is_a_mismatch_naming_both() -> None:
+    sender, receiver = _run(_short, 2)
+    assert sender == "none" and receiver.startswith("MismatchError"), receiver
+    assert "of 16 bytes" in receiver and "of 8 bytes" in receiver, receiver
 
 
 @pytest.mark.timeout(60)

@@ -10,11 +10,15 @@ ordered pair. shm_p2p.py moves messages through it.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from .shm_segment import LINE, PAGE, _align
+from .cma import CrossMemory, allow_peers
+from .shm_segment import LINE, PAGE, SHM_DIR, _align, _safe_job
+from .shm_wait import PeerWatch, process_start_time
 
 NAME_PREFIX = "ringlet-p2p-"
 MAGIC = 0x32_50325054454C47  # arbitrary, checked on attach
@@ -88,14 +92,76 @@ class _Segment:
         # The same words and bytes as memoryviews: an item is a Python int (no NumPy scalar)
         # and a slice copy is one memmove, which is what the message path does per piece.
         self.words = memoryview(self._mm)[layout.boxes : layout.boxes + n * 8].cast("Q")
+        self.rank_words = memoryview(self._mm)[layout.ranks : layout.boxes].cast("Q")
         self.raw = memoryview(self._mm)
 
     def close(self) -> None:
         mm, self._mm = self._mm, None
         if mm is None:
             return
-        self.words.release()
-        self.raw.release()
+        for view in (self.words, self.rank_words, self.raw):
+            view.release()
         del self.bytes, self.header, self.ranks, self.bells, self.boxes, self.words, self.raw
+        del self.rank_words
         with contextlib.suppress(BufferError):
             mm.close()
+
+
+def attach(
+    rank: int, local: Sequence[int], job: str, exchange: Callable[[bytes], list[bytes]]
+) -> tuple[_Segment, CrossMemory | None, PeerWatch]:
+    """Create (lowest of the sorted ``local`` ranks) or attach the segment, and probe whether
+    cross-memory attach works between every pair; every rank of ``local`` calls this.
+
+    ``exchange(b)`` all-gathers a small value among the ``local`` ranks (three rounds), so all
+    of them reach the same verdict: raises ShmUnavailable alike on every one of them.
+    """
+    me, k = local.index(rank), len(local)
+    layout = _Layout(k, chunk_bytes(k))
+    problem, seg, path = "", None, ""
+    if me == 0:
+        path = os.path.join(SHM_DIR, f"{NAME_PREFIX}{_safe_job(job)}-{os.urandom(6).hex()}")
+        try:
+            seg = _Segment(path, layout, create=True)
+            seg.header[G_SIZE], seg.header[G_CHUNK] = k, layout.chunk
+            seg.header[G_MAGIC] = MAGIC
+        except (OSError, ShmUnavailable) as exc:
+            problem = f"rank {rank} cannot create {path}: {exc}"
+    first = [json.loads(b) for b in exchange(json.dumps([path, problem]).encode())]
+    path, problem = first[0]
+    if not problem and seg is None:
+        try:
+            seg = _Segment(path, layout, create=False)
+            if int(seg.header[G_MAGIC]) != MAGIC or int(seg.header[G_SIZE]) != k:
+                raise ShmUnavailable(f"segment {path} was not made for these {k} ranks")
+        except (OSError, ShmUnavailable) as exc:
+            problem = f"rank {rank} cannot attach {path}: {exc}"
+    probe = np.frombuffer(PROBE, np.uint8).copy()
+    if seg is not None:
+        allow_peers()
+        line = me * (LINE // 8)
+        seg.ranks[line + R_PID] = os.getpid()
+        seg.ranks[line + R_START] = process_start_time(os.getpid()) or 0
+        seg.ranks[line + R_PROBE] = probe.ctypes.data
+    second = [json.loads(b) for b in exchange(json.dumps(problem).encode())]
+    if me == 0:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # every rank attached (or gave up): nothing is left behind
+    problems = [p for p in second if p]
+    if problems:
+        if seg is not None:
+            seg.close()
+        raise ShmUnavailable("; ".join(problems))
+    assert seg is not None
+    pids = [int(seg.ranks[i * (LINE // 8) + R_PID]) for i in range(k)]
+    starts = [int(seg.ranks[i * (LINE // 8) + R_START]) or None for i in range(k)]
+    cma = CrossMemory(me, pids)
+    ok = all(
+        cma.probe(i, int(seg.ranks[i * (LINE // 8) + R_PROBE]), len(PROBE)) is None
+        for i in range(k)
+        if i != me
+    )
+    verdicts = [json.loads(b) for b in exchange(json.dumps(ok).encode())]
+    del probe  # the peers finished probing it in the round above
+    watch = PeerWatch(list(zip(pids, starts, strict=True)))
+    return seg, cma if all(verdicts) else None, watch

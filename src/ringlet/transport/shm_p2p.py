@@ -21,8 +21,6 @@ which a peer rings when it posts to or takes from a mailbox of this rank (see sh
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import threading
 import time
@@ -32,16 +30,13 @@ import numpy as np
 
 from ..errors import CollectiveTimeout, MismatchError, PeerError
 from .base import Tag
-from .cma import CrossMemory, allow_peers
+from .cma import CrossMemory
 from .shm_mailboxes import (
     BOX_WORDS,
     DIRECT_MIN_BYTES,
     G_ABORT,
     G_ABORT_RANK,
-    G_CHUNK,
-    G_MAGIC,
     G_REASON_LEN,
-    G_SIZE,
     H_ADDRESS,
     H_LENGTH,
     H_PIECE,
@@ -51,24 +46,16 @@ from .shm_mailboxes import (
     H_SIG,
     HDR,
     HEADERS,
-    MAGIC,
-    NAME_PREFIX,
     POSTED,
-    PROBE,
     R_LEFT,
-    R_PID,
-    R_PROBE,
     R_SLEEPING,
-    R_START,
     REASON_MAX,
     REASON_OFFSET,
     TAKEN,
-    ShmUnavailable,
-    _Layout,
     _Segment,
-    chunk_bytes,
+    attach,
 )
-from .shm_segment import LINE, SHM_DIR, _safe_job
+from .shm_segment import LINE
 from .shm_wait import (
     POLL_SECONDS,
     SLEEP_MAX_SECONDS,
@@ -77,7 +64,6 @@ from .shm_wait import (
     YIELD_SECONDS,
     Futex,
     PeerWatch,
-    process_start_time,
 )
 
 
@@ -129,6 +115,19 @@ class ShmTransport:
         self._bell_address = [seg.address + seg.layout.ranks + i * LINE for i in range(len(local))]
         self.cancel = threading.Event()  # set by routes.py when the other half of a round failed
         self._closed = False
+        # Per peer: its mailbox (first control word) and the byte offsets of its two slots, for
+        # sending to it and receiving from it; and its sleeping flag in the rank table.
+        me, lay = self._me, seg.layout
+        self._out = {q: (self._box(me, i), (lay.slot(me, i, 0), lay.slot(me, i, 1)))
+                     for q, i in self._index.items() if q != rank}  # fmt: skip
+        self._in = {q: (self._box(i, me), (lay.slot(i, me, 0), lay.slot(i, me, 1)))
+                    for q, i in self._index.items() if q != rank}  # fmt: skip
+        #: A message of at most this many bytes is one piece through a slot (not a direct copy).
+        self._small = min(self._chunk, DIRECT_MIN_BYTES - 1) if cma is not None else self._chunk
+
+    def _box(self, src: int, dst: int) -> int:
+        """The first control word of the mailbox from local index ``src`` to ``dst``."""
+        return (src * self._seg.layout.k + dst) * BOX_WORDS
 
     # -- set-up -------------------------------------------------------------------------------
     @classmethod
@@ -148,55 +147,8 @@ class ShmTransport:
         of them reach the same verdict: raises ShmUnavailable alike on every one of them.
         """
         local = sorted(local)
-        me, k = local.index(rank), len(local)
-        layout = _Layout(k, chunk_bytes(k))
-        problem, seg, path = "", None, ""
-        if me == 0:
-            path = os.path.join(SHM_DIR, f"{NAME_PREFIX}{_safe_job(job)}-{os.urandom(6).hex()}")
-            try:
-                seg = _Segment(path, layout, create=True)
-                seg.header[G_SIZE], seg.header[G_CHUNK] = k, layout.chunk
-                seg.header[G_MAGIC] = MAGIC
-            except (OSError, ShmUnavailable) as exc:
-                problem = f"rank {rank} cannot create {path}: {exc}"
-        first = [json.loads(b) for b in exchange(json.dumps([path, problem]).encode())]
-        path, problem = first[0]
-        if not problem and seg is None:
-            try:
-                seg = _Segment(path, layout, create=False)
-                if int(seg.header[G_MAGIC]) != MAGIC or int(seg.header[G_SIZE]) != k:
-                    raise ShmUnavailable(f"segment {path} was not made for these {k} ranks")
-            except (OSError, ShmUnavailable) as exc:
-                problem = f"rank {rank} cannot attach {path}: {exc}"
-        probe = np.frombuffer(PROBE, np.uint8).copy()
-        if seg is not None:
-            allow_peers()
-            line = me * (LINE // 8)
-            seg.ranks[line + R_PID] = os.getpid()
-            seg.ranks[line + R_START] = process_start_time(os.getpid()) or 0
-            seg.ranks[line + R_PROBE] = probe.ctypes.data
-        second = [json.loads(b) for b in exchange(json.dumps(problem).encode())]
-        if me == 0:
-            with contextlib.suppress(OSError):
-                os.unlink(path)  # every rank attached (or gave up): nothing is left behind
-        problems = [p for p in second if p]
-        if problems:
-            if seg is not None:
-                seg.close()
-            raise ShmUnavailable("; ".join(problems))
-        assert seg is not None
-        pids = [int(seg.ranks[i * (LINE // 8) + R_PID]) for i in range(k)]
-        starts = [int(seg.ranks[i * (LINE // 8) + R_START]) or None for i in range(k)]
-        cma = CrossMemory(me, pids)
-        ok = all(
-            cma.probe(i, int(seg.ranks[i * (LINE // 8) + R_PROBE]), len(PROBE)) is None
-            for i in range(k)
-            if i != me
-        )
-        verdicts = [json.loads(b) for b in exchange(json.dumps(ok).encode())]
-        del probe  # the peers finished probing it in the round above
-        watch = PeerWatch(list(zip(pids, starts, strict=True)))
-        return cls(rank, size, local, seg, cma if all(verdicts) else None, watch, poll)
+        seg, cma, watch = attach(rank, local, job, exchange)
+        return cls(rank, size, local, seg, cma, watch, poll)
 
     @property
     def direct(self) -> bool:
@@ -211,22 +163,63 @@ class ShmTransport:
         tag: Tag,
         deadline: float,
     ) -> None:
-        """Send and receive one round; see :class:`ringlet.transport.base.Transport`."""
-        k, me = self._seg.layout.k, self._me
-        ops = [self._op(True, p, me * k + self._index[p], d) for p, d in sends]
-        ops += [self._op(False, p, self._index[p] * k + me, d) for p, d in recvs]
-        pending = [op for op in ops if not self._step(op, tag)]
+        """Send and receive one round; see :class:`ringlet.transport.base.Transport`.
+
+        A message that fits one slot moves at once, inline, when its slot is free (a send) or
+        already filled and its header is the expected one (a receive): the common small message
+        costs a few word reads and writes and one copy. Every other message, and any header that
+        differs (reported by the general path), goes through :meth:`_step` and :meth:`_wait`.
+        """
+        words, raw, small = self._seg.words, self._seg.raw, self._small
+        sig = tag.sig & 0xFFFFFFFFFFFFFFFF
+        pending: list[_Op] = []
+        for p, d in sends:
+            n = d.nbytes
+            if n <= small:
+                b, slots = self._out[p]
+                posted = words[b + POSTED]
+                if posted - words[b + TAKEN] < 2:
+                    start, h = slots[posted & 1], b + HEADERS + (posted & 1) * HDR
+                    raw[start : start + n] = d if d.format == "B" and d.ndim == 1 else d.cast("B")
+                    words[h + H_SEQ], words[h + H_SIG] = tag.seq, sig
+                    words[h + H_ROUND], words[h + H_SEGMENT] = tag.round, tag.segment
+                    words[h + H_LENGTH], words[h + H_PIECE] = n, 0
+                    words[b + POSTED] = posted + 1  # last: the receiver sees a complete piece
+                    self._ring(p)
+                    continue
+            op = self._op(True, p, self._out[p][0], d)
+            if not self._step(op, tag):
+                pending.append(op)
+        for p, d in recvs:
+            n = d.nbytes
+            if n <= small:
+                b, slots = self._in[p]
+                taken = words[b + TAKEN]
+                h = b + HEADERS + (taken & 1) * HDR
+                if words[b + POSTED] > taken and words[h : h + H_ADDRESS].tolist() == [
+                    tag.seq, sig, tag.round, tag.segment, n, 0
+                ]:  # fmt: skip
+                    start = slots[taken & 1]
+                    (d if d.format == "B" and d.ndim == 1 else d.cast("B"))[:] = raw[
+                        start : start + n
+                    ]
+                    words[b + TAKEN] = taken + 1
+                    self._ring(p)
+                    continue
+            op = self._op(False, p, self._in[p][0], d)
+            if not self._step(op, tag):
+                pending.append(op)
         if pending:
             self._wait(pending, tag, deadline)
 
     def _op(self, send: bool, peer: int, box: int, data: memoryview) -> _Op:
         if self._cma is not None and data.nbytes >= DIRECT_MIN_BYTES:
-            return _Op(send, peer, box * BOX_WORDS, _bytes_of(data), 0)
+            return _Op(send, peer, box, _bytes_of(data), 0)
         pieces = max(1, -(-data.nbytes // self._chunk))
         return _Op(
             send,
             peer,
-            box * BOX_WORDS,
+            box,
             data.cast("B") if data.ndim != 1 or data.format != "B" else data,
             pieces,
         )
@@ -317,7 +310,7 @@ class ShmTransport:
     def _ring(self, peer: int) -> None:
         """Wake ``peer`` if it said it may be asleep on its doorbell."""
         i = self._index[peer]
-        if self._seg.ranks[i * (LINE // 8) + R_SLEEPING]:
+        if self._seg.rank_words[i * (LINE // 8) + R_SLEEPING]:
             bell = i * (LINE // 4)
             self._seg.bells[bell] = (int(self._seg.bells[bell]) + 1) & 0xFFFFFFFF
             self._futex.wake(self._bell_address[i])
