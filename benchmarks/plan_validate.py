@@ -7,7 +7,7 @@ order, keeping each cell's best. Prints, as Markdown, measured / predicted µs a
 the algorithm select picks, and every cell where select's pick, the model's best and the
 measured best disagree, with the measured times. Parameters: --calibration FILE (from `ringlet
 plan calibrate`), or --fit: the rates timed in this process, alpha, beta and the per-call cost
-fitted to the 2-rank ring all_gather and all_reduce cells and the wake-up to their
+fitted to the 2-rank Bruck all_gather and ring all_reduce cells and the wake-up to their
 crowded 8-byte cells (as calibrate does), so every other cell is a test.
 
     python benchmarks/plan_validate.py --ranks 2,4 --transports shm,tcp --fit --save out.jsonl
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -54,6 +55,23 @@ def bench(transport: str, ranks: int, sizes: str, iters: int, j: int) -> list[di
     return [{**r, "algo": forced[r["op"]], "load": os.getloadavg()[0]} for r in keep]
 
 
+def from_algorithms(path: str) -> list[dict[str, Any]]:
+    """Records from the output of benchmarks/algorithms.py saved as ``path`` (named
+    ``...-<transport>-...``): every algorithm timed in the same run, interleaved per size."""
+    transport = "shm" if "shm" in Path(path).name else "tcp"
+    found = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        head = re.search(r"n=(\d+) (\w+)\s+(\d+) B\s+(.*?)\s+best=", line)
+        if head is None:
+            continue
+        ranks, op, nbytes, cells = int(head[1]), head[2], int(head[3]), head[4]
+        for algo, us in re.findall(r"(\w+)=\s*([\d.]+)", cells):
+            if algo in flat(op):  # each call after a barrier: one call's latency
+                found.append({"transport": transport, "ranks": ranks, "op": op, "algo": algo,
+                              "bytes": nbytes, "time_us": float(us), "latency": True})  # fmt: skip
+    return found
+
+
 def best_of(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per (transport, ranks, op, algorithm, size): the fastest record."""
     best: dict[tuple[Any, ...], dict[str, Any]] = {}
@@ -84,14 +102,14 @@ def fitted(records: list[dict[str, Any]]) -> dict[str, Any]:
         crowd = [r for r in mine if r["ranks"] > cal["cores"] and r["bytes"] <= 8]
         if crowd:
             cal["wake_by_link"][transport] = wake(crowd, cal, transport)
-    cal["source"] = "fitted to the 2-rank ring all_gather / all_reduce cells"
+    cal["source"] = "fitted to the 2-rank Bruck all_gather / ring all_reduce cells"
     return cal
 
 
 def _predict(cal: dict[str, Any] | None, r: dict[str, Any]) -> float:
     params = params_for("25gbit", r["transport"], cal)
     args = (r["op"], r["algo"], r["bytes"], 1, r["ranks"], params)
-    return model_time(*args, back_to_back=True)[0] * 1e6
+    return model_time(*args, back_to_back=not r.get("latency"))[0] * 1e6
 
 
 def table(records: list[dict[str, Any]], cal: dict[str, Any] | None) -> list[str]:
@@ -163,12 +181,17 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--calibration", help="a ringlet plan calibrate file")
     parser.add_argument("--fit", action="store_true", help="fit the parameters from the data")
     parser.add_argument("--save", help="write the measured records here (JSON lines)")
+    parser.add_argument("--max-load", type=float, help="keep runs that ended below this load")
+    parser.add_argument("--algorithms", nargs="*", help="outputs of benchmarks/algorithms.py "
+                        "(file names with shm or tcp) to judge instead of bench records")  # fmt: skip
     args = parser.parse_args(argv)
     raw: list[dict[str, Any]] = []
     for path in args.load or ():
         text = Path(path).read_text(encoding="utf-8")
         raw += [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-    if not args.load:
+    for path in args.algorithms or ():
+        raw += from_algorithms(path)
+    if not args.load and not args.algorithms:
         width = max(len(flat(op)) for op in OPS)
         for rep in range(args.repeat):
             order = range(width) if rep % 2 == 0 else reversed(range(width))
@@ -179,6 +202,8 @@ def main(argv: list[str]) -> int:
                         if args.save:  # as it goes: a long run that stops keeps what it has
                             with open(args.save, "w", encoding="utf-8") as out:
                                 out.writelines(json.dumps(r) + "\n" for r in raw)
+    if args.max_load is not None:  # runs taken while the machine was quiet enough
+        raw = [r for r in raw if r.get("load", 0.0) <= args.max_load]
     records = best_of(raw)
     cal = fitted(records) if args.fit else load_calibration(args.calibration)
     loads = [r["load"] for r in raw if "load" in r]

@@ -2,7 +2,7 @@
 
 Timed in this process: fold and copy rates in and out of cache (and the vector size where they
 change), and one cross-memory copy (what shm does for large messages). Per transport (shared
-memory, loopback TCP), two ranks time a one-round ring all_gather and a two-round ring
+memory, loopback TCP), two ranks time a one-round Bruck all_gather and a two-round ring
 all_reduce at a few sizes with `ringlet bench`; a least-squares fit of those times to the
 model's own round and byte counts for the same schedules (the measured parts taken out) gives
 the per-call cost, alpha (seconds per round) and beta (seconds per byte). On a machine with
@@ -33,7 +33,7 @@ DEFAULT_PATH = Path(os.environ.get("XDG_CONFIG_HOME", Path.home() / ".config")) 
 DEFAULT_FILE = DEFAULT_PATH / "calibration.json"
 #: (op, forced algorithm) timed at 2 ranks: one round without folding, two rounds with it;
 #: both wait for the peer every round (a rooted op timed back to back would hide the latency).
-CASES = (("all_gather", "ring"), ("all_reduce", "ring"))
+CASES = (("all_gather", "bruck"), ("all_reduce", "ring"))
 SIZES = (8, 64 << 10, 1 << 20, 4 << 20)
 #: Vector sizes of the in-cache and out-of-cache rates.
 HOT, COLD = 256 << 10, 64 << 20
