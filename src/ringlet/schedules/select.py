@@ -36,7 +36,7 @@ from .ordered import (
     ordered_reduce,
     ordered_reduce_scatter,
 )
-from .pairwise import pairwise_all_to_all
+from .pairwise import direct_all_to_all, pairwise_all_to_all
 from .ring import (
     chain_broadcast,
     chain_reduce,
@@ -82,7 +82,7 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "ordered": ordered_reduce_scatter,
         "hier": hier_reduce_scatter,
     },
-    "all_to_all": {"pairwise": pairwise_all_to_all},
+    "all_to_all": {"pairwise": pairwise_all_to_all, "direct": direct_all_to_all},
     "barrier": {"dissemination": dissemination_barrier, "hier": hier_barrier},
 }
 
@@ -107,7 +107,11 @@ RANK_ORDER: dict[str, frozenset[str]] = {
 #: set once its schedules over the shared-memory transport are measured at least as fast
 #: (benchmarks/README.md), and the group goes when the set is empty.
 GROUP = "shm_group"
-GROUP_OPS: frozenset[str] = frozenset(ALGORITHMS)
+GROUP_OPS: frozenset[str] = frozenset(ALGORITHMS) - {"all_to_all"}
+#: all_to_all within one host (``hosts`` None): every block in one round, each pair through its
+#: own mailbox, large blocks by single copy; 2-4 ranks, interleaved in one job against the shm
+#: group, 0.54-1.01x its time at 8 B-64 MiB (benchmarks/README.md). Between hosts: pairwise.
+ONE_HOST_ALL_TO_ALL = "direct"
 
 #: Algorithms that take the topology as a keyword ``hosts`` after their :data:`PARAMS`.
 TOPOLOGICAL: frozenset[str] = frozenset({"hier"})
@@ -201,10 +205,9 @@ def select(
 
     ``nbytes`` is the size of the whole vector: the reduced vector (all_reduce, reduce,
     broadcast), the concatenated result (all_gather, gather) or input (scatter,
-    reduce_scatter), or one rank's input (all_to_all). ``hosts`` is the host index of each rank
-    (None: not known). ``deterministic`` picks the reductions' rank-order fold (:data:`ORDERED`);
-    ``group`` says every rank shares this host through a shm group (answer: :data:`GROUP`, whose
-    reductions fold in rank order too).
+    reduce_scatter), or one rank's input (all_to_all). ``hosts``: the host index of each rank
+    (None: one host, or not known). ``deterministic`` picks the rank-order folds (:data:`ORDERED`);
+    ``group``: every rank shares this host through a shm group (:data:`GROUP`, also rank order).
     ``override`` (for example from RINGLET_ALGO) wins if it names an algorithm of ``op`` (an
     ordered one for a reduction in deterministic mode). Raises ValueError for an unknown op or
     override, naming the choices.
@@ -216,12 +219,19 @@ def select(
         return GROUP
     if deterministic and op in ORDERED:
         return DIRECT[op] if op in DIRECT and nbytes <= DIRECT_MAX else ORDERED[op]
+    if op == "all_to_all":
+        return ONE_HOST_ALL_TO_ALL if hosts is None else "pairwise"
     if op in HIER_OPS and spans_hosts(hosts):
         assert hosts is not None
-        if nbytes > HIER_MODEL_MAX and op != "barrier":
-            return "hier"
-        return _modeled(op, tuple(hosts), nbytes)
+        return _spanning(op, tuple(hosts), nbytes)
     return _flat(op, size, nbytes)
+
+
+def _spanning(op: str, hosts: tuple[int, ...], nbytes: int) -> str:
+    """The choice for ranks spread over hosts: hier above HIER_MODEL_MAX, else the model's."""
+    if nbytes > HIER_MODEL_MAX and op != "barrier":
+        return "hier"
+    return _modeled(op, hosts, nbytes)
 
 
 @lru_cache(maxsize=1024)
