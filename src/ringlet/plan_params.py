@@ -7,7 +7,7 @@ measures it on this machine, and :data:`LINKS` holds the documented presets (doc
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 #: What the engine and the call path do, mirrored by the model: folded messages are cut into
@@ -61,15 +61,12 @@ class Params:
 
     @staticmethod
     def from_json(data: dict[str, Any]) -> Params:
-        return Params(
-            Link(**data["local"]),
-            Link(**data["net"]),
-            data["reduce"],
-            data["copy"],
-            data["call"],
-            data.get("gap", 2e-6),
-            data.get("source", "file"),
-        )
+        """The inverse of :meth:`to_json` (fields it does not know are ignored)."""
+        kw = {k: v for k, v in data.items() if k in {f.name for f in fields(Params)}}
+        for name in ("local", "net", "direct"):
+            if isinstance(kw.get(name), dict):
+                kw[name] = Link(**kw[name])
+        return Params(**kw)
 
     def rates(self, nbytes: int) -> tuple[float, float, float]:
         """(fold, copy, extra seconds per byte and memory copy) for a call moving ``nbytes``:

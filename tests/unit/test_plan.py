@@ -135,6 +135,12 @@ def test_engine_terms() -> None:
     assert woken[0] - quiet[0] == pytest.approx(woken[1] * 1e-3)
 
 
+def test_params_round_trip_json() -> None:
+    cal = {"direct": {"alpha": 1e-6, "beta": 1e-10}, "cache": 1 << 22, "cores": 2}
+    params = params_for("10gbit", "shm", cal)
+    assert Params.from_json(json.loads(json.dumps(params.to_json()))) == params
+
+
 def test_mirrored_constants() -> None:
     """The model's copies of the engine's cuts are the engine's."""
     from ringlet import engine, path
