@@ -115,9 +115,8 @@ def cases(size: int, big: int = BIG) -> list[Case]:
             out.append(Case("gather", dtype, n, root=roots[(i + 1) % len(roots)], seed=next(seed)))
             out.append(Case("scatter", dtype, n, root=root, seed=next(seed)))
             out.append(Case("reduce_scatter", dtype, n, ops[i % len(ops)], seed=next(seed)))
-            out.append(Case("all_to_all", dtype, n, seed=next(seed)))
     f32 = np.dtype(np.float32)
-    for kind in ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter", "all_to_all"):
+    for kind in ("all_reduce", "reduce", "broadcast", "all_gather", "reduce_scatter"):
         out.append(Case(kind, f32, big, root=size - 1, seed=next(seed)))
     out.append(Case("all_reduce", f32, big, "mean", seed=next(seed)))
     out.append(Case("barrier", f32, 0))
@@ -143,11 +142,6 @@ EXACT_BYTES = 1 << 16
 
 def counts_of(case: Case, size: int) -> list[int]:
     return split(case.n, size, 0, case.seed % 5)
-
-
-def a2a_counts(case: Case, size: int) -> np.ndarray:
-    """sends[q, r]: elements rank q sends rank r."""
-    return np.array([split(case.n, size, q, 1 + case.seed % 3) for q in range(size)])
 
 
 def run_case(group: ShmGroup, case: Case) -> tuple[bytes | None, bytes | None]:
@@ -186,15 +180,10 @@ def run_case(group: ShmGroup, case: Case) -> tuple[bytes | None, bytes | None]:
         out = np.empty(counts[r], dt)
         group.scatter(inp, out, counts, case.root, sig, deadline)
         return digest(out), digest(inp)
-    if case.kind == "reduce_scatter":
-        inp = make(case.seed, r, dt, sum(counts))
-        out = np.empty(counts[r], dt)
-        group.reduce_scatter(inp, out, counts, case.op, sig, deadline)  # type: ignore[arg-type]
-        return digest(out), digest(inp)
-    sends = a2a_counts(case, size)
-    inp = make(case.seed, r, dt, int(sends[r].sum()))
-    out = np.empty(int(sends[:, r].sum()), dt)
-    group.all_to_all(inp, out, sends[r].tolist(), sends[:, r].tolist(), sig, deadline)
+    assert case.kind == "reduce_scatter", case.kind
+    inp = make(case.seed, r, dt, sum(counts))
+    out = np.empty(counts[r], dt)
+    group.reduce_scatter(inp, out, counts, case.op, sig, deadline)  # type: ignore[arg-type]
     return digest(out), digest(inp)
 
 
@@ -247,18 +236,10 @@ def expected(case: Case, size: int) -> list[tuple[bytes | None, bytes | None]]:
             )
             for r in ranks
         ]
-    if case.kind == "reduce_scatter":
-        xs = [make(case.seed, q, dt, sum(counts)) for q in ranks]
-        total = fold(UFUNCS[case.op], xs)
-        return [(digest(total[displs[r] : displs[r + 1]]), digest(xs[r])) for r in ranks]
-    sends = a2a_counts(case, size)
-    xs = [make(case.seed, q, dt, int(sends[q].sum())) for q in ranks]
-    out: list[tuple[bytes | None, bytes | None]] = []
-    for r in ranks:
-        starts = [int(sends[q, :r].sum()) for q in ranks]
-        blocks = [xs[q][starts[q] : starts[q] + sends[q, r]] for q in ranks]
-        out.append((digest(np.concatenate(blocks)), digest(xs[r])))
-    return out
+    assert case.kind == "reduce_scatter", case.kind
+    xs = [make(case.seed, q, dt, sum(counts)) for q in ranks]
+    total = fold(UFUNCS[case.op], xs)
+    return [(digest(total[displs[r] : displs[r + 1]]), digest(xs[r])) for r in ranks]
 
 
 def mean_of(total: np.ndarray, size: int) -> np.ndarray:

@@ -200,9 +200,6 @@ class ShmGroup:
         elif op == "reduce_scatter":
             assert inp is not None and out is not None and counts is not None and rop is not None
             self.reduce_scatter(inp, out, counts, rop, sig, deadline)
-        elif op == "all_to_all":
-            assert inp is not None and out is not None
-            self.all_to_all(inp, out, kw["send_counts"], kw["recv_counts"], sig, deadline)
         elif op == "barrier":
             self.barrier(sig, deadline)
         else:
@@ -391,33 +388,6 @@ class ShmGroup:
             else:
                 shm_staged.reduce_scatter(ch, inp, out, plan.counts, f, sig, plan.layout, deadline)
 
-    def all_to_all(
-        self,
-        inp: np.ndarray,
-        out: np.ndarray,
-        send_counts: Sequence[int],
-        recv_counts: Sequence[int],
-        sig: int,
-        deadline: float,
-    ) -> None:
-        """Block q of ``inp`` (``send_counts[q]`` elements) goes to rank q; ``out`` receives
-        the blocks for this rank in rank order (``recv_counts[q]`` from rank q)."""
-        Plan("all_to_all", send_counts, self.size).check_total("all_to_all", "inp", inp.size)
-        Plan("all_to_all", recv_counts, self.size).check_total("all_to_all", "out", out.size)
-        if self.size == 1:
-            np.copyto(out, inp)
-            return
-        with self._guard as ch:
-            shm_staged.stage_first_all_to_all(ch, inp, send_counts)
-            sends = ch.arrive_with_splits(
-                "all_to_all", sig, send_counts, recv_counts, deadline, _address_or_zero(inp)
-            )
-            _, cma = self._way("all_to_all", int(sends.sum()) * inp.itemsize, False)
-            if cma is not None:
-                shm_cma.all_to_all(ch, cma, inp, out, sends, deadline)
-            else:
-                shm_staged.all_to_all(ch, inp, out, sends, sig, deadline)
-
     def barrier(self, sig: int, deadline: float) -> None:
         """Return once every rank has entered the barrier."""
         if self.size == 1:
@@ -435,7 +405,3 @@ class ShmGroup:
         dead = exc.rank if isinstance(exc, PeerError) else None
         if dead is not None and ch is not None and ch.seg.set_abort(str(exc), dead_rank=dead):
             ch.waiter.wake_all()
-
-
-def _address_or_zero(a: np.ndarray) -> int:
-    return int(a.__array_interface__["data"][0]) if a.size else 0

@@ -16,7 +16,7 @@ readers compare against the number they wait for.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import NoReturn
 
 import numpy as np
@@ -139,34 +139,6 @@ class Channel:
         for q in self.bases:
             if slots[q + SIG + p] != sig or slots[q + LAYOUT + p] != layout:
                 self._mismatch(p)
-
-    def arrive_with_splits(
-        self,
-        kind: str,
-        sig: int,
-        send_counts: Sequence[int],
-        recv_counts: Sequence[int],
-        deadline: float,
-        addr_a: int = 0,
-    ) -> np.ndarray:
-        """:meth:`arrive` for all_to_all: every rank also publishes what it sends each peer and
-        expects from each; returns ``sends[q, r]``, the elements rank q sends rank r, after
-        checking on every rank that each rank expects what is sent to it."""
-        table = self.seg.table((self.seq + 1) & 1)  # the call's parity, like its signature
-        table[0, self.rank] = send_counts
-        table[1, self.rank] = recv_counts
-        self.arrive(kind, sig, 0, deadline, addr_a=addr_a)
-        sends: np.ndarray = table[0].copy()
-        expected = table[1].T
-        if not np.array_equal(sends, expected):
-            q, r = (int(i) for i in np.argwhere(sends != expected)[0])
-            raise SignatureMismatch(
-                f"rank {self.rank}: {self.describe()}: the ranks' split sizes do not match: "
-                f"rank {q} sends {sends[q, r]} elements to rank {r}, which expects "
-                f"{expected[q, r]} from it",
-                tuple((q, sig) for q in range(self.size)),
-            )
-        return sends
 
     def advance(self, deadline: float, what: str = "step") -> int:
         """Publish the next step and wait until every rank published it; returns its parity."""

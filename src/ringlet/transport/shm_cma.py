@@ -230,28 +230,3 @@ def reduce_scatter(
     for a, b in _chunks(0, counts[r], scratch.nbytes // isz):
         _fold_remote(ch, f, read, start + a, inp[start + a : start + b], out[a:b], False, scratch)
     ch.advance(deadline, "reduced")
-
-
-def all_to_all(
-    ch: Channel,
-    cma: CrossMemory,
-    inp: np.ndarray,
-    out: np.ndarray,
-    sends: np.ndarray,
-    deadline: float,
-) -> None:
-    """Rank r reads block q -> r from each peer's input (``sends[q, r]`` elements). The caller
-    has already arrived (it publishes the count table first) with ``inp``'s address."""
-    r, size, isz = ch.rank, ch.size, inp.dtype.itemsize
-    recv_displs = np.cumsum([0, *sends[:, r].tolist()]).tolist()
-    for i in range(size):
-        q = (r + i) % size
-        a, b = recv_displs[q], recv_displs[q + 1]
-        if b == a:
-            continue
-        start = int(sends[q, :r].sum())
-        if q == r:
-            np.copyto(out[a:b], inp[start : start + b - a])
-        else:
-            cma.read(q, ch.word(q, ADDR_A) + start * isz, out[a:b])
-    ch.advance(deadline, "copied")

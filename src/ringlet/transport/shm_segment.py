@@ -5,7 +5,6 @@ Layout (every region page-aligned)::
     header      magic, version, size, stage bytes, abort word and the abort reason text
     doorbells   one 64-byte line per rank: a 32-bit futex word the *others* bump to wake it
     slots       one 128-byte control slot per rank, written only by that rank (see the word indices)
-    tables      all_to_all's send and receive counts of every rank, one table per call parity
     stages      two staging buffers per rank (by step parity), ``stage_bytes`` each
 
 The segment lives in /dev/shm as ``ringlet-{job}-{random}``; rank 0 creates it and unlinks it as
@@ -60,9 +59,7 @@ class Layout:
         self.stage_bytes = stage_bytes
         self.doorbells = PAGE
         self.slots = self.doorbells + _align(size * LINE)
-        self.tables = self.slots + _align(size * SLOT_WORDS * 8)
-        self.table_bytes = 2 * size * size * 8  # send counts and receive counts, N x N each
-        self.stages = self.tables + _align(2 * self.table_bytes)
+        self.stages = self.slots + _align(size * SLOT_WORDS * 8)
         self.total = self.stages + 2 * size * stage_bytes
 
     def stage(self, rank: int, parity: int) -> int:
@@ -166,12 +163,6 @@ class Segment:
         """``rank``'s staging buffer for steps of ``parity``, as bytes."""
         start = self.layout.stage(rank, parity)
         return self.bytes[start : start + self.layout.stage_bytes]
-
-    def table(self, parity: int) -> np.ndarray:
-        """The all_to_all count table of calls of ``parity``: [send|recv, rank, peer] int64."""
-        n = self.layout.size
-        start = self.layout.tables + parity * self.layout.table_bytes
-        return self.bytes[start : start + self.layout.table_bytes].view(np.int64).reshape(2, n, n)
 
     def set_abort(self, reason: str, dead_rank: int | None = None) -> bool:
         """Record the first abort, its reason and the rank that died (if that is the cause);

@@ -7,7 +7,7 @@ step these are the small-message ("flat") paths: the first step is the call's ar
 
 Chunks are counted in elements; a staging buffer of ``stage_bytes`` holds ``stage_bytes //
 itemsize`` of them, or is split into sub-slots, one per receiving peer, for the ops where each
-rank sends different data to different peers (scatter, reduce_scatter, all_to_all).
+rank sends different data to different peers (scatter, reduce_scatter).
 """
 
 from __future__ import annotations
@@ -307,40 +307,6 @@ def reduce_scatter(
                 for q in range(size)
             ]
             fold(f, sources, out[a:b])
-
-
-def all_to_all(
-    ch: Channel, inp: np.ndarray, out: np.ndarray, sends: np.ndarray, sig: int, deadline: float
-) -> None:
-    """Block q -> r travels in q's sub-slot for r, piece j at step j. ``sends[q, r]`` counts the
-    elements q sends r, for every pair; the caller published it before and checked it after the
-    arrival, which here is the first step."""
-    r, size, dt = ch.rank, ch.size, inp.dtype
-    per_step = _sub_slot(ch.stage_bytes, size - 1, dt.itemsize)
-    send_displs = _displacements(sends[r].tolist())
-    recv_counts = sends[:, r].tolist()
-    recv_displs = _displacements(recv_counts)
-    steps = max(_ceil_div(int(sends.max(initial=0)), per_step), 1)
-    for j in range(steps):
-        if j > 0:  # step 0 was staged before the arrival, by stage_first_all_to_all
-            _stage_parts(ch, inp, sends[r].tolist(), send_displs, per_step, j, ch.parity)
-            ch.advance(deadline)
-        p = ch.step & 1
-        for q in range(size):
-            a, b = _piece(j, per_step, recv_counts[q])
-            if q != r and b > a:
-                stage = ch.stage(q, p, dt, _virtual(q, r) * per_step, b - a)
-                np.copyto(out[recv_displs[q] + a : recv_displs[q] + b], stage)
-    np.copyto(
-        out[recv_displs[r] : recv_displs[r] + recv_counts[r]],
-        inp[send_displs[r] : send_displs[r] + recv_counts[r]],
-    )
-
-
-def stage_first_all_to_all(ch: Channel, inp: np.ndarray, send_counts: Sequence[int]) -> None:
-    """Stage step 0 of :func:`all_to_all` (it needs only this rank's own counts)."""
-    per_step = _sub_slot(ch.stage_bytes, ch.size - 1, inp.dtype.itemsize)
-    _stage_parts(ch, inp, send_counts, _displacements(send_counts), per_step, 0, ch.parity)
 
 
 def _stage_parts(

@@ -37,12 +37,9 @@ FLAT_REDUCE_TOTAL_BYTES = 1 << 20
 SCRATCH_BYTES = 1 << 20
 
 NEVER = 1 << 62
-OPS = (
-    "all_reduce", "reduce", "broadcast", "all_gather", "gather", "scatter", "reduce_scatter",
-    "all_to_all",
-)  # fmt: skip
+OPS = ("all_reduce", "reduce", "broadcast", "all_gather", "gather", "scatter", "reduce_scatter")
 #: Message bytes from which an op copies straight between the ranks' buffers, when every rank
-#: has a core of its own (all_gather and gather count the output, all_to_all the total sent).
+#: has a core of its own (all_gather and gather count the output).
 CMA_MIN_BYTES: dict[str, int] = {
     "all_reduce": NEVER,
     "reduce": NEVER,
@@ -51,7 +48,6 @@ CMA_MIN_BYTES: dict[str, int] = {
     "reduce_scatter": NEVER,
     "all_gather": 16 << 20,
     "gather": 16 << 20,
-    "all_to_all": 16 << 20,
 }
 #: The same when there are more ranks than cores: fewer steps matter more than copy speed.
 CMA_MIN_BYTES_OVERSUBSCRIBED: dict[str, int] = {
@@ -62,7 +58,6 @@ CMA_MIN_BYTES_OVERSUBSCRIBED: dict[str, int] = {
     "reduce_scatter": 4 << 20,
     "all_gather": 32 << 20,
     "gather": 32 << 20,
-    "all_to_all": 32 << 20,
 }
 
 
