@@ -68,12 +68,15 @@ class Engine:
     ) -> None:
         """Execute ``sched`` on the flat buffers ``bufs`` ("in", "out", "tmp")."""
         dtype = next(iter(bufs.values())).dtype
-        seg = max(1, self.segment_bytes // max(1, dtype.itemsize))
-        views: dict[str, memoryview] = {}
+        isz = dtype.itemsize
+        seg = max(1, self.segment_bytes // max(1, isz))
+        views: dict[str, memoryview] = {}  # each buffer as bytes, made once per call
         for k, step in enumerate(_compiled(sched)):
             rnd, copies, folded = step
-            for src_buf, src, dst_buf, dst, n in copies:
-                bufs[dst_buf][dst : dst + n] = bufs[src_buf][src : src + n]
+            for src_buf, src, dst_buf, dst, n in copies:  # one memmove each, any dtype
+                _view(views, bufs, dst_buf)[dst * isz : (dst + n) * isz] = _view(
+                    views, bufs, src_buf
+                )[src * isz : (src + n) * isz]
             if not (rnd.sends or rnd.recvs):
                 continue
             assert op is not None or not folded, "reduce needs an op"
@@ -95,14 +98,9 @@ class Engine:
         """A round whose folded messages fit one segment: every message in one exchange, cut
         from byte views of the buffers made once per call (the common case, kept short)."""
         isz = dtype.itemsize
-
-        def view(name: str) -> memoryview:  # a buffer as bytes, made once per call
-            got = views.get(name)
-            if got is None:
-                got = views[name] = as_bytes(bufs[name])
-            return got
-
-        sends = [(m.peer, view(m.buf)[m.start * isz : m.stop * isz]) for m in rnd.sends]
+        sends = [
+            (m.peer, _view(views, bufs, m.buf)[m.start * isz : m.stop * isz]) for m in rnd.sends
+        ]
         reduces: list[tuple[Recv, np.ndarray, np.ndarray]] = []
         recvs: list[tuple[int, memoryview]] = []
         folded = [v for v in rnd.recvs if v.reduce]
@@ -113,7 +111,7 @@ class Engine:
                 reduces.append((v, bufs[v.buf][v.start : v.stop], landing))
                 recvs.append((v.peer, raw))
             else:
-                recvs.append((v.peer, view(v.buf)[v.start * isz : v.stop * isz]))
+                recvs.append((v.peer, _view(views, bufs, v.buf)[v.start * isz : v.stop * isz]))
         self.transport.exchange(sends, recvs, tag, deadline)
         if rnd.ordered:
             fold_ranges(op, self.transport.rank, reduces)  # type: ignore[arg-type]
@@ -167,6 +165,14 @@ class Engine:
                 continue
             for _, dest, landing in reduces:
                 combine(op, dest, landing)  # type: ignore[arg-type]
+
+
+def _view(views: dict[str, memoryview], bufs: dict[str, np.ndarray], name: str) -> memoryview:
+    """Buffer ``name`` as bytes, made once per call and kept in ``views``."""
+    got = views.get(name)
+    if got is None:
+        got = views[name] = as_bytes(bufs[name])
+    return got
 
 
 _Step = tuple[Round, tuple[tuple[str, int, str, int, int], ...], int]
