@@ -110,7 +110,8 @@ GROUP = "shm_group"
 GROUP_OPS: frozenset[str] = frozenset(ALGORITHMS) - {"all_to_all"}
 #: all_to_all within one host (``hosts`` None): every block in one round, each pair through its
 #: own mailbox, large blocks by single copy; 2-4 ranks, interleaved in one job against the shm
-#: group, 0.54-1.01x its time at 8 B-64 MiB (benchmarks/README.md). Between hosts: pairwise.
+#: group, 0.58-1.14x its time at 8 B-64 MiB, most cells below 1 (benchmarks/README.md). Between
+#: hosts pairwise, which gives each host's link one message each way per step.
 ONE_HOST_ALL_TO_ALL = "direct"
 
 #: Algorithms that take the topology as a keyword ``hosts`` after their :data:`PARAMS`.

@@ -116,7 +116,7 @@ class ShmTransport:
         self.cancel = threading.Event()  # set by routes.py when the other half of a round failed
         self._closed = False
         # Per peer: its mailbox (first control word) and the byte offsets of its two slots, for
-        # sending to it and receiving from it; and its sleeping flag in the rank table.
+        # sending to it and for receiving from it.
         me, lay = self._me, seg.layout
         self._out = {q: (self._box(me, i), (lay.slot(me, i, 0), lay.slot(me, i, 1)))
                      for q, i in self._index.items() if q != rank}  # fmt: skip
