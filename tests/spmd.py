@@ -134,22 +134,30 @@ def _child(
         results.put((rank, "error", traceback.format_exc()))
 
 
-def run(
+#: What rank 0 raises when the port free_port() gave was taken before its store could listen (by
+#: another job on this machine: CI and other test runs share it); the job is then started again.
+_PORT_TAKEN = ("the rendezvous store cannot listen on", "Address already in use")
+
+
+def _port_taken(outcome: dict[int, tuple[str, Any]]) -> bool:
+    status, value = outcome.get(0, ("ok", None))
+    return status == "error" and all(part in str(value) for part in _PORT_TAKEN)
+
+
+def _start(
     fn: Callable[..., Any],
     n: int,
-    *args: Any,
-    timeout: float = 60.0,
-    mode: str = "ringlet",
-    env: dict[str, str] | None = None,
-    per_rank_env: Callable[[int], dict[str, str]] | None = None,
-    expect_failure: bool = False,
-) -> list[Any]:
-    """Run ``fn(comm, *args)`` on ``n`` ranks; return the results, or (with ``expect_failure``) the
-    per-rank outcomes as ``("ok", result)`` / ``("error", traceback)`` / ``("died", description)``."""
+    args: tuple[Any, ...],
+    timeout: float,
+    mode: str,
+    env: dict[str, str] | None,
+    per_rank_env: Callable[[int], dict[str, str]] | None,
+    logdir: Path,
+) -> dict[int, tuple[str, Any]]:
+    """One attempt at the job: every rank's ("ok" | "error" | "died", value)."""
     ctx = context()
     results = ctx.Queue()
     port, secret = free_port(), secrets.token_hex(16)
-    logdir = Path(tempfile.mkdtemp(prefix="ringlet-test-"))
     procs = []
     for r in range(n):
         e = (
@@ -166,13 +174,15 @@ def run(
         procs.append(p)
     outcome: dict[int, tuple[str, Any]] = {}
     end = time.monotonic() + timeout
-    while len(outcome) < n and time.monotonic() < end:
+    while len(outcome) < n and time.monotonic() < end and not _port_taken(outcome):
         try:
             rank, status, value = results.get(timeout=0.1)
             outcome[rank] = (status, value)
         except Exception:  # queue.Empty
             if all(not p.is_alive() for p in procs) and results.empty():
                 break
+    if _port_taken(outcome):  # the others wait for a store that is not theirs: start again now
+        end = time.monotonic()
     for r, p in enumerate(procs):
         p.join(timeout=max(0.1, min(5.0, end - time.monotonic())))
         if p.is_alive():
@@ -183,7 +193,29 @@ def run(
             code = p.exitcode or 0
             how = f"killed by signal {signal.Signals(-code).name}" if code < 0 else f"exited {code}"
             outcome[r] = ("died", how)
+    return outcome
+
+
+def run(
+    fn: Callable[..., Any],
+    n: int,
+    *args: Any,
+    timeout: float = 60.0,
+    mode: str = "ringlet",
+    env: dict[str, str] | None = None,
+    per_rank_env: Callable[[int], dict[str, str]] | None = None,
+    expect_failure: bool = False,
+) -> list[Any]:
+    """Run ``fn(comm, *args)`` on ``n`` ranks; return the results, or (with ``expect_failure``) the
+    per-rank outcomes as ``("ok", result)`` / ``("error", traceback)`` / ``("died", description)``.
+    A job whose store port was taken by another process first is started again on a new port (up
+    to three times), since no rank of it ran the body."""
+    logdir = Path(tempfile.mkdtemp(prefix="ringlet-test-"))
     try:
+        for _ in range(3):
+            outcome = _start(fn, n, args, timeout, mode, env, per_rank_env, logdir)
+            if not _port_taken(outcome):
+                break
         if expect_failure:
             return [outcome[r] for r in range(n)]
         if any(outcome[r][0] != "ok" for r in range(n)):
