@@ -22,6 +22,7 @@ from .rendezvous.arrival import check_world_size, wait_for_peers
 from .rendezvous.env import LAUNCHER_STORE_VARIABLE
 from .rendezvous.launchers import parse_master
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
+from .rendezvous.store import OwnedPrefixStore
 from .schedules import select
 from .transport.tcp import Listener
 
@@ -144,7 +145,20 @@ def _join_store(
                 raise late from exc
 
 
-def _claim_rank(store: Store, env: JobEnv, value: bytes) -> None:
+#: Worlds this process joined through a store its launcher serves (which outlives them).
+_launcher_worlds = 0
+
+
+def _scoped(store: Store) -> Store | OwnedPrefixStore:
+    """The store a world of this process uses: the launcher's store itself for its first world,
+    a prefix of it for each later one (a second init() after finalize in one `ringlet run` job:
+    every rank counts its worlds alike), so no world meets an earlier one's registrations."""
+    global _launcher_worlds
+    _launcher_worlds += 1
+    return store if _launcher_worlds == 1 else OwnedPrefixStore(f"g{_launcher_worlds}", store)
+
+
+def _claim_rank(store: Store | OwnedPrefixStore, env: JobEnv, value: bytes) -> None:
     """Register this rank once: a second process claiming the same rank is refused, not mixed in."""
     held = store.compare_set(f"w/peer/{env.rank}", b"", value)
     if held != value:
@@ -242,11 +256,12 @@ def _join(env: JobEnv, deterministic: bool, forced: dict[str, str]) -> Communica
         server = _serve_store(env, key, local)
         port = server.port
     try:
-        store, key = _join_store(env, host, port, key, local)
+        joined, key = _join_store(env, host, port, key, local)
     except BaseException:
         if server is not None:
             server.close()
         raise
+    store: Store | OwnedPrefixStore = _scoped(joined) if in_launcher else joined
     peer_key = _peer_key(key, env.job_id)
     listener = Listener(_local_address(env.master_host), peer_key)
     try:

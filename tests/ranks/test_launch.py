@@ -172,6 +172,26 @@ def test_script_runs_with_this_python_and_its_arguments(tmp_path: Path) -> None:
     assert lines == [f"[r{r}] {r} {sys.executable} ['--lr', '0.1', '-x']" for r in range(2)]
 
 
+INIT_TWICE = """
+import numpy as np, ringlet
+for world in range(3):  # one world after another in the same processes, each on fresh keys
+    with ringlet.init() as comm:
+        got = comm.all_reduce(np.full(4, comm.rank + world, np.float64))
+        assert (got == sum(range(comm.size)) + world * comm.size).all(), got
+        print("world", world, "ok", flush=True)
+"""
+
+
+@pytest.mark.timeout(60)
+def test_init_again_after_close_in_one_job(tmp_path: Path) -> None:
+    script = tmp_path / "again.py"
+    script.write_text(INIT_TWICE)
+    result = run("-n", "3", str(script), timeout=50)
+    assert result.returncode == 0, result.stderr
+    for world in range(3):
+        assert result.stdout.count(f"world {world} ok") == 3, result.stdout
+
+
 @pytest.mark.timeout(20)
 def test_console_script_runs_too() -> None:
     console = Path(sys.executable).with_name("ringlet")

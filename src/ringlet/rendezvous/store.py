@@ -386,3 +386,16 @@ class PrefixStore:
 
     def close(self) -> None:
         """Does nothing: the wrapped store belongs to whoever created it."""
+
+
+class OwnedPrefixStore(PrefixStore):
+    """A :class:`PrefixStore` that owns the :class:`Store` it wraps (closing it closes that): the
+    later worlds of one process in a job whose store outlives them (served by ``ringlet run``),
+    each under its own prefix so that none meets an earlier world's keys."""
+
+    def __init__(self, prefix: str, store: Store) -> None:
+        super().__init__(prefix, store)
+        self.host, self.port = store.host, store.port
+
+    def close(self) -> None:
+        self.store.close()
