@@ -71,6 +71,11 @@ def _bytes_of(view: memoryview) -> np.ndarray:
     return np.frombuffer(view, np.uint8)
 
 
+def _flat(view: memoryview) -> memoryview:
+    """``view`` as one-dimensional bytes, which slot copies need."""
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
 class _Op:
     """One message of a round in progress: ``done`` once every piece moved. ``data`` is its
     bytes (a NumPy view only where cross-memory attach needs an address)."""
@@ -179,12 +184,9 @@ class ShmTransport:
                 b, slots = self._out[p]
                 posted = words[b + POSTED]
                 if posted - words[b + TAKEN] < 2:
-                    start, h = slots[posted & 1], b + HEADERS + (posted & 1) * HDR
-                    raw[start : start + n] = d if d.format == "B" and d.ndim == 1 else d.cast("B")
-                    words[h + H_SEQ], words[h + H_SIG] = tag.seq, sig
-                    words[h + H_ROUND], words[h + H_SEGMENT] = tag.round, tag.segment
-                    words[h + H_LENGTH], words[h + H_PIECE] = n, 0
-                    words[b + POSTED] = posted + 1  # last: the receiver sees a complete piece
+                    start = slots[posted & 1]
+                    raw[start : start + n] = _flat(d)
+                    self._publish(b, posted, tag, n, 0)
                     self._ring(p)
                     continue
             op = self._op(True, p, self._out[p][0], d)
@@ -200,9 +202,7 @@ class ShmTransport:
                     tag.seq, sig, tag.round, tag.segment, n, 0
                 ]:  # fmt: skip
                     start = slots[taken & 1]
-                    (d if d.format == "B" and d.ndim == 1 else d.cast("B"))[:] = raw[
-                        start : start + n
-                    ]
+                    _flat(d)[:] = raw[start : start + n]
                     words[b + TAKEN] = taken + 1
                     self._ring(p)
                     continue
@@ -216,13 +216,7 @@ class ShmTransport:
         if self._cma is not None and data.nbytes >= DIRECT_MIN_BYTES:
             return _Op(send, peer, box, _bytes_of(data), 0)
         pieces = max(1, -(-data.nbytes // self._chunk))
-        return _Op(
-            send,
-            peer,
-            box,
-            data.cast("B") if data.ndim != 1 or data.format != "B" else data,
-            pieces,
-        )
+        return _Op(send, peer, box, _flat(data), pieces)
 
     def _step(self, op: _Op, tag: Tag) -> bool:
         """Move what can move without waiting; True once the message is complete."""
@@ -246,23 +240,29 @@ class ShmTransport:
         return True
 
     def _post(self, op: _Op, b: int, posted: int, tag: Tag) -> None:
-        boxes, parity = self._seg.words, posted & 1
-        h = b + HEADERS + parity * HDR
+        parity = posted & 1
         if op.direct:
-            boxes[h + H_ADDRESS] = op.data.ctypes.data if op.length else 0  # type: ignore[union-attr]
+            h = b + HEADERS + parity * HDR
+            self._seg.words[h + H_ADDRESS] = op.data.ctypes.data if op.length else 0  # type: ignore[union-attr]
         else:
             lo = op.piece * self._chunk
             n = min(self._chunk, op.length - lo)
-            start = self._seg.layout.slot(self._me, self._index[op.peer], parity)
+            start = self._out[op.peer][1][parity]
             self._seg.raw[start : start + n] = op.data[lo : lo + n]  # type: ignore[assignment]
-        boxes[h + H_SEQ], boxes[h + H_SIG] = tag.seq, tag.sig & 0xFFFFFFFFFFFFFFFF
-        boxes[h + H_ROUND], boxes[h + H_SEGMENT] = tag.round, tag.segment
-        boxes[h + H_LENGTH], boxes[h + H_PIECE] = op.length, op.piece | (op.direct << 32)
-        boxes[b + POSTED] = posted + 1  # last: the receiver sees a complete piece
+        self._publish(b, posted, tag, op.length, op.piece | (op.direct << 32))
         self._ring(op.peer)
         op.piece += 1
         if not op.direct and op.piece >= op.pieces:
             op.done = True
+
+    def _publish(self, b: int, posted: int, tag: Tag, length: int, piece: int) -> None:
+        """Write the header of mailbox ``b``'s next slot (the piece's data is already there),
+        then bump ``posted``, last, so the receiver sees a complete piece."""
+        words, h = self._seg.words, b + HEADERS + (posted & 1) * HDR
+        words[h + H_SEQ], words[h + H_SIG] = tag.seq, tag.sig & 0xFFFFFFFFFFFFFFFF
+        words[h + H_ROUND], words[h + H_SEGMENT] = tag.round, tag.segment
+        words[h + H_LENGTH], words[h + H_PIECE] = length, piece
+        words[b + POSTED] = posted + 1
 
     def _take(self, op: _Op, b: int, taken: int, tag: Tag) -> None:
         boxes, parity = self._seg.words, taken & 1
@@ -282,7 +282,7 @@ class ShmTransport:
         else:
             lo = op.piece * self._chunk
             n = min(self._chunk, op.length - lo)
-            start = self._seg.layout.slot(self._index[op.peer], self._me, parity)
+            start = self._in[op.peer][1][parity]
             op.data[lo : lo + n] = self._seg.raw[start : start + n]
         boxes[b + TAKEN] = taken + 1
         self._ring(op.peer)
