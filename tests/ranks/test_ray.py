@@ -7,6 +7,7 @@ awaited with a timeout, and a failure reports every rank: its remote traceback o
 
 from __future__ import annotations
 
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -160,8 +161,15 @@ def _get_all(refs: list[Any], timeout: float = CALL_TIMEOUT) -> list[Any]:
 
 @pytest.fixture(scope="module")
 def members() -> Iterator[list[Any]]:
-    """A local Ray cluster and three actors that register the backend as they start."""
+    """A local Ray cluster and three actors that register the backend as they start.
+
+    Ray's driver installs its own SIGINT/SIGTERM handlers, after which Ctrl-C and a CI timeout's
+    SIGTERM no longer stop pytest: the test process's handlers are put back at once.
+    """
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    for sig, handler in handlers.items():
+        signal.signal(sig, handler)
     try:
         pool = [Member.remote() for _ in range(3)]
         # starting a worker imports torch (ray.util.collective does): slow on a busy machine, and
@@ -170,6 +178,15 @@ def members() -> Iterator[list[Any]]:
         yield pool
     finally:
         ray.shutdown()
+
+
+#: the test process's handlers, read when this module is imported, before any Ray driver starts
+_HANDLERS = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+
+def test_a_ray_driver_leaves_the_test_process_stoppable(members: list[Any]) -> None:
+    """After ray.init (which installs a SIGTERM handler of its own), SIGINT and SIGTERM still stop pytest."""
+    assert {sig: signal.getsignal(sig) for sig in _HANDLERS} == _HANDLERS
 
 
 def _form(actors: list[Any], group: str) -> None:
