@@ -7,7 +7,7 @@ import pytest
 
 from ringlet.plan import model_time
 from ringlet.plan_params import params_for
-from ringlet.schedules import ring
+from ringlet.schedules import doubling, ring
 from ringlet.schedules.groups import SPANS, built_span, span
 
 
@@ -29,7 +29,12 @@ CASES = {
         {**kw, "root": r} for kw in _count_cases(p) for r in {0, p - 1}
     ],
     ring.chain_reduce: lambda p: [{**kw, "root": r} for kw in _count_cases(p) for r in {0, p - 1}],
+    doubling.recursive_doubling_all_reduce: _count_cases,
+    doubling.halving_doubling_all_reduce: _count_cases,
 }
+DOUBLING = (doubling.recursive_doubling_all_reduce, doubling.halving_doubling_all_reduce)
+#: world sizes past the small ones, where the doubling steps' parity and the folds change
+WIDE = (15, 16, 17, 31, 32, 33, 64, 100, 128)
 
 
 def test_every_declared_span_is_covered() -> None:
@@ -38,7 +43,7 @@ def test_every_declared_span_is_covered() -> None:
 
 @pytest.mark.parametrize("fn", list(CASES), ids=lambda f: f.__name__)
 def test_declared_span_equals_building_every_member(fn: object) -> None:
-    for size in range(1, 10):
+    for size in (*range(1, 10), *(WIDE if fn in DOUBLING else ())):
         for kw in CASES[fn](size):  # type: ignore[operator]
             key = tuple(sorted(kw.items()))
             assert span(fn, size, key) == built_span(fn, size, key), (fn, size, kw)  # type: ignore[arg-type]

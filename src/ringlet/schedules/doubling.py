@@ -25,6 +25,7 @@ from .base import (
     offsets,
     timeline,
 )
+from .groups import spans
 
 
 def core_size(size: int) -> int:
@@ -118,6 +119,28 @@ def doubling_gather_rounds(index: int, size: int, edge: Sequence[int], buf: Buf)
     return rounds
 
 
+def _steps(size: int) -> int:
+    """log2 p': the doubling steps among the core ranks."""
+    return core_size(size).bit_length() - 1
+
+
+def _doubling_span(size: int, count: int) -> int:
+    """Rounds of recursive doubling's longest member: log2 p' steps, +2 for the fold in and out
+    when p is not a power of two, else +1 for the closing copy when the steps are odd."""
+    if count <= 0:
+        return 0
+    steps = _steps(size)
+    return steps + 2 if size != core_size(size) else steps + (steps & 1)
+
+
+def _halving_doubling_span(size: int, count: int) -> int:
+    """Rounds of halving-doubling's longest member: 2·log2 p' (+2 to fold when p is not a power of two)."""
+    if count <= 0:
+        return 0
+    return 2 * _steps(size) + (2 if size != core_size(size) else 0)
+
+
+@spans(_doubling_span)
 def recursive_doubling_all_reduce(rank: int, size: int, count: int) -> Schedule:
     """Exchange whole vectors with partners at distance 1, 2, 4, … and reduce.
 
@@ -147,6 +170,7 @@ def recursive_doubling_all_reduce(rank: int, size: int, count: int) -> Schedule:
     return timeline(rounds, "recursive_doubling_all_reduce")
 
 
+@spans(_halving_doubling_span)
 def halving_doubling_all_reduce(rank: int, size: int, count: int) -> Schedule:
     """Rabenseifner: reduce-scatter by recursive halving, then all-gather by recursive doubling.
 
