@@ -185,6 +185,7 @@ class Path:
             hosts=self._topology,
             deterministic=self._deterministic,
             group=self._shm is not None,
+            single_copy=self.routes.local is not None and self.routes.local.direct,
         )
         if chosen == select.GROUP:
             plan = _Plan(True, chosen, None, sent, finish, False, (0, 0, False))

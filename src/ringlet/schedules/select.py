@@ -108,6 +108,18 @@ RANK_ORDER: dict[str, frozenset[str]] = {
 #: (benchmarks/README.md), and the group goes when the set is empty.
 GROUP = "shm_group"
 GROUP_OPS: frozenset[str] = frozenset(ALGORITHMS) - {"all_to_all"}
+#: Where every rank shares this host and the shared-memory transport copies large messages
+#: straight from the sender's memory (``single_copy``), the ops here leave the group from this
+#: many bytes for a one-round schedule: each rank reads its data from the root's buffer with one
+#: kernel copy, all at once, where the group stages it through the segment in 2 MiB steps.
+#: Interleaved in one job against the group (benchmarks/group_ab.py, 2-4 ranks; README): at
+#: 8 MiB broadcast 0.35-0.45x its time, scatter 0.28-1.09x, gather 1.03-1.32x; 16 MiB 0.19-0.60x,
+#: 0.24-0.80x, 0.62-0.91x; 64 MiB 0.22-0.72x, 0.43-0.99x, 1.01-1.07x. At 1 MiB the group wins.
+GROUP_LEAVES: dict[str, tuple[int, str]] = {
+    "broadcast": (8 << 20, "linear"),
+    "scatter": (8 << 20, "linear"),
+    "gather": (16 << 20, "linear"),  # the group copies from peers' memory too from here
+}
 #: all_to_all within one host (``hosts`` None): every block in one round, each pair through its
 #: own mailbox, large blocks by single copy; 2-4 ranks, interleaved in one job against the shm
 #: group, 0.58-1.14x its time at 8 B-64 MiB, most cells below 1 (benchmarks/README.md). Between
@@ -201,6 +213,7 @@ def select(
     hosts: Sequence[int] | None = None,
     deterministic: bool = False,
     group: bool = False,
+    single_copy: bool = False,
 ) -> str:
     """The algorithm name for ``op`` over ``size`` ranks moving a vector of ``nbytes``.
 
@@ -208,7 +221,7 @@ def select(
     broadcast), the concatenated result (all_gather, gather) or input (scatter,
     reduce_scatter), or one rank's input (all_to_all). ``hosts``: the host index of each rank
     (None: one host, or not known). ``deterministic`` picks the rank-order folds (:data:`ORDERED`);
-    ``group``: every rank shares this host through a shm group (:data:`GROUP`, also rank order).
+    ``group``/``single_copy``: all ranks on this host, see :data:`GROUP` and :data:`GROUP_LEAVES`.
     ``override`` (for example from RINGLET_ALGO) wins if it names an algorithm of ``op`` (an
     ordered one for a reduction in deterministic mode). Raises ValueError for an unknown op or
     override, naming the choices.
@@ -217,7 +230,7 @@ def select(
     if override is not None:
         return _checked_override(op, override, choices, deterministic)
     if group and op in GROUP_OPS:
-        return GROUP
+        return _one_host(op, nbytes, single_copy)
     if deterministic and op in ORDERED:
         return DIRECT[op] if op in DIRECT and nbytes <= DIRECT_MAX else ORDERED[op]
     if op == "all_to_all":
@@ -226,6 +239,12 @@ def select(
         assert hosts is not None
         return _spanning(op, tuple(hosts), nbytes)
     return _flat(op, size, nbytes)
+
+
+def _one_host(op: str, nbytes: int, single_copy: bool) -> str:
+    """The group, or the schedule an op leaves it for at this size (:data:`GROUP_LEAVES`)."""
+    leaves = GROUP_LEAVES.get(op)
+    return leaves[1] if single_copy and leaves and nbytes >= leaves[0] else GROUP
 
 
 def _spanning(op: str, hosts: tuple[int, ...], nbytes: int) -> str:

@@ -156,7 +156,7 @@ def attach(
     pids = [int(seg.ranks[i * (LINE // 8) + R_PID]) for i in range(k)]
     starts = [int(seg.ranks[i * (LINE // 8) + R_START]) or None for i in range(k)]
     cma = CrossMemory(me, pids)
-    ok = all(
+    ok = os.environ.get("RINGLET_SHM_CMA", "1").lower() not in ("0", "false", "no") and all(
         cma.probe(i, int(seg.ranks[i * (LINE // 8) + R_PROBE]), len(PROBE)) is None
         for i in range(k)
         if i != me
