@@ -306,9 +306,8 @@ class Communicator:
         timeout: float | None = None,
     ) -> Any:
         """Receive the earliest message from ``src`` with ``tag`` into ``x`` (or a new array when
-        ``x`` is None); messages with other tags that come first are kept for later recvs."""
-        if src is None:
-            raise ValueError("recv: src= is required (the rank to receive from)")
+        ``x`` is None); messages with other tags that come first are kept for later recvs.
+        ``src=None``: from any source; returns ``(array, source)`` (the Work's result if async)."""
         return self._p2p.recv(x, src, tag, async_op=async_op, timeout=timeout)
 
     def broadcast_object(self, obj: Any, root: int = 0) -> Any:

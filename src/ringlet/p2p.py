@@ -8,6 +8,11 @@ raises MismatchError and stays kept. Each message is a small header (tag, dtype,
 data, so ``recv(None, src)`` can allocate the result. Sends and receives run on separate threads
 when asynchronous, so a pair may exchange both ways; receives run one at a time, in the order
 they were posted. The communicator holds one ``PointToPoint`` and hands its send and recv to it.
+
+``recv(x, None, tag)`` receives from any source: the earliest kept message with the tag, else the
+first to arrive from whichever rank, and returns ``(array, source)`` (the Work's result when
+asynchronous). Point-to-point messages always travel on these TCP connections, whatever the
+collectives use, so waiting for any source is one poll() over one kind of socket.
 """
 
 from __future__ import annotations
@@ -64,7 +69,12 @@ class PointToPoint:
         self._p2p_workers = {"send": Worker("ringlet-send"), "recv": Worker("ringlet-recv")}
         self._p2p_lock = threading.Lock()
         # per source: messages that arrived before a recv asked for their tag, in order
-        self._p2p_kept: dict[int, list[tuple[int, np.ndarray]]] = {}
+        # (arrival number, tag, data): any-source receives take the earliest that matches
+        self._p2p_kept: dict[int, list[tuple[int, int, np.ndarray]]] = {}
+        self._arrivals = 0
+        self._taken_from = -1  # the source of the last kept message taken
+        self._last_any = rank  # the source of the last any-source receive: rotation starts after it
+        self._gone: dict[int, str] = {}  # peers whose connection ended: why
 
     def _p2p_transport(self) -> TcpTransport:
         with self._open_lock:
@@ -134,58 +144,140 @@ class PointToPoint:
     def recv(
         self,
         x: Any,
-        src: int,
+        src: int | None,
         tag: int = 0,
         *,
         async_op: bool = False,
         timeout: float | None = None,
     ) -> Any:
         """Receive the earliest message from ``src`` with ``tag`` into ``x`` (or a new array when
-        ``x`` is None); messages with other tags that come first are kept for later recvs."""
-        src = self._peer(src, "recv")
-        arr = None if x is None else to_numpy(x, call="recv", writable=True)
+        ``x`` is None); messages with other tags that come first are kept for later recvs.
 
-        def deliver(data: np.ndarray) -> Any:
-            if arr is None:
-                return from_numpy_like(data, data)
-            np.copyto(arr, data)
-            return x
+        ``src=None`` receives from any source and returns ``(array, source)``; see :meth:`_any`.
+        """
+        peer = None if src is None else self._peer(src, "recv")
+        arr = None if x is None else to_numpy(x, call="recv", writable=True)
 
         def run() -> Any:
             deadline = time.monotonic() + (self._timeout() if timeout is None else timeout)
-            kept = self._p2p_kept.setdefault(src, [])
-            for k, (their_tag, data) in enumerate(kept):
-                if their_tag == tag:
-                    self._check_fits(arr, data.dtype, data.shape, src, tag)
-                    del kept[k]
-                    return deliver(data)
-            tr = self._p2p_transport()
+            if peer is None:
+                got, source = self._any(arr, tag, deadline)
+                return (x if arr is not None else from_numpy_like(got, got)), source
+            data = self._kept_one([peer], arr, tag)
             try:
-                while True:
-                    n = self._next("recv", src)
-                    meta = np.zeros(3 + MAX_DIMS, np.int64)
-                    tr.exchange([], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline)
-                    their_tag, dtype = int(meta[0]), dtype_from_code(int(meta[1]))
-                    shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
-                    fits = arr is not None and arr.dtype == dtype and arr.shape == shape
-                    into = arr if their_tag == tag and fits else np.empty(shape, dtype)
-                    assert into is not None
-                    flat, writeback = staged(into)
-                    tr.exchange([], [(src, as_bytes(flat))], Tag(n, P2P_SIG, 1), deadline)
-                    writeback()
-                    if their_tag != tag or (arr is not None and not fits):
-                        kept.append((their_tag, into))
-                    if their_tag == tag:
-                        self._check_fits(arr, dtype, shape, src, tag)
-                        return x if arr is not None else from_numpy_like(into, into)
+                while data is None:
+                    data = self._read(peer, arr, tag, deadline)
             except MismatchError:
                 raise  # the message that does not fit is kept; the connection is fine
             except (RingletError, TimeoutError, OSError) as exc:
-                waiting = ", ".join(f"tag {t} ({d.dtype.name} {d.shape})" for t, d in kept)
-                note = f"; arrived from rank {src} but unmatched: {waiting}" if waiting else ""
-                raise self._p2p_error(exc, f"recv from rank {src} (tag {tag})", note) from exc
+                what = f"recv from rank {peer} (tag {tag})"
+                raise self._p2p_error(exc, what, self._unmatched([peer])) from exc
+            return x if arr is not None else from_numpy_like(data, data)
 
-        return self._p2p_run("recv", run, async_op, f"recv from rank {src}")
+        desc = "recv from any source" if peer is None else f"recv from rank {peer}"
+        return self._p2p_run("recv", run, async_op, desc)
+
+    def _any(self, arr: np.ndarray | None, tag: int, deadline: float) -> tuple[np.ndarray, int]:
+        """The earliest kept message with ``tag`` from any rank, else the first that arrives.
+
+        Waits in the transport's poll for whichever peer has a message (no busy loop); each
+        message read is delivered when it has ``tag`` and kept otherwise. Ready peers are looked
+        at in turn, starting after the one that gave the last such receive, so one busy sender
+        cannot starve the others. A peer whose connection ended is left out (PeerError at once
+        when no peer is left); the deadline is a CollectiveTimeout naming the ranks that sent
+        nothing with ``tag``.
+        """
+        others = [(self._last_any + 1 + i) % self.size for i in range(self.size)]
+        peers = [p for p in others if p != self.rank]
+        data = self._kept_one(peers, arr, tag)
+        if data is not None:
+            return data, self._taken_from
+        tr, what = self._p2p_transport(), f"recv from any source (tag {tag}) on rank {self.rank}"
+        while live := [p for p in peers if p not in self._gone]:
+            try:
+                src = tr.first_ready(live, deadline)
+                data = self._read(src, arr, tag, deadline)
+            except PeerError as exc:
+                if exc.rank not in live:
+                    raise
+                self._gone[exc.rank] = str(exc)
+                continue
+            except MismatchError:
+                raise
+            except (RingletError, TimeoutError, OSError) as exc:
+                raise self._any_error(exc, what, tag, live) from exc
+            if data is not None:
+                self._last_any = src
+                return data, src
+        gone = "; ".join(f"rank {r}: {why}" for r, why in sorted(self._gone.items()))
+        raise PeerError(f"{what}: no rank is left to send ({gone}){self._unmatched(peers)}")
+
+    def _any_error(self, exc: BaseException, what: str, tag: int, live: list[int]) -> RingletError:
+        """A timed-out any-source receive names the ranks that sent nothing; other errors pass."""
+        if not isinstance(exc, TimeoutError):
+            return self._p2p_error(exc, what)
+        gone = f"; ranks {sorted(self._gone)} closed their connections" if self._gone else ""
+        return CollectiveTimeout(
+            f"{what} timed out: no message with tag {tag} from ranks {sorted(live)}{gone}"
+            f"{self._unmatched(live)}",
+            missing=tuple(sorted(live)),
+        )
+
+    def _read(
+        self, src: int, arr: np.ndarray | None, tag: int, deadline: float
+    ) -> np.ndarray | None:
+        """Read the next message from ``src``: the array it landed in when it has ``tag`` (``arr``
+        itself when it fits), else None after keeping it. A misfit with ``tag`` is kept too and
+        raises MismatchError."""
+        tr, n = self._p2p_transport(), self._next("recv", src)
+        meta = np.zeros(3 + MAX_DIMS, np.int64)
+        tr.exchange([], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline)
+        their_tag, dtype = int(meta[0]), dtype_from_code(int(meta[1]))
+        shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
+        fits = arr is None or (arr.dtype == dtype and arr.shape == shape)
+        into = arr if their_tag == tag and arr is not None and fits else np.empty(shape, dtype)
+        flat, writeback = staged(into)
+        tr.exchange([], [(src, as_bytes(flat))], Tag(n, P2P_SIG, 1), deadline)
+        writeback()
+        if their_tag == tag and fits:
+            return into
+        self._arrivals += 1
+        self._p2p_kept.setdefault(src, []).append((self._arrivals, their_tag, into))
+        if their_tag == tag:
+            self._check_fits(arr, dtype, shape, src, tag)
+        return None
+
+    def _kept_one(self, peers: list[int], arr: np.ndarray | None, tag: int) -> np.ndarray | None:
+        """Take the earliest kept message with ``tag`` from one of ``peers`` (None if none is);
+        MismatchError, and it stays kept, when it does not fit ``arr``."""
+        found = [
+            (arrival, src, k)
+            for src in peers
+            for k, (arrival, their_tag, _) in enumerate(self._p2p_kept.get(src, []))
+            if their_tag == tag
+        ]
+        if not found:
+            return None
+        _, src, k = min(found)
+        data = self._p2p_kept[src][k][2]
+        self._check_fits(arr, data.dtype, data.shape, src, tag)
+        del self._p2p_kept[src][k]
+        self._taken_from = src
+        if arr is None:
+            return data
+        np.copyto(arr, data)
+        return arr
+
+    def _unmatched(self, peers: list[int]) -> str:
+        """What arrived from ``peers`` and waits, unmatched, for a recv with its tag."""
+        kept = [(src, t, d) for src in sorted(peers) for _, t, d in self._p2p_kept.get(src, [])]
+        if not kept:
+            return ""
+        if len(peers) == 1:
+            waiting = ", ".join(f"tag {t} ({d.dtype.name} {d.shape})" for _, t, d in kept)
+            return f"; arrived from rank {peers[0]} but unmatched: {waiting}"
+        waiting = ", ".join(f"tag {t} from rank {r} ({d.dtype.name} {d.shape})" for r, t, d in kept)
+        return f"; arrived but unmatched: {waiting}"
 
     def _check_fits(
         self, arr: np.ndarray | None, dtype: np.dtype, shape: tuple[int, ...], src: int, tag: int

@@ -20,10 +20,7 @@ torch = pytest.importorskip(
 )
 import spmd  # noqa: E402
 
-TRANSPORT = {
-    "RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp"),
-    "RINGLET_TORCH_ANYSOURCE": "1",  # sends announce themselves: recv from any source works
-}
+TRANSPORT = {"RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp")}
 STEPS, BATCH, TOL = 4, 12, 1e-5
 
 
@@ -246,7 +243,7 @@ def _surface(bad: list[str], n: int, me: int) -> None:
 
 
 def _any_source(bad: list[str], n: int, me: int) -> None:
-    """recv / irecv without src (RINGLET_TORCH_ANYSOURCE=1) return the rank the message came from."""
+    """recv / irecv without src return the rank the message came from."""
     import torch.distributed as dist
 
     if me != 0:
@@ -269,7 +266,7 @@ def _any_source(bad: list[str], n: int, me: int) -> None:
     if seen != set(range(1, n)):
         bad.append(f"recv from any source: sources {sorted(seen)}")
     t = torch.empty(2)
-    dist.recv(t, src=1, tag=6)  # takes the first; the any-source recv skips its announcement
+    dist.recv(t, src=1, tag=6)  # takes the first; the any-source recv gets the second
     _check(bad, "recv src=1 before any source", t, torch.full((2,), 10.0))
     if dist.recv(t, tag=6) != 1:
         bad.append("recv from any source after recv src=: wrong source")

@@ -11,13 +11,12 @@ Work completes. Where ringlet has no direct equivalent:
 - reduce_scatter of a list whose tensors differ in size: all_reduce of the concatenation, then
   each rank keeps its slice.
 - PREMUL_SUM(f): ``sum`` of the inputs scaled by ``f`` (floating dtypes).
-- recv from any source: with RINGLET_TORCH_ANYSOURCE=1 on every rank, each send also announces
-  itself in the group's torch store and the receive follows the announcements (see
-  ``recv_anysource``); without it, a RuntimeError.
+- recv from any source: ringlet's own ``recv(x, None, tag)``; the Work's ``_source_rank()`` is
+  the sender, as Gloo's.
 
 Beside it: `surface` (names, lifecycle, timeouts, coalescing, split_group: what a group answers
-besides its collectives), `anysource` (that receive), `monitored` (monitored_barrier), `coalescing`
-(one Work for several calls) and `outputs` (torch's output lists of the gathers).
+besides its collectives), `monitored` (monitored_barrier), `coalescing` (one Work for several
+calls) and `outputs` (torch's output lists of the gathers).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ import torch.distributed as dist
 import ringlet
 
 from . import groups
-from .anysource import AnySource
 from .coalescing import Coalescing, chain
 from .monitored import monitored_barrier
 from .outputs import check_parts, scattered_into, split_into
@@ -46,7 +44,7 @@ from .tensors import (
     split_rows,
     tensor_of,
 )
-from .works import RingletWork, completed, premultiply, reduce_op
+from .works import RingletWork, completed, premultiply, received, reduce_op
 
 __all__ = ["RingletProcessGroup", "create_process_group", "monitored_barrier"]
 
@@ -68,7 +66,6 @@ class RingletProcessGroup(GroupSurface, _ProcessGroup):  # type: ignore[misc]
         self._timeout: float | None = None  # set_timeout(): every call's default deadline
         self._coalescing = Coalescing()  # works issued between _start and _end_coalescing
         self._barriers = 0  # monitored_barrier calls so far (alike on every rank)
-        self._anysource = AnySource(comm, store)  # RINGLET_TORCH_ANYSOURCE=1: recv without src
         self._sequence = 0
         self._splits = 0  # groups split from this one (split_group)
 
@@ -348,20 +345,20 @@ class RingletProcessGroup(GroupSurface, _ProcessGroup):  # type: ignore[misc]
     def send(self, tensors: list[torch.Tensor], dst: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "send")
         work = self.comm.send(t, dst, tag, async_op=True, timeout=self._timeout)
-        self._anysource.announce(dst, tag)  # with RINGLET_TORCH_ANYSOURCE=1
         return self._done([work], lambda _: [t], "send")
 
     def recv(self, tensors: list[torch.Tensor], src: int, tag: int = 0) -> RingletWork:
         t = one(tensors, "recv")
         work = self.comm.recv(t, src, tag, async_op=True, timeout=self._timeout)
-        self._anysource.credit(src, tag)  # its announcement, when read, is skipped
-        return self._done([work], lambda _: [t], "recv")
+        return self._coalescing.issued(received(work, t, src, f"recv on rank {self.comm.rank}"))
 
     def recv_anysource(self, tensors: list[torch.Tensor], tag: int = 0) -> RingletWork:
-        """The next message with ``tag`` from whichever rank announced one first (with
-        RINGLET_TORCH_ANYSOURCE=1 on every rank; see :mod:`ringlet.torch.anysource`)."""
+        """The next message with ``tag`` from whichever rank sent one first (ringlet's recv with
+        ``src=None``); ``_source_rank()`` of the Work, and ``dist.recv``, give that rank."""
         t = one(tensors, "recv")
-        return self._anysource.recv(t, tag, lambda: self._timeout)
+        work = self.comm.recv(t, None, tag, async_op=True, timeout=self._timeout)
+        desc = f"recv from any source on rank {self.comm.rank}"
+        return self._coalescing.issued(received(work, t, None, desc))
 
 
 def create_process_group(options: Any, backend_options: Any = None) -> RingletProcessGroup:

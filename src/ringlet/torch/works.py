@@ -23,7 +23,16 @@ from ringlet.errors import PeerError, RingletError
 
 from .resolvers import resolve
 
-__all__ = ["Delivery", "RingletWork", "as_future", "completed", "reduce_op", "torch_error"]
+__all__ = [
+    "Delivery",
+    "RecvWork",
+    "RingletWork",
+    "as_future",
+    "completed",
+    "received",
+    "reduce_op",
+    "torch_error",
+]
 
 
 def torch_error(exc: BaseException) -> BaseException:
@@ -182,6 +191,37 @@ def completed(
     """The torch Work of ``works`` (see :func:`as_future`)."""
     future, delivery = _pending(works, finish)
     return RingletWork(future, desc, delivery)
+
+
+class RecvWork(RingletWork):
+    """The Work of a receive: ``_source_rank()`` is the rank the message came from once it
+    completed, -1 before (as Gloo's); ``dist.recv`` without ``src`` returns it."""
+
+    def __init__(
+        self,
+        future: torch.futures.Future[Any],
+        desc: str,
+        delivery: Delivery,
+        source: list[int],
+    ) -> None:
+        super().__init__(future, desc, delivery)
+        self._source = source  # set before the future completes, by the receive's finish step
+
+    def _source_rank(self) -> int:
+        return self._source[0]
+
+
+def received(work: ringlet.Work, t: torch.Tensor, src: int | None, desc: str) -> RecvWork:
+    """The torch Work of ringlet receive ``work`` into ``t`` from ``src`` (None: any source,
+    whose ringlet result is ``(array, source)``)."""
+    source = [-1]
+
+    def finish(res: list[Any]) -> list[torch.Tensor]:
+        source[0] = res[0][1] if src is None else src
+        return [t]
+
+    future, delivery = _pending([work], finish)
+    return RecvWork(future, desc, delivery, source)
 
 
 _OPS: dict[Any, str] = {

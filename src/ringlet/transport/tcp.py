@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable, Sequence
 
 from ..auth import authenticate
-from ..errors import MismatchError, PeerError, ProtocolError
+from ..errors import AuthenticationError, MismatchError, PeerError, ProtocolError
 from ..gate import Gate
 from . import frames
 from .base import Tag
@@ -29,6 +29,8 @@ HELLO = struct.Struct("<QI")
 AUTH_CONTEXT = b"ringlet-peer"
 #: How often a waiting exchange checks the job's abort flag (seconds).
 POLL_INTERVAL = 0.1
+#: How long ``first_ready`` retries a refused connection before it reports the peer gone (seconds).
+CONNECT_GRACE = 1.0
 SOCKET_BUFFER = 4 << 20
 
 _EV_IN = select.POLLIN | select.POLLPRI
@@ -364,6 +366,58 @@ class TcpTransport:
                 f"this rank expects round {tag.round} segment {tag.segment} of {inc.into.nbytes} "
                 "bytes (ranks chose different algorithms or sizes; check RINGLET_ALGO)"
             )
+
+    # -- waiting for whichever peer speaks first -----------------------------------------------
+    def first_ready(self, peers: Sequence[int], deadline: float) -> int:
+        """The first of ``peers``, in the order given, whose connection has a frame or its end to
+        read (the next ``exchange`` with it reports the end). Blocks in poll(): connects to higher
+        peers at once, looks for lower ones not connected yet between polls (backing off from
+        1 ms). PeerError (with ``rank``) for a peer that cannot be reached; TimeoutError."""
+        unconnected, pause = [p for p in peers if p not in self._socks], 0.001
+        next_poll, by_fd = time.monotonic() + POLL_INTERVAL, dict[int, int]()
+        while True:
+            if unconnected or not by_fd:
+                unconnected = [p for p in unconnected if not self._try_connect(p, deadline)]
+                by_fd = {self._socks[p].fileno(): p for p in peers if p in self._socks}
+                poller = select.poll()
+                for fd in by_fd:
+                    poller.register(fd, _EV_IN | _EV_HUP)
+            now = time.monotonic()
+            if now >= deadline:
+                raise TimeoutError(f"no message from ranks {sorted(peers)}")
+            if now >= next_poll:
+                self._poll()
+                next_poll = now + POLL_INTERVAL
+            wait = min(deadline - now, pause if unconnected else POLL_INTERVAL)
+            ready = {by_fd[fd] for fd, _ in poller.poll(max(1, int(1000 * wait)))}
+            if ready:
+                return next(p for p in peers if p in ready)
+            pause = min(2 * pause, POLL_INTERVAL)
+
+    def _try_connect(self, peer: int, deadline: float) -> bool:
+        """Connect to a higher ``peer`` (refused for CONNECT_GRACE: it is gone), or take a lower one
+        that connected already; skipped while another thread connects. True once connected."""
+        if peer in self._socks or not self._connecting.acquire(blocking=False):
+            return peer in self._socks
+        try:
+            if peer in self._socks:
+                return True
+            if self.rank > peer:  # a lower peer connects to us: only if it already has
+                try:
+                    sock = self._listener.take(self.comm, peer, 0.0, self._poll)
+                except TimeoutError:
+                    return False
+            else:
+                until = min(deadline, time.monotonic() + CONNECT_GRACE)
+                addr = self._addresses[peer]
+                sock = connect(addr, self._secret, self.comm, self.rank, until, self._poll)
+            sock.setblocking(False)
+            self._socks[peer] = sock
+            return True
+        except (OSError, AuthenticationError) as exc:  # refused, or reset while it exits
+            raise PeerError(f"cannot connect to rank {peer}: {exc}", rank=peer) from exc
+        finally:
+            self._connecting.release()
 
     # -- errors and shutdown -------------------------------------------------------------------
     def abort(self, message: str) -> None:
