@@ -57,14 +57,17 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def results(proc: subprocess.CompletedProcess[str], n: int, source: str) -> list[dict[str, object]]:
-    """Every rank's RESULT, checked to be ranks 0..n-1 of n from ``source``; else every output."""
+def results(
+    proc: subprocess.CompletedProcess[str], n: int, source: str | None
+) -> list[dict[str, object]]:
+    """Every rank's RESULT, checked to be ranks 0..n-1 of n (from ``source``); else every output."""
     report = f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
     assert proc.returncode == 0, report
     # mpiexec forwards each rank's output in chunks: two ranks' lines may share one line
     lines = [json.loads(found) for found in re.findall(r"RESULT (\{[^{}]*\})", proc.stdout)]
     assert sorted(int(line["rank"]) for line in lines) == list(range(n)), report
-    assert all(line["size"] == n and line["source"] == source for line in lines), report
+    assert all(line["size"] == n for line in lines), report
+    assert source is None or all(line["source"] == source for line in lines), report
     return lines
 
 
@@ -96,6 +99,61 @@ def test_mpiexec_with_nothing_exported(script: Path) -> None:
     proc = subprocess.run([mpiexec(), "-n", "4", sys.executable, str(script)], env=clean_env(),
                           capture_output=True, text=True, timeout=90)  # fmt: skip
     results(proc, 4, "mpi")
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_mpiexec_pmi_port_with_nothing_exported(tmp_path: Path, n: int) -> None:
+    """``mpiexec -pmi-port`` exports no PMI_RANK, PMI_SIZE or PMI_FD, only PMI_PORT and PMI_ID:
+    rank and size come from Hydra's proxy over PMI_PORT (PMI-1's initack)."""
+    checks = Path(__file__).with_name("check_collectives.py")
+    proc = subprocess.run([mpiexec(), "-pmi-port", "-n", str(n), sys.executable, str(checks)],
+                          env=clean_env(), cwd=tmp_path, capture_output=True, text=True,
+                          timeout=90)  # fmt: skip
+    assert all(line["pmi_port"] for line in results(proc, n, None)), proc.stdout
+
+
+# ringlet and MPI (mpi4py) in one process under -pmi-port, MPI_Init after ringlet.init() or before
+WITH_MPI = textwrap.dedent("""
+    import os, sys
+    import numpy as np
+    import mpi4py
+    mpi4py.rc.initialize = False
+    from mpi4py import MPI
+    import ringlet
+
+    if sys.argv[1] == "mpi-first":
+        MPI.Init()
+    comm = ringlet.init()
+    x = np.arange(6.0) * (comm.rank + 1)
+    comm.all_reduce(x)
+    assert (x == np.arange(6.0) * sum(range(1, comm.size + 1))).all(), "all_reduce"
+    if sys.argv[1] == "ringlet-first":
+        # after a collective: MPI_Init blocks holding the GIL, and until every rank is past
+        # init() rank 0's store thread must still serve them
+        MPI.Init()
+    world = MPI.COMM_WORLD
+    assert (world.Get_rank(), world.Get_size()) == (comm.rank, comm.size)
+    assert world.allreduce(comm.rank) == sum(range(comm.size)), "MPI's allreduce"
+    comm.close()
+    print("RESULT ok", flush=True)
+""")
+
+
+@pytest.mark.parametrize("order", ["ringlet-first", "mpi-first"])
+def test_mpiexec_pmi_port_with_mpi4py(tmp_path: Path, order: str) -> None:
+    """ringlet.init() then MPI_Init works under -pmi-port; MPI_Init first is refused at once, with
+    what to do (ringlet's PMI connection would take the place of MPI's at Hydra's proxy)."""
+    pytest.importorskip("mpi4py")
+    script = tmp_path / "with_mpi.py"
+    script.write_text(WITH_MPI)
+    proc = subprocess.run([mpiexec(), "-pmi-port", "-n", "2", sys.executable, str(script), order],
+                          env=clean_env(), capture_output=True, text=True, timeout=90)  # fmt: skip
+    report = f"exit {proc.returncode}\n--- stdout ---\n{proc.stdout}\n--- stderr ---\n{proc.stderr}"
+    if order == "ringlet-first":
+        assert proc.returncode == 0 and proc.stdout.count("RESULT ok") == 2, report
+    else:
+        assert proc.returncode != 0, report
+        assert "MPI_Init came first" in proc.stderr and "before MPI_Init" in proc.stderr, report
 
 
 # -- srun on a real single-node SLURM ----------------------------------------------------------

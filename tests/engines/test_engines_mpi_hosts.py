@@ -17,7 +17,6 @@ import shutil
 import stat
 import subprocess
 import sys
-import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,24 +27,7 @@ import netns
 
 pytestmark = pytest.mark.multihost
 
-SCRIPT = textwrap.dedent("""
-    import json, os, socket, time
-    import numpy as np
-    import ringlet
-
-    if os.environ.get("LATE_RANK") == os.environ["PMI_RANK"]:
-        time.sleep(60)  # this rank comes to init() long after the others gave up
-    comm = ringlet.init()
-    r, n = comm.rank, comm.size
-    table = np.arange(n * 1000, dtype=np.float64).reshape(n, 1000) * 0.5  # alike on every rank
-    x = table[r].copy()
-    comm.all_reduce(x)
-    assert (x == table.sum(axis=0)).all(), "all_reduce"
-    got = comm.all_gather(np.full(2, r, dtype=np.int32))
-    assert (got == np.repeat(np.arange(n), 2)).all(), "all_gather"
-    print("RESULT " + json.dumps({"rank": r, "size": n, "host": socket.gethostname()}), flush=True)
-    comm.close()
-""")
+CHECKS = Path(__file__).with_name("check_collectives.py")  # one rank: collectives vs NumPy
 
 
 @pytest.fixture(scope="module")
@@ -74,20 +56,24 @@ def fake_ssh(hosts: netns.Hosts, path: Path) -> Path:
     return path
 
 
-def mpiexec_argv(hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int]) -> list[str]:
-    """``mpiexec -hosts h0:a,h1:b -n a+b python train.py``, to start on host 0."""
-    script = tmp_path / "train.py"
-    script.write_text(SCRIPT)
+def mpiexec_argv(
+    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int], *options: str
+) -> list[str]:
+    """``mpiexec [options] -hosts h0:a,h1:b -n a+b python check_collectives.py``, from host 0."""
     spec = ",".join(f"{hosts.address(h)}:{n}" for h, n in enumerate(slots))
-    return [shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or "mpiexec",
+    return [shutil.which("mpiexec", path=os.path.dirname(sys.executable)) or "mpiexec", *options,
             "-launcher", "ssh", "-launcher-exec", str(fake_ssh(hosts, tmp_path / "ssh")),
-            "-hosts", spec, "-n", str(sum(slots)), sys.executable, str(script)]  # fmt: skip
+            "-hosts", spec, "-n", str(sum(slots)), sys.executable, str(CHECKS)]  # fmt: skip
 
 
 def mpiexec(
-    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int], extra: dict[str, str]
+    hosts: netns.Hosts,
+    tmp_path: Path,
+    slots: tuple[int, int],
+    extra: dict[str, str],
+    *options: str,
 ) -> subprocess.CompletedProcess[str]:
-    argv = mpiexec_argv(hosts, tmp_path, slots)
+    argv = mpiexec_argv(hosts, tmp_path, slots, *options)
     return hosts.run(0, argv, timeout=120, env=netns.clean_env(extra), cwd=str(tmp_path))
 
 
@@ -98,17 +84,20 @@ def results(proc: subprocess.CompletedProcess[str]) -> list[dict[str, object]]:
     return sorted(lines, key=lambda line: int(str(line["rank"])))
 
 
+@pytest.mark.parametrize("options", [(), ("-pmi-port",)], ids=["PMI_FD", "PMI_PORT"])
 @pytest.mark.parametrize("slots", [(2, 2), (1, 2)], ids=["2+2", "1+2"])
 def test_mpiexec_across_hosts_with_only_the_secret_exported(
-    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int]
+    hosts: netns.Hosts, tmp_path: Path, slots: tuple[int, int], options: tuple[str, ...]
 ) -> None:
-    proc = mpiexec(hosts, tmp_path, slots, {"RINGLET_SECRET": secrets.token_hex(16)})
+    """Under -pmi-port Hydra exports no rank or size either: both come over PMI_PORT."""
+    proc = mpiexec(hosts, tmp_path, slots, {"RINGLET_SECRET": secrets.token_hex(16)}, *options)
     lines = results(proc)
     n = sum(slots)
     expected = [hosts.hosts[0].hostname] * slots[0] + [hosts.hosts[1].hostname] * slots[1]
     assert [line["rank"] for line in lines] == list(range(n)), proc.stdout
     assert [line["host"] for line in lines] == expected, proc.stdout
     assert all(line["size"] == n for line in lines), proc.stdout
+    assert all(line["pmi_port"] == bool(options) for line in lines), proc.stdout
 
 
 def test_mpiexec_across_hosts_without_a_secret_says_so(hosts: netns.Hosts, tmp_path: Path) -> None:
@@ -132,14 +121,18 @@ def test_rank_0_without_a_reachable_address_fails_every_rank(
     assert "10.77.0.250" in proc.stderr, proc.stderr
 
 
-def test_a_rank_that_never_comes_is_named_in_seconds(hosts: netns.Hosts, tmp_path: Path) -> None:
+@pytest.mark.parametrize("options", [(), ("-pmi-port",)], ids=["PMI_FD", "PMI_PORT"])
+def test_a_rank_that_never_comes_is_named_in_seconds(
+    hosts: netns.Hosts, tmp_path: Path, options: tuple[str, ...]
+) -> None:
     """Rank 1 sleeps before init(): rank 0 gives up at the PMI barrier after RINGLET_TIMEOUT
     (3 s) and says why. (mpiexec itself then waits for the sleeper: Hydra's way, not ours.)"""
     extra = {"RINGLET_SECRET": secrets.token_hex(16), "RINGLET_TIMEOUT": "3", "LATE_RANK": "1"}
+    argv = mpiexec_argv(hosts, tmp_path, (1, 1), *options)
     errors = tmp_path / "stderr"
     with errors.open("w") as err:
-        proc = hosts.popen(0, mpiexec_argv(hosts, tmp_path, (1, 1)), env=netns.clean_env(extra),
-                           cwd=str(tmp_path), stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
+        proc = hosts.popen(0, argv, env=netns.clean_env(extra), cwd=str(tmp_path),
+                           stdout=subprocess.DEVNULL, stderr=err)  # fmt: skip
         started, said = time.monotonic(), ""
         while time.monotonic() - started < 40 and "rank 0 waited" not in said:
             time.sleep(0.2)

@@ -111,3 +111,18 @@ def test_a_missing_master_is_named() -> None:
     assert "SLURM_STEP_NODELIST (or MASTER_ADDR)" in slurm, slurm
     assert "MASTER_ADDR+MASTER_PORT or RINGLET_MASTER; the ranks span hosts, 2 of 4 here" in mpi
     # (across hosts without a secret: tests/ranks/test_security.py)
+
+
+def test_mpiexec_pmi_port_without_its_proxy_is_named() -> None:
+    """-pmi-port's variables by hand (no Hydra proxy at PMI_PORT, or no PMI_ID): said at once."""
+    port = str(free_port())
+    gone, no_id = finish(
+        [
+            start(INIT, PMI_PORT=f"127.0.0.1:{port}", PMI_ID="1", MPI_LOCALNRANKS="2"),
+            start(INIT, PMI_PORT=f"127.0.0.1:{port}", MPI_LOCALNRANKS="2"),
+        ],
+        within=10,
+    )
+    said = "ConnectionError: ringlet.init() under mpiexec -pmi-port: cannot reach Hydra's proxy"
+    assert f"{said} at PMI_PORT='127.0.0.1:{port}'" in gone, gone
+    assert "PMI_ID (mpiexec -pmi-port sets it beside PMI_PORT)" in no_id, no_id

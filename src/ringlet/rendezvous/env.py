@@ -10,7 +10,7 @@ Where a launcher names no master, it is derived alike on every rank: SLURM's fir
 step and a port from the job and step ids; under mpiexec with every rank on this host, 127.0.0.1
 and a port from the job id (Open MPI's PMIx namespace, or the Hydra proxy that started the ranks);
 under MPICH's Hydra across hosts, rank 0 publishes its address through Hydra's PMI
-(:mod:`ringlet.rendezvous.pmi`).
+(:mod:`ringlet.rendezvous.pmi`), where ``mpiexec -pmi-port`` also gives the rank and size.
 Under torchrun, rank 0 publishes its store's address in torch's store on MASTER_PORT (the
 agent's, or one rank 0 serves for torch too), keyed by the restart count and the world size, so a
 restarted attempt, or a round after a node joined, never meets a previous round's store.
@@ -34,6 +34,7 @@ from ringlet.rendezvous.launchers import (  # noqa: F401 (some only re-exported)
     job_id,
     parse_master,
 )
+from ringlet.rendezvous.pmi import port_mode, via_pmi, with_port_placement
 from ringlet.rendezvous.secret import read_secret_file
 
 DEFAULT_TIMEOUT = 300.0
@@ -83,11 +84,12 @@ def resolve(
     ``agent_store`` (default: when reading os.environ), rank 0 publishes its store's address in
     torch's store on MASTER_PORT and the others read it (:mod:`ringlet.rendezvous.torchelastic`);
     without torch importable our store takes MASTER_PORT + 1. Across hosts under MPICH's Hydra,
-    rank 0 publishes it through Hydra's PMI (:mod:`ringlet.rendezvous.pmi`).
+    rank 0 publishes it through Hydra's PMI (:mod:`ringlet.rendezvous.pmi`); under ``mpiexec
+    -pmi-port``, which exports no rank or size, both are asked of PMI_PORT first.
 
     Raises ValueError naming, for each source tried, the variables that were missing, when no
     source is complete, or when a value is malformed or out of range; TypeError for non-int
-    ``rank``/``world_size``.
+    ``rank``/``world_size``; ConnectionError naming PMI_PORT when Hydra's proxy does not answer.
     """
     if agent_store is None:
         agent_store = environ is None
@@ -98,6 +100,8 @@ def resolve(
     given = _Found("arguments", rank=rank, world_size=world_size)
     if master is not None:
         given.host, given.port = parse_master(master, "master")
+    if agent_store and None in (rank, world_size) and port_mode(environ):
+        environ = with_port_placement(environ, _resolve_timeout(timeout, environ))
     found = _first_complete(given, environ)
     if found is None:
         raise ValueError(_nothing_complete_message(given, environ))
@@ -118,11 +122,15 @@ def resolve(
         job_id=job_id(environ) or found.job,
         secret_file=_secret_file_used(secret, environ),
     )
-    if found.via_pmi and agent_store:
-        from ringlet.rendezvous.pmi import via_pmi
+    return _ask_launcher(env, environ, found.via_pmi) if agent_store else env
 
+
+def _ask_launcher(env: JobEnv, environ: Mapping[str, str], pmi: bool) -> JobEnv:
+    """``env`` with the master the launcher's own store gives: Hydra's PMI across hosts
+    (``pmi``), or torch elastic's store under torchrun."""
+    if pmi:
         env = via_pmi(env, environ)
-    if agent_store and env.store_port_offset and env.world_size > 1:
+    if env.store_port_offset and env.world_size > 1:
         from ringlet.rendezvous.torchelastic import via_agent_store
 
         env = via_agent_store(env, environ)

@@ -201,18 +201,34 @@ def _from_mpi(environ: Mapping[str, str]) -> _Found:
     if found.host is None and found.port is None and not one_host and can_ask(environ):
         # across hosts under Hydra: rank 0 publishes its address in the job's PMI key space
         found.host, found.port, found.via_pmi = PENDING_HOST, 1, True
+    found.missing = _mpi_missing(environ, found, one_host)
+    return found
+
+
+def _mpi_missing(environ: Mapping[str, str], found: _Found, one_host: bool) -> tuple[str, ...]:
+    """What _from_mpi lacks, for the error: rank and size (or -pmi-port's PMI_ID), master."""
     missing = []
-    if found.rank is None:
-        missing.append("OMPI_COMM_WORLD_RANK or PMI_RANK")
-    if found.world_size is None:
-        missing.append("OMPI_COMM_WORLD_SIZE or PMI_SIZE")
+    if environ.get("PMI_PORT", "").strip() and None in (found.rank, found.world_size):
+        # mpiexec -pmi-port exports no rank or size: ringlet.init() asks PMI_PORT for them
+        pmi_id = environ.get("PMI_ID", "").strip()
+        missing.append(
+            "PMI_RANK+PMI_SIZE (under mpiexec -pmi-port ringlet.init() asks PMI_PORT)"
+            if pmi_id
+            else "PMI_ID (mpiexec -pmi-port sets it beside PMI_PORT)"
+        )
+    else:
+        if found.rank is None:
+            missing.append("OMPI_COMM_WORLD_RANK or PMI_RANK")
+        if found.world_size is None:
+            missing.append("OMPI_COMM_WORLD_SIZE or PMI_SIZE")
     if found.host is None or found.port is None:
         spread = ""
         if found.local_size is not None and found.world_size is not None and not one_host:
             spread = f"; the ranks span hosts, {found.local_size} of {found.world_size} here"
-        missing.append(f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}, no Hydra PMI_FD")
-    found.missing = tuple(missing)
-    return found
+        missing.append(
+            f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}, no Hydra PMI_FD or PMI_PORT"
+        )
+    return tuple(missing)
 
 
 def _from_jobset(environ: Mapping[str, str]) -> _Found:
