@@ -1,5 +1,5 @@
 """Today's torch.distributed on backend "ringlet": Work completion, group names, DeviceMesh,
-functional collectives, DTensor redistribution, FSDP2 and HSDP training.
+functional collectives, DTensor redistribution, FSDP2, HSDP and composable replicate training.
 
 One job per world size runs every case (spawning ranks and importing torch is the slow part).
 References are computed on each rank without communication: every rank rebuilds every rank's
@@ -360,6 +360,27 @@ def _fsdp(bad: list[str], n: int, me: int, mesh: Any, name: str, mixed: bool = F
             _check(bad, f"{name} {key} {policy}", p.full_tensor(), q.detach(), TOL)
 
 
+def _replicate(bad: list[str], n: int, me: int, mesh: Any) -> None:
+    """torch's composable replicate, the DDP one and the one built on FSDP2 (per layer, on a 1-D
+    mesh), trains like one process on the global batch."""
+    from torch.distributed._composable import replicate
+    from torch.distributed._composable.replicate_with_fsdp import replicate as replicate_fsdp
+
+    want = _train(Net(), 0, 1)
+    for name in ("replicate", "replicate_with_fsdp"):
+        model = Net()
+        if name == "replicate":
+            replicate(model)
+        else:
+            for layer in (model.a, model.b, model.c):
+                replicate_fsdp(layer, mesh=mesh)
+            replicate_fsdp(model, mesh=mesh)
+        _train(model, me, n)
+        for (key, p), q in zip(model.named_parameters(), want.parameters(), strict=True):
+            full = p.full_tensor() if hasattr(p, "full_tensor") else p
+            _check(bad, f"{name} {key}", full.detach(), q.detach(), TOL)
+
+
 def torch_cases(comm: Any, port: int) -> list[str]:
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -384,6 +405,7 @@ def torch_cases(comm: Any, port: int) -> list[str]:
         _any_source(bad, n, me)
         _mesh(bad, n, me)
         _fsdp(bad, n, me, init_device_mesh("cpu", (n,)), "FSDP2", mixed=True)
+        _replicate(bad, n, me, init_device_mesh("cpu", (n,), mesh_dim_names=("replicate",)))
         if n % 2 == 0:
             hsdp = init_device_mesh("cpu", (2, n // 2), mesh_dim_names=("replicate", "shard"))
             _fsdp(bad, n, me, hsdp, "HSDP")
