@@ -4,6 +4,7 @@ Blocks follow axis 0 (a 0-d array is one row). scatter's root describes what it 
 header of int64s that every rank receives before any data moves, so an invalid input at the root
 is a ValueError on every rank, never a local-only error that leaves the others waiting. A root's
 list of arrays is sent from the arrays themselves, a piece at a time, never concatenated whole.
+An input small enough travels in the header itself (its eager tail, see eager.py): one exchange.
 """
 
 from __future__ import annotations
@@ -15,8 +16,10 @@ import numpy as np
 
 from .arrays import to_numpy
 from .calls import Call
+from .eager import note, scatter_capacity
 from .ops import check_dtype, dtype_code, dtype_from_code
 from .path import PIECE_BYTES, PIECE_SIG
+from .recorder import FlightRecorder
 
 #: The most trailing dimensions scatter's header carries.
 MAX_TRAILING = 16
@@ -48,22 +51,26 @@ def even_blocks(arr: np.ndarray, size: int, kind: str) -> int:
 
 
 class ScatterHeader:
-    """What scatter's root sends first: status, dtype, whether the data moves in pieces, the
-    trailing shape and rows per rank (int64s at fixed places, see the constants below)."""
+    """What scatter's root sends first: status, dtype, whether the data moves in pieces or came
+    in the header, the trailing shape, rows per rank (int64s at fixed places, see the constants
+    below) and the eager tail: the root's whole input when it fits (eager.scatter_capacity)."""
 
-    _STATUS, _DTYPE, _NDIM, _PIECED, _TRAILING = 0, 1, 2, 3, 4
+    _STATUS, _DTYPE, _NDIM, _PIECED, _EAGER, _TRAILING = 0, 1, 2, 3, 4, 5
     _ROWS = _TRAILING + MAX_TRAILING
 
     def __init__(self, size: int) -> None:
         self.size = size
-        self.data = np.zeros(self._ROWS + size, np.int64)
+        self.data = np.zeros(self._ROWS + size + scatter_capacity(size) // 8, np.int64)
 
     @classmethod
-    def describe(cls, x: Any, size: int) -> tuple[ScatterHeader, Source | None]:
+    def describe(
+        cls, x: Any, size: int, forced: str | None = None
+    ) -> tuple[ScatterHeader, Source | None]:
         """The root's header for ``x`` (one array split evenly, or a list of one array per rank)
-        and what it sends: the array itself as one flat buffer when it is contiguous (no copy),
-        else its parts, each read from its own array a piece at a time (:meth:`moves`); an
-        invalid input gives a header whose status says why, and None."""
+        and what it sends: nothing more when the input fits the header's tail (unless an
+        algorithm is ``forced`` for the call), else the array itself as one flat buffer when it
+        is contiguous (no copy), else its parts, each read from its own array a piece at a time
+        (:meth:`moves`); an invalid input gives a header whose status says why, and None."""
         header = cls(size)
         whole: np.ndarray | None = None
         try:
@@ -91,11 +98,34 @@ class ScatterHeader:
         d, t = header.data, cls._TRAILING
         d[cls._DTYPE], d[cls._NDIM] = dtype_code(first.dtype), first.ndim - 1
         d[t : t + first.ndim - 1] = first.shape[1:]
-        d[cls._ROWS :] = [p.shape[0] for p in parts]
+        d[cls._ROWS : cls._ROWS + size] = [p.shape[0] for p in parts]
+        if forced is None and sum(p.nbytes for p in parts) <= scatter_capacity(size):
+            d[cls._EAGER] = 1
+            header._carry(parts)
+            return header, None
         if whole is not None and whole.flags.c_contiguous:
             return header, whole.reshape(-1)
         d[cls._PIECED] = 1
         return header, parts
+
+    def _carry(self, parts: list[np.ndarray]) -> None:
+        """Put every rank's part, in rank order, into the eager tail (contiguous copies)."""
+        tail, at = self.data[self._ROWS + self.size :].view(np.uint8), 0
+        for p in parts:
+            tail[at : at + p.nbytes] = np.ascontiguousarray(p).reshape(-1).view(np.uint8)
+            at += p.nbytes
+
+    def take(self, out: np.ndarray, rank: int, recorder: FlightRecorder) -> None:
+        """When the root's input came in the header (eager): copy ``rank``'s part from the tail
+        into its flat ``out`` and name the eager way in the recorder (:meth:`moves` is then
+        empty). Else nothing."""
+        if not self.data[self._EAGER]:
+            return
+        note(recorder)
+        rowbytes = int(np.prod(self.trailing, dtype=np.int64)) * self.dtype.itemsize
+        start = sum(self.rows[:rank]) * rowbytes
+        tail = self.data[self._ROWS + self.size :].view(np.uint8)
+        out.view(np.uint8)[:] = tail[start : start + out.nbytes]
 
     def check(self, root: int) -> None:
         """ValueError (on every rank, after the header arrived) if the root's input was invalid."""
@@ -116,7 +146,7 @@ class ScatterHeader:
 
     @property
     def rows(self) -> list[int]:
-        return [int(r) for r in self.data[self._ROWS :]]
+        return [int(r) for r in self.data[self._ROWS : self._ROWS + self.size]]
 
     def moves(
         self, source: Source | None, out: np.ndarray, rank: int
@@ -126,7 +156,10 @@ class ScatterHeader:
 
         A flat source is one scatter straight from the caller's memory. A list (or a strided
         array) moves in pieces of about PIECE_BYTES: a slice of every rank's block, staged in one
-        buffer of the piece's size, so the root never holds a copy of the whole message."""
+        buffer of the piece's size, so the root never holds a copy of the whole message. None
+        when the header carried the input (:meth:`take`)."""
+        if self.data[self._EAGER]:
+            return
         row = int(np.prod(self.trailing, dtype=np.int64))
         counts = tuple(r * row for r in self.rows)
         if not self.data[self._PIECED]:

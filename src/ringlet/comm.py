@@ -24,6 +24,7 @@ from .arrays import from_numpy_like, staged, to_numpy
 from .blocks import ScatterHeader, even_blocks, piece_call, rows
 from .calls import Call, reducible
 from .calls import check_root as _root
+from .eager import Records
 from .errors import BrokenCommunicator, CollectiveTimeout, RingletError
 from .failures import Reporter, rejected_call
 from .links import host_indices
@@ -202,26 +203,27 @@ class Communicator:
     def _gather(
         self, x: Any, root: int | None, async_op: bool, timeout: float | None, algo: str | None
     ) -> Any:
-        """gather to ``root``, or all_gather when ``root`` is None: first the ranks all-gather
-        their row counts (a few bytes, under the call's phase signature), then the data."""
+        """gather to ``root``, or all_gather when ``root`` is None: the ranks all-gather records
+        of their row counts (phase signature) with the payloads if all fit (eager.py), else data."""
         kind = "all_gather" if root is None else "gather"
         arr = rows(to_numpy(x, call=kind))
         check_dtype(arr.dtype, call=kind)
         call = self._call(kind, arr.dtype, arr.shape[1:], root=-1 if root is None else root)
-        row = int(np.prod(arr.shape[1:], dtype=np.int64))
 
         def body(deadline: float) -> Any:
-            mine, got = np.array([arr.shape[0]], np.int64), np.empty(self.size, np.int64)
-            self._path.move(call.phase(), "all_gather", None, {"in": mine, "out": got}, None,
-                            deadline, counts=(1,) * self.size)
-            counts = tuple(int(r) * row for r in got)
+            rec = Records(arr, self.size, algo or self.world.forced.get(kind))
+            self._path.move(call.phase(), "all_gather", None, rec.bufs, None, deadline,
+                            counts=rec.counts)
+            lands = root is None or self.rank == root
+            if rec.eager(self._recorder):  # every payload came with the records
+                return from_numpy_like(x, rec.gathered()) if lands else None
             bufs = {"in": staged(arr)[0]}
             out = None
-            if root is None or self.rank == root:
-                out = np.empty((int(got.sum()), *arr.shape[1:]), arr.dtype)
+            if lands:
+                out = np.empty((int(rec.rows.sum()), *arr.shape[1:]), arr.dtype)
                 bufs["out"] = out.reshape(-1)
             kw: dict[str, Any] = {} if root is None else {"root": root}
-            self._path.move(call, kind, algo, bufs, None, deadline, counts=counts, **kw)
+            self._path.move(call, kind, algo, bufs, None, deadline, counts=rec.data_counts(), **kw)
             return None if out is None else from_numpy_like(x, out)
 
         return self._collective(call, body, async_op, timeout)
@@ -238,7 +240,7 @@ class Communicator:
 
         def body(deadline: float) -> Any:
             header, source = (
-                ScatterHeader.describe(x, self.size)
+                ScatterHeader.describe(x, self.size, algo or self.world.forced.get("scatter"))
                 if self.rank == root
                 else (ScatterHeader(self.size), None)
             )
@@ -246,6 +248,7 @@ class Communicator:
                             count=header.data.size, root=root)
             header.check(root)
             out = np.empty((header.rows[self.rank], *header.trailing), header.dtype)
+            header.take(out.reshape(-1), self.rank, self._recorder)  # if it came in the header
             for k, bufs, counts in header.moves(source, out.reshape(-1), self.rank):
                 self._path.move(piece_call(call, k), "scatter", algo, bufs, None, deadline,
                                 counts=counts, root=root)

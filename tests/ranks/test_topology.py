@@ -123,9 +123,9 @@ def test_recorder_names_algorithm_and_transport_of_every_call() -> None:
     one_host = spmd.run(_recorded, 2)[0]
     assert all(algo and transport == "shm" for _, algo, transport in one_host), one_host
     # the shm group names the way each call went: 1 MiB by single copy (or staged where
-    # cross-memory attach is refused), 40 bytes in one step
+    # cross-memory attach is refused), 40 bytes in one step, with the row counts (eager)
     assert one_host[0][1] in ("shm_group/single_copy", "shm_group/staged"), one_host
-    assert one_host[1][1] == "shm_group/one_step", one_host
+    assert one_host[1][1] == "eager/shm_group/one_step", one_host
     assert one_host[-1][1] == "tree"  # a forced algorithm runs as a schedule over shared memory
 
 
