@@ -156,6 +156,8 @@ class PointToPoint:
         ``src=None`` receives from any source and returns ``(array, source)``; see :meth:`_any`.
         """
         peer = None if src is None else self._peer(src, "recv")
+        if peer is None and self.size == 1:
+            raise ValueError("recv: a communicator of one rank has no other rank to receive from")
         arr = None if x is None else to_numpy(x, call="recv", writable=True)
 
         def run() -> Any:
@@ -229,9 +231,10 @@ class PointToPoint:
         """Read the next message from ``src``: the array it landed in when it has ``tag`` (``arr``
         itself when it fits), else None after keeping it. A misfit with ``tag`` is kept too and
         raises MismatchError."""
-        tr, n = self._p2p_transport(), self._next("recv", src)
+        tr, n = self._p2p_transport(), self._p2p_counts.get(("recv", src), 0)
         meta = np.zeros(3 + MAX_DIMS, np.int64)
         tr.exchange([], [(src, as_bytes(meta))], Tag(n, P2P_SIG, 0), deadline)
+        self._p2p_counts[("recv", src)] = n + 1  # only now: a recv that timed out may be retried
         their_tag, dtype = int(meta[0]), dtype_from_code(int(meta[1]))
         shape = tuple(int(d) for d in meta[3 : 3 + int(meta[2])])
         fits = arr is None or (arr.dtype == dtype and arr.shape == shape)

@@ -146,6 +146,47 @@ def test_a_timed_out_recv_from_any_source_names_the_tag_and_ranks(n: int, transp
     assert 1.4 < waited < 10, waited
 
 
+def posted_again(comm: Any) -> list[str]:
+    """A receive (any source, or from rank 1) that timed out before anything came may be posted
+    again: it gets the message sent later."""
+    bad = []
+    if comm.rank == 0:
+        for src in (None, 1):
+            try:
+                comm.recv(None, src, tag=8, timeout=0.5)
+                bad.append(f"recv from {src} did not time out")
+            except ringlet.CollectiveTimeout:
+                pass
+    comm.barrier()  # now rank 1 sends
+    if comm.rank == 1:
+        comm.send(np.arange(3.0), 0, tag=8)
+        comm.send(np.arange(3.0) + 1, 0, tag=8)
+    if comm.rank == 0:
+        got, src = comm.recv(None, None, tag=8)
+        if (src, got.tolist()) != (1, [0.0, 1.0, 2.0]):
+            bad.append(f"any source after a timeout: {got} from {src}")
+        if (got := comm.recv(None, 1, tag=8)).tolist() != [1.0, 2.0, 3.0]:
+            bad.append(f"from rank 1 after a timeout: {got}")
+    return bad
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_a_recv_that_timed_out_can_be_posted_again(n: int) -> None:
+    assert spmd.run(posted_again, n, env=_env("tcp"), timeout=60) == [[]] * n
+
+
+def alone(comm: Any) -> str:
+    try:
+        comm.recv(None, None)
+    except ValueError as exc:
+        return str(exc)
+    return "no error"
+
+
+def test_one_rank_has_no_source_to_receive_from() -> None:
+    assert "no other rank" in spmd.run(alone, 1, timeout=30)[0]
+
+
 def everyone_left(comm: Any) -> Any:
     """The other ranks send one message and leave: it is delivered, then a PeerError at once."""
     if comm.rank != 0:
