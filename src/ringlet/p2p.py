@@ -72,7 +72,6 @@ class PointToPoint:
         # (arrival number, tag, data): any-source receives take the earliest that matches
         self._p2p_kept: dict[int, list[tuple[int, int, np.ndarray]]] = {}
         self._arrivals = 0
-        self._taken_from = -1  # the source of the last kept message taken
         self._last_any = rank  # the source of the last any-source receive: rotation starts after it
         self._gone: dict[int, str] = {}  # peers whose connection ended: why
 
@@ -152,9 +151,7 @@ class PointToPoint:
     ) -> Any:
         """Receive the earliest message from ``src`` with ``tag`` into ``x`` (or a new array when
         ``x`` is None); messages with other tags that come first are kept for later recvs.
-
-        ``src=None`` receives from any source and returns ``(array, source)``; see :meth:`_any`.
-        """
+        ``src=None``: from any source, returning ``(array, source)`` (see :meth:`_any`)."""
         peer = None if src is None else self._peer(src, "recv")
         if peer is None and self.size == 1:
             raise ValueError("recv: a communicator of one rank has no other rank to receive from")
@@ -165,7 +162,8 @@ class PointToPoint:
             if peer is None:
                 got, source = self._any(arr, tag, deadline)
                 return (x if arr is not None else from_numpy_like(got, got)), source
-            data = self._kept_one([peer], arr, tag)
+            kept = self._kept_one([peer], arr, tag)
+            data = None if kept is None else kept[0]
             try:
                 while data is None:
                     data = self._read(peer, arr, tag, deadline)
@@ -191,10 +189,10 @@ class PointToPoint:
         """
         others = [(self._last_any + 1 + i) % self.size for i in range(self.size)]
         peers = [p for p in others if p != self.rank]
-        data = self._kept_one(peers, arr, tag)
-        if data is not None:
-            return data, self._taken_from
-        tr, what = self._p2p_transport(), f"recv from any source (tag {tag}) on rank {self.rank}"
+        kept = self._kept_one(peers, arr, tag)
+        if kept is not None:
+            return kept
+        tr, what = self._p2p_transport(), f"recv from any source (tag {tag})"
         while live := [p for p in peers if p not in self._gone]:
             try:
                 src = tr.first_ready(live, deadline)
@@ -212,7 +210,8 @@ class PointToPoint:
                 self._last_any = src
                 return data, src
         gone = "; ".join(f"rank {r}: {why}" for r, why in sorted(self._gone.items()))
-        raise PeerError(f"{what}: no rank is left to send ({gone}){self._unmatched(peers)}")
+        left = f"on rank {self.rank}: no rank is left to send ({gone})"
+        raise PeerError(f"{what} {left}{self._unmatched(peers)}")
 
     def _any_error(self, exc: BaseException, what: str, tag: int, live: list[int]) -> RingletError:
         """A timed-out any-source receive names the ranks that sent nothing; other errors pass."""
@@ -220,7 +219,8 @@ class PointToPoint:
             return self._p2p_error(exc, what)
         gone = f"; ranks {sorted(self._gone)} closed their connections" if self._gone else ""
         return CollectiveTimeout(
-            f"{what} timed out: no message with tag {tag} from ranks {sorted(live)}{gone}"
+            f"{what} on rank {self.rank} timed out: no message with tag {tag} from ranks "
+            f"{sorted(live)}{gone}"
             f"{self._unmatched(live)}",
             missing=tuple(sorted(live)),
         )
@@ -250,9 +250,12 @@ class PointToPoint:
             self._check_fits(arr, dtype, shape, src, tag)
         return None
 
-    def _kept_one(self, peers: list[int], arr: np.ndarray | None, tag: int) -> np.ndarray | None:
-        """Take the earliest kept message with ``tag`` from one of ``peers`` (None if none is);
-        MismatchError, and it stays kept, when it does not fit ``arr``."""
+    def _kept_one(
+        self, peers: list[int], arr: np.ndarray | None, tag: int
+    ) -> tuple[np.ndarray, int] | None:
+        """Take the earliest kept message with ``tag`` from one of ``peers``: (its array, or
+        ``arr`` filled with it; its source), or None. MismatchError, and it stays kept, when it
+        does not fit ``arr``."""
         found = [
             (arrival, src, k)
             for src in peers
@@ -265,11 +268,10 @@ class PointToPoint:
         data = self._p2p_kept[src][k][2]
         self._check_fits(arr, data.dtype, data.shape, src, tag)
         del self._p2p_kept[src][k]
-        self._taken_from = src
         if arr is None:
-            return data
+            return data, src
         np.copyto(arr, data)
-        return arr
+        return arr, src
 
     def _unmatched(self, peers: list[int]) -> str:
         """What arrived from ``peers`` and waits, unmatched, for a recv with its tag."""
