@@ -9,6 +9,7 @@ An input small enough travels in the header itself (its eager tail, see eager.py
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -72,48 +73,32 @@ class ScatterHeader:
         is contiguous (no copy), else its parts, each read from its own array a piece at a time
         (:meth:`moves`); an invalid input gives a header whose status says why, and None."""
         header = cls(size)
-        whole: np.ndarray | None = None
         try:
-            if isinstance(x, (list, tuple)):
-                if len(x) != size:
-                    raise _Reject(2)
-                parts = [rows(_scatter_input(p)) for p in x]
-            else:
-                whole = rows(_scatter_input(x))
-                if whole.shape[0] % size:
-                    raise _Reject(1)
-                parts = list(np.split(whole, size)) if size > 1 else [whole]
-            first = parts[0]
-            if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
-                raise _Reject(3)
-            if first.ndim - 1 > MAX_TRAILING:
-                raise _Reject(5)
-            try:
-                check_dtype(first.dtype, call="scatter")
-            except TypeError:
-                raise _Reject(4) from None
+            counts, src = _inspect(x, size)
         except _Reject as rej:
             header.data[cls._STATUS] = rej.code
             return header, None
-        d, t = header.data, cls._TRAILING
-        d[cls._DTYPE], d[cls._NDIM] = dtype_code(first.dtype), first.ndim - 1
-        d[t : t + first.ndim - 1] = first.shape[1:]
-        d[cls._ROWS : cls._ROWS + size] = [p.shape[0] for p in parts]
-        if forced is None and sum(p.nbytes for p in parts) <= scatter_capacity(size):
-            d[cls._EAGER] = 1
-            header._carry(parts)
+        first = src if isinstance(src, np.ndarray) else src[0]
+        d, t, ndim = header.data, cls._TRAILING, first.ndim - 1
+        d[cls._DTYPE], d[cls._NDIM] = dtype_code(first.dtype), ndim
+        d[t : t + ndim] = first.shape[1:]
+        d[cls._ROWS : cls._ROWS + size] = counts
+        rowbytes = math.prod(first.shape[1:]) * first.itemsize
+        if forced is None and sum(counts) * rowbytes <= scatter_capacity(size):
+            d[cls._EAGER] = 1  # the whole input rides in the tail, as bytes in rank order
+            each = [src] if isinstance(src, np.ndarray) else src
+            raw = b"".join(p.tobytes() for p in each)  # C order, strided or not
+            header.data.view(np.uint8).data[header._tail : header._tail + len(raw)] = raw
             return header, None
-        if whole is not None and whole.flags.c_contiguous:
-            return header, whole.reshape(-1)
+        if isinstance(src, np.ndarray) and src.flags.c_contiguous:
+            return header, src.reshape(-1)
         d[cls._PIECED] = 1
-        return header, parts
+        return header, src if isinstance(src, list) else list(np.split(src, size))
 
-    def _carry(self, parts: list[np.ndarray]) -> None:
-        """Put every rank's part, in rank order, into the eager tail (contiguous copies)."""
-        tail, at = self.data[self._ROWS + self.size :].view(np.uint8), 0
-        for p in parts:
-            tail[at : at + p.nbytes] = np.ascontiguousarray(p).reshape(-1).view(np.uint8)
-            at += p.nbytes
+    @property
+    def _tail(self) -> int:
+        """Byte offset of the eager tail in :attr:`data`."""
+        return (self._ROWS + self.size) * 8
 
     def take(self, out: np.ndarray, rank: int, recorder: FlightRecorder) -> None:
         """When the root's input came in the header (eager): copy ``rank``'s part from the tail
@@ -122,10 +107,9 @@ class ScatterHeader:
         if not self.data[self._EAGER]:
             return
         note(recorder)
-        rowbytes = int(np.prod(self.trailing, dtype=np.int64)) * self.dtype.itemsize
-        start = sum(self.rows[:rank]) * rowbytes
-        tail = self.data[self._ROWS + self.size :].view(np.uint8)
-        out.view(np.uint8)[:] = tail[start : start + out.nbytes]
+        before = sum(self.rows[:rank])
+        start = self._tail + before * math.prod(self.trailing) * self.dtype.itemsize
+        out.view(np.uint8).data[:] = self.data.view(np.uint8).data[start : start + out.nbytes]
 
     def check(self, root: int) -> None:
         """ValueError (on every rank, after the header arrived) if the root's input was invalid."""
@@ -142,11 +126,11 @@ class ScatterHeader:
     @property
     def trailing(self) -> tuple[int, ...]:
         t = self._TRAILING
-        return tuple(int(d) for d in self.data[t : t + int(self.data[self._NDIM])])
+        return tuple(self.data[t : t + int(self.data[self._NDIM])].tolist())
 
     @property
     def rows(self) -> list[int]:
-        return [int(r) for r in self.data[self._ROWS : self._ROWS + self.size]]
+        return self.data[self._ROWS : self._ROWS + self.size].tolist()  # type: ignore[no-any-return]
 
     def moves(
         self, source: Source | None, out: np.ndarray, rank: int
@@ -205,6 +189,31 @@ def _stage(
             staged[at : at + n] = flat[lo - r0 * row : lo - r0 * row + n]
         at += n
     return staged
+
+
+def _inspect(x: Any, size: int) -> tuple[list[int], Source]:
+    """Rows per rank of the root's input and the input itself (one array, or its list of arrays
+    as rows), or a rejection that says why it is invalid."""
+    if isinstance(x, (list, tuple)):
+        if len(x) != size:
+            raise _Reject(2)
+        parts = [rows(_scatter_input(p)) for p in x]
+        first = parts[0]
+        if any(p.dtype != first.dtype or p.shape[1:] != first.shape[1:] for p in parts):
+            raise _Reject(3)
+    else:
+        first = rows(_scatter_input(x))
+        if first.shape[0] % size:
+            raise _Reject(1)
+    if first.ndim - 1 > MAX_TRAILING:
+        raise _Reject(5)
+    try:
+        check_dtype(first.dtype, call="scatter")
+    except TypeError:
+        raise _Reject(4) from None
+    if isinstance(x, (list, tuple)):
+        return [p.shape[0] for p in parts], parts
+    return [first.shape[0] // size] * size, first
 
 
 class _Reject(Exception):

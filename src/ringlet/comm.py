@@ -220,7 +220,7 @@ class Communicator:
             bufs = {"in": staged(arr)[0]}
             out = None
             if lands:
-                out = np.empty((int(rec.rows.sum()), *arr.shape[1:]), arr.dtype)
+                out = np.empty((sum(rec.rows), *arr.shape[1:]), arr.dtype)
                 bufs["out"] = out.reshape(-1)
             kw: dict[str, Any] = {} if root is None else {"root": root}
             self._path.move(call, kind, algo, bufs, None, deadline, counts=rec.data_counts(), **kw)

@@ -11,6 +11,9 @@ take the same way. scatter's eager form (the root's input in its header) is in b
 
 from __future__ import annotations
 
+import math
+import struct
+
 import numpy as np
 
 from .recorder import FlightRecorder
@@ -31,6 +34,7 @@ SCATTER_EAGER_BYTES = 4 << 10
 #: The eager way, as the flight recorder names it: prefixed to the records' own algorithm.
 EAGER = "eager"
 _ROWS, _FITS, _HEAD = 0, 1, 2  # int64 words of a record before its payload
+_HEADER = struct.Struct("=qq")  # rows, fits: native order, as the int64 words are read
 
 
 def capacity(size: int) -> int:
@@ -55,46 +59,44 @@ class Records:
 
     ``arr`` is this rank's input (rows along axis 0). With ``forced`` (the algorithm forced for
     the call, by ``algo=`` or RINGLET_ALGO) the "fits" flag stays unset: that call's data moves
-    by the algorithm asked for, on every rank (each reads every rank's flag)."""
+    by the algorithm asked for, on every rank (each reads every rank's flag). Built and read as
+    bytes (a few NumPy calls cost more than the copies of a small call)."""
 
     def __init__(self, arr: np.ndarray, size: int, forced: str | None = None) -> None:
+        cap = capacity(size)
         self.size, self.dtype, self.trailing = size, arr.dtype, arr.shape[1:]
-        self.words = _HEAD + capacity(size) // 8
-        mine = np.zeros(self.words, np.int64)  # zeros: no stale memory of this rank travels
-        mine[_ROWS] = arr.shape[0]
-        if forced is None and arr.nbytes <= capacity(size):
-            mine[_FITS] = 1
-            payload = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
-            mine[_HEAD:].view(np.uint8)[: payload.size] = payload
-        self.table = np.empty((size, self.words), np.int64)
-        self.bufs = {"in": mine, "out": self.table.reshape(-1)}
+        self.words = _HEAD + cap // 8
+        mine = bytearray(self.words * 8)  # zeros: no stale memory of this rank travels
+        fits = forced is None and arr.nbytes <= cap
+        mine[: _HEAD * 8] = _HEADER.pack(arr.shape[0], fits)
+        if fits:
+            mine[_HEAD * 8 : _HEAD * 8 + arr.nbytes] = arr.tobytes()  # C order, any dtype
+        self.table = np.empty(size * self.words, np.int64)
+        self.bufs = {"in": np.frombuffer(mine, np.int64), "out": self.table}
         self.counts = (self.words,) * size
 
     @property
-    def rows(self) -> np.ndarray:
+    def rows(self) -> list[int]:
         """Every rank's row count (after the exchange)."""
-        return self.table[:, _ROWS]
+        return self.table[_ROWS :: self.words].tolist()  # type: ignore[no-any-return]
 
     def eager(self, recorder: FlightRecorder) -> bool:
         """True (and the way noted in the recorder) when every rank's payload came in its record."""
-        if not self.table[:, _FITS].all():
+        if not all(self.table[_FITS :: self.words].tolist()):
             return False
         note(recorder)
         return True
 
     def data_counts(self) -> tuple[int, ...]:
         """Elements from each rank, as the data move (when not eager) takes them."""
-        row = int(np.prod(self.trailing, dtype=np.int64))
-        return tuple(int(r) * row for r in self.rows)
+        row = math.prod(self.trailing)
+        return tuple(r * row for r in self.rows)
 
     def gathered(self) -> np.ndarray:
         """The gathered array, built from the payloads in the records (rank order, axis 0)."""
-        out = np.empty((int(self.rows.sum()), *self.trailing), self.dtype)
-        dest = out.reshape(-1).view(np.uint8)
-        row = int(np.prod(self.trailing, dtype=np.int64)) * self.dtype.itemsize
-        at = 0
-        for record in self.table:
-            n = int(record[_ROWS]) * row
-            dest[at : at + n] = record[_HEAD:].view(np.uint8)[:n]
-            at += n
-        return out
+        rows, step = self.rows, self.words * 8
+        row = math.prod(self.trailing) * self.dtype.itemsize
+        raw = self.table.view(np.uint8).data
+        starts = range(_HEAD * 8, self.size * step, step)
+        joined = bytearray().join(raw[s : s + r * row] for s, r in zip(starts, rows, strict=True))
+        return np.frombuffer(joined, self.dtype).reshape(sum(rows), *self.trailing)
