@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .ops import ReduceOp, combine
+from .ops import ReduceOp, binary, combine
 from .schedules.base import Recv, Round, Schedule, fold_order
 from .transport.base import Tag, Transport
 
@@ -116,8 +116,8 @@ class Engine:
         if rnd.ordered:
             fold_ranges(op, self.transport.rank, reduces)  # type: ignore[arg-type]
             return
-        for _, dest, landing in reduces:
-            combine(op, dest, landing)  # type: ignore[arg-type]
+        for v, dest, landing in reduces:
+            _fold(op, v, dest, landing, bufs, 0)  # type: ignore[arg-type]
 
     def _round(
         self,
@@ -163,8 +163,26 @@ class Engine:
             if rnd.ordered:
                 fold_ranges(op, self.transport.rank, reduces)  # type: ignore[arg-type]
                 continue
-            for _, dest, landing in reduces:
-                combine(op, dest, landing)  # type: ignore[arg-type]
+            for v, dest, landing in reduces:
+                _fold(op, v, dest, landing, bufs, lo)  # type: ignore[arg-type]
+
+
+def _fold(
+    op: ReduceOp,
+    v: Recv,
+    dest: np.ndarray,
+    landing: np.ndarray,
+    bufs: dict[str, np.ndarray],
+    lo: int,
+) -> None:
+    """Combine what landed for ``v`` (its segment from element ``lo``) into ``dest``: with
+    ``dest``'s own elements, or with those of ``v.onto`` (read straight from the input, so the
+    schedule needs no working copy of it)."""
+    if v.onto is None:
+        combine(op, dest, landing)
+        return
+    start = v.onto[1] + lo
+    binary(op, dest.dtype)(bufs[v.onto[0]][start : start + dest.size], landing, dest)
 
 
 def _view(views: dict[str, memoryview], bufs: dict[str, np.ndarray], name: str) -> memoryview:

@@ -57,3 +57,17 @@ def test_large_reductions_in_pieces_match_numpy(size: int, transport: str) -> No
         np.testing.assert_array_equal(got["reduce_scatter"], mine.astype(dtype))
         np.testing.assert_allclose(got["reduce_scatter_mean"], mine / size, rtol=1e-12)
         assert got["input_kept"], f"rank {rank}'s reduce_scatter input changed"
+
+
+def test_a_reduce_scatter_whose_schedules_need_no_scratch_runs_whole() -> None:
+    """The piece cut looks at every rank's schedule, so every rank makes the same choice: a
+    2-rank ring folds the peer's half onto the input straight into the result and the ordered
+    fold lands in the result too, so neither is cut (no staging copy of the input); a 3-rank
+    ring keeps partial sums in scratch, and a large reduce always has a working copy."""
+    from ringlet.path import PIECE_BYTES, _in_pieces
+
+    big = PIECE_BYTES // 4 + 1  # float32 elements per rank, above a piece
+    assert not _in_pieces("reduce_scatter", "ring", 2, None, 4, counts=(big, big))
+    assert not _in_pieces("reduce_scatter", "ordered", 3, None, 4, counts=(big,) * 3)
+    assert _in_pieces("reduce_scatter", "ring", 3, None, 4, counts=(big,) * 3)
+    assert _in_pieces("reduce", "tree", 2, None, 4, count=2 * big, root=0)

@@ -105,6 +105,10 @@ def test_validate_catches_a_folded_message_the_sender_does_not_mark(fold: bool) 
         Round((), (Recv(1, 0, 4, buf="in"),)),  # the caller's input is read-only
         Round(copies=(Copy(0, 0, 4, "out", "tmp"), Copy(2, 2, 4, "tmp", "out"))),  # order matters
         Round(copies=(Copy(0, 0, 4, "out", "in"),)),
+        # folds onto what another receive of the round writes
+        Round((), (Recv(1, 0, 4, reduce=True, onto=("tmp", 2)), Recv(2, 0, 4, buf="tmp"))),
+        # onto in a rank-order round, which folds every landed range with its own value
+        Round((), (Recv(1, 0, 4, reduce=True, onto=("in", 0)),), ordered=True),
     ],
 )
 def test_check_hazards_catches(rnd: Round) -> None:

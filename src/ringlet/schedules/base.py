@@ -11,10 +11,11 @@ Rules every schedule keeps (checked by :func:`validate`):
 - within a round a rank sends at most one message to a peer and receives at most one from it;
 - every Send of rank a to b in round k meets a Recv of b from a in b's k-th round with that peer,
   of the same length;
-- ``Recv(reduce=True)`` combines the incoming elements into ``buf[start:stop]`` with the reduce op,
-  and the Send it meets says so (``fold=True``): both ends cut a folded message into segments
-  alike (the receiver's scratch is one segment), while any other message moves whole, straight
-  into place;
+- ``Recv(reduce=True)`` combines the incoming elements into ``buf[start:stop]`` with the reduce op
+  (``onto=(b, i)``: with ``b[i:i + count]`` instead of the range's own elements, so no working
+  copy of the input is made; not in ordered rounds), and the Send it meets says so
+  (``fold=True``): both ends cut a folded message into segments alike (the receiver's scratch is
+  one segment), while any other message moves whole, straight into place;
 - in a round with ``ordered=True``, the reducing receives that land on one range are folded
   together with this rank's own value there strictly in rank order,
   ``((x_0 op x_1) op x_2) … op x_{p-1}`` over the peers and this rank (deterministic reductions);
@@ -49,13 +50,15 @@ class Send:
 
 @dataclass(frozen=True)
 class Recv:
-    """Receive from ``peer`` into ``buf[start:stop]``; ``reduce`` combines, not overwrites."""
+    """Receive from ``peer`` into ``buf[start:stop]``; ``reduce`` combines, not overwrites: with
+    the range's own elements, or ``onto``'s (a buffer and start) which are only read."""
 
     peer: int
     start: int
     stop: int
     reduce: bool = False
     buf: Buf = "out"
+    onto: tuple[Buf, int] | None = None
 
     @property
     def count(self) -> int:
@@ -170,6 +173,8 @@ def extent(sched: Schedule, buf: Buf) -> int:
         for v in r.recvs:
             if v.buf == buf:
                 end = max(end, v.stop)
+            if v.onto is not None and v.onto[0] == buf:
+                end = max(end, v.onto[1] + v.count)
         for c in r.copies:
             if c.src_buf == buf:
                 end = max(end, c.src + c.count)
@@ -226,8 +231,10 @@ def check_hazards(sched: Schedule, rank: int = -1) -> None:
         written = [(v.buf, v.start, v.stop) for v in r.recvs]
         sent = [(s.buf, s.start, s.stop) for s in r.sends]
         assert all(w[0] != "in" for w in written), f"{where}: receives into 'in'"
+        read = sent + [(v.onto[0], v.onto[1], v.onto[1] + v.count) for v in r.recvs if v.onto]
+        assert not (r.ordered and len(read) > len(sent)), f"{where}: folds onto in an ordered round"
         for w in written:
-            assert not any(_overlap(w, s) for s in sent), f"{where}: receives into {w}, also sent"
+            assert not any(_overlap(w, s) for s in read), f"{where}: receives into {w}, also read"
         # Reducing receives of an ordered round fold together: one range may take several.
         fold = {w for w, v in zip(written, r.recvs, strict=True) if r.ordered and v.reduce}
         alone = [w for w, v in zip(written, r.recvs, strict=True) if not (r.ordered and v.reduce)]

@@ -70,7 +70,7 @@ def lift(rounds: Sequence[Round], members: Sequence[int], place: Place) -> list[
 
     def recv(v: Recv) -> Recv:
         buf, lo = at(v.buf, v.start)
-        return Recv(members[v.peer], lo, lo + v.count, v.reduce, buf)
+        return Recv(members[v.peer], lo, lo + v.count, v.reduce, buf, v.onto and at(*v.onto))
 
     def copy(c: Copy) -> Copy:
         (sb, src), (db, dst) = at(c.src_buf, c.src), at(c.dst_buf, c.dst)

@@ -105,7 +105,8 @@ def ring_all_gather_along(ring: tuple[int, ...], rank: int, counts: Sequence[int
 
 @spans(_blocks_span)
 def ring_reduce_scatter(rank: int, size: int, counts: Sequence[int]) -> Schedule:
-    """Working copy of ``in`` in ``tmp``; ring reduce-scatter; the last step lands in ``out``.
+    """Ring reduce-scatter straight from ``in``: each partial sum lands in ``tmp`` folded onto
+    this rank's own input, the last one in ``out``; no working copy of the input is made.
 
     Steps: p-1. Sent per rank: n - n_r elements (about (p-1)/p·n).
     """
@@ -115,20 +116,23 @@ def ring_reduce_scatter(rank: int, size: int, counts: Sequence[int]) -> Schedule
 def ring_reduce_scatter_along(ring: tuple[int, ...], rank: int, counts: Sequence[int]) -> Schedule:
     """:func:`ring_reduce_scatter` around the ranks in the order ``ring``."""
     size, i, block = len(ring), ring.index(rank), offsets(counts)
-    total, (lo, hi) = sum(counts), block[rank]
+    lo, hi = block[rank]
+    if size == 1:
+        return timeline([Round(copies=(Copy(lo, 0, hi - lo, "in", "out"),))], "ring_reduce_scatter")
     # Position j finishes with chunk j + 1: shift by one so each rank ends with its own block.
-    rounds = ring_reduce_scatter_rounds(
-        i, size, [block[ring[(j - 1) % size]] for j in range(size)], "tmp"
-    )
-    if rounds:  # the last step reduces straight into the result
-        last = rounds[-1]
-        rounds[-1] = Round(last.sends, (Recv((i - 1) % size, 0, hi - lo, reduce=True),))
-    copies = (
-        Copy(0, 0, lo, "in", "tmp"),  # the blocks we add into and pass on
-        Copy(hi, hi, total - hi, "in", "tmp"),
-        Copy(lo, 0, hi - lo, "in", "out"),  # own block's contribution waits in the result
-    )
-    return timeline(first_copies(lift(rounds, ring, {}), *copies), "ring_reduce_scatter")
+    chunk = [block[ring[(j - 1) % size]] for j in range(size)]
+    right, left = ring[(i + 1) % size], ring[(i - 1) % size]
+    rounds = []
+    for s in range(size - 1):  # step 0 passes this rank's own input on, later ones a partial sum
+        give, (a, b) = chunk[(i - s) % size], chunk[(i - s - 1) % size]
+        into: tuple[int, int, Buf] = (0, hi - lo, "out") if s == size - 2 else (a, b, "tmp")
+        rounds.append(
+            Round(
+                (Send(right, *give, buf="tmp" if s else "in", fold=True),),
+                (Recv(left, into[0], into[1], reduce=True, buf=into[2], onto=("in", a)),),
+            )
+        )
+    return timeline(rounds, "ring_reduce_scatter")
 
 
 def ring_reduce(rank: int, size: int, count: int, root: int) -> Schedule:

@@ -177,8 +177,10 @@ REDUCE_SCATTER_HALVING_MAX = 256 << 10  # below: recursive halving; above: ring
 # halving-doubling moves halves: 2 ranks over TCP, 1 MiB 0.36 ms vs 1.98, 16 MiB 9.3 vs 13.9.)
 SMALL_WORLD = 2
 #: ...where one of them is also the one that needs no scratch: Bruck rotates into a scratch copy
-#: of the whole output on rank 1 (256 MiB for a 128 MiB input each); the ring lands in place.
-_SMALL = {"all_gather": "ring"}
+#: of the whole output on rank 1 (256 MiB for a 128 MiB input each); the ring lands in place, and
+#: its reduce-scatter folds the peer's half onto the input straight into the result (halving
+#: first copies the whole input into scratch).
+_SMALL = {"all_gather": "ring", "reduce_scatter": "ring"}
 
 #: (threshold, algorithm at or below it, algorithm above it) per op with a choice.
 _RULES: dict[str, tuple[tuple[int, str], ...]] = {

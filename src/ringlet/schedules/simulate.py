@@ -165,6 +165,9 @@ def run(
             into = _view(bufs[ev.dst][v.buf], v.start, v.stop, f"rank {ev.dst} recv")
             if v.reduce and schedules[ev.dst].rounds[ev.dst_round].ordered:
                 landed[(ev.dst, v)] = data
+            elif v.onto is not None:
+                base = bufs[ev.dst][v.onto[0]]
+                into[:] = reduce(_view(base, v.onto[1], v.onto[1] + v.count, "onto"), data)
             else:
                 into[:] = reduce(into, data) if v.reduce else data
         elif schedules[ev.rank].rounds[ev.round].ordered:
