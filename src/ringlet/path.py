@@ -19,7 +19,7 @@ import numpy as np
 
 from . import calls
 from .calls import Call
-from .engine import Engine
+from .engine import DIRECT_SEGMENT_BYTES, SEGMENT_BYTES, Engine
 from .links import connect
 from .ops import ReduceOp, finish_mean, wire_op
 from .recorder import FlightRecorder
@@ -125,7 +125,9 @@ class Path:
         self.routes, self._shm = connect(world, comm_id, members, hosts, rank, poll, timeout)
         if self._shm is not None:
             self._shm.note = self._group_way
-        self._engine = Engine(self.routes)
+        local = self.routes.local
+        one_host = local is not None and local.direct and len(local.peers) == self.size - 1
+        self._engine = Engine(self.routes, DIRECT_SEGMENT_BYTES if one_host else SEGMENT_BYTES)
         self._kinds: dict[int, tuple[Schedule, str]] = {}  # see _transport_of
         self._plans: dict[tuple[Any, ...], _Plan] = {}  # see move
 
