@@ -9,7 +9,6 @@ nothing, a PeerError at once when every other rank has left; and torch's ``dist.
 from __future__ import annotations
 
 import time
-from datetime import timedelta
 from typing import Any
 
 import numpy as np
@@ -17,6 +16,7 @@ import pytest
 
 import ringlet
 import spmd
+import torch_group
 
 TRANSPORTS = ["tcp", "auto"]
 SIZES = [2, 3, 4]
@@ -222,13 +222,7 @@ def torch_any_source(comm: Any, port: int) -> list[str]:
     import ringlet.torch  # noqa: F401
 
     n, me = comm.size, comm.rank
-    dist.init_process_group(
-        "ringlet",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=me,
-        world_size=n,
-        timeout=timedelta(seconds=60),
-    )
+    torch_group.init(comm, port)
     bad: list[str] = []
     try:
         gloo = dist.new_group(backend="gloo")

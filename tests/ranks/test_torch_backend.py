@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 import warnings
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ torch = pytest.importorskip(
     "torch", reason="ringlet.torch needs PyTorch (pip install 'ringlet[torch]')"
 )
 import spmd  # noqa: E402
+import torch_group  # noqa: E402
 
 TRANSPORT = {"RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp")}
 
@@ -356,13 +356,7 @@ def backend_cases(comm: Any, init: str, port: int) -> list[str]:
         )
         dist.init_process_group("ringlet")
     else:
-        dist.init_process_group(
-            "ringlet",
-            init_method=f"tcp://127.0.0.1:{port}",
-            rank=me,
-            world_size=n,
-            timeout=timedelta(seconds=60),
-        )
+        torch_group.init(comm, port)
     bad: list[str] = []
     warnings.filterwarnings("ignore", message=".*is deprecated", category=FutureWarning)
     try:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import gc
 import os
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -18,6 +17,7 @@ torch = pytest.importorskip(
     "torch", reason="ringlet.torch needs PyTorch (pip install 'ringlet[torch]')"
 )
 import spmd  # noqa: E402
+import torch_group  # noqa: E402
 
 BATCH, STEPS = 12, 3
 
@@ -137,13 +137,7 @@ def ddp_cases(comm: Any, port: int) -> list[str]:
     import ringlet.torch as rt
 
     n, me = comm.size, comm.rank
-    dist.init_process_group(
-        "ringlet",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=me,
-        world_size=n,
-        timeout=timedelta(seconds=60),
-    )
+    torch_group.init(comm, port)
     bad: list[str] = []
     try:
         # torch's own DDP on backend "ringlet" (its default hook, then torch's fp16 hook)

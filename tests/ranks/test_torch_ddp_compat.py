@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -19,6 +18,7 @@ torch = pytest.importorskip(
     "torch", reason="ringlet.torch needs PyTorch (pip install 'ringlet[torch]')"
 )
 import spmd  # noqa: E402
+import torch_group  # noqa: E402
 
 TRANSPORT = {"RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp")}
 STEPS = 3
@@ -101,13 +101,7 @@ def ddp_cases(comm: Any, port: int) -> list[str]:
     import ringlet.torch as rt
 
     n, me = comm.size, comm.rank
-    dist.init_process_group(
-        "ringlet",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=me,
-        world_size=n,
-        timeout=timedelta(seconds=60),
-    )
+    torch_group.init(comm, port)
     warnings.filterwarnings("ignore")
     bad: list[str] = []
     even = [STEPS] * n

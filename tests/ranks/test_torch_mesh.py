@@ -19,6 +19,7 @@ torch = pytest.importorskip(
     "torch", reason="ringlet.torch needs PyTorch (pip install 'ringlet[torch]')"
 )
 import spmd  # noqa: E402
+import torch_group  # noqa: E402
 
 TRANSPORT = {"RINGLET_TRANSPORT": os.environ.get("RINGLET_TRANSPORT", "tcp")}
 STEPS, BATCH, TOL = 4, 12, 1e-5
@@ -388,13 +389,7 @@ def torch_cases(comm: Any, port: int) -> list[str]:
     import ringlet.torch  # noqa: F401
 
     n, me = comm.size, comm.rank
-    dist.init_process_group(
-        "ringlet",
-        init_method=f"tcp://127.0.0.1:{port}",
-        rank=me,
-        world_size=n,
-        timeout=timedelta(seconds=60),
-    )
+    torch_group.init(comm, port)
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=UserWarning)
     bad: list[str] = []
