@@ -37,6 +37,21 @@ def linear_gather(rank: int, size: int, counts: Sequence[int], root: int) -> Sch
     return timeline([Round(recvs=others, copies=(own,))], "linear_gather")
 
 
+def direct_all_gather(rank: int, size: int, counts: Sequence[int]) -> Schedule:
+    """Copy own block into place, then one round: this block to every rank, every other block
+    from its rank straight into place.
+
+    Steps: 1. Sent per rank: (p-1)·n_r elements (p-1 times a ring's), so it suits one host,
+    where every pair has its own mailbox and a large block is one kernel copy from its owner.
+    """
+    block = offsets(counts)
+    peers = [q for q in range(size) if q != rank]
+    own = Copy(0, block[rank][0], counts[rank], "in", "out")
+    sends = tuple(Send(q, 0, counts[rank], "in") for q in peers)
+    recvs = tuple(Recv(q, *block[q]) for q in peers)
+    return timeline([Round(sends, recvs, (own,))], "direct_all_gather")
+
+
 def linear_scatter(rank: int, size: int, counts: Sequence[int], root: int) -> Schedule:
     """Root sends each rank its part straight from ``in``; others receive into ``out``.
 

@@ -28,7 +28,7 @@ from .hier import (
     hier_reduce,
     hier_reduce_scatter,
 )
-from .linear import linear_broadcast, linear_gather, linear_scatter
+from .linear import direct_all_gather, linear_broadcast, linear_gather, linear_scatter
 from .ordered import (
     direct_all_reduce,
     direct_reduce,
@@ -73,7 +73,12 @@ ALGORITHMS: dict[str, dict[str, Callable[..., Schedule]]] = {
         "direct": direct_reduce,
         "hier": hier_reduce,
     },
-    "all_gather": {"ring": ring_all_gather, "bruck": bruck_all_gather, "hier": hier_all_gather},
+    "all_gather": {
+        "ring": ring_all_gather,
+        "bruck": bruck_all_gather,
+        "direct": direct_all_gather,
+        "hier": hier_all_gather,
+    },
     "gather": {"tree": binomial_gather, "linear": linear_gather},
     "scatter": {"tree": binomial_scatter, "linear": linear_scatter},
     "reduce_scatter": {
