@@ -18,7 +18,7 @@ from .auth import JobMismatchError
 from .comm import WORLD_ID, Communicator
 from .errors import AuthenticationError, RingletError
 from .rendezvous import JobEnv, Store, StoreServer, resolve
-from .rendezvous.arrival import check_world_size, wait_for_peers
+from .rendezvous.arrival import abort, announce_ready, check_world_size, wait_for_peers, wait_ready
 from .rendezvous.env import LAUNCHER_STORE_VARIABLE
 from .rendezvous.launchers import parse_master
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
@@ -214,6 +214,10 @@ def init(
     ``with`` block) it may be called again. Worlds of other masters (e.g. the torch backend's) may
     be open alongside.
 
+    Where rank 0 serves the store, it returns only once every other rank has had its last
+    answer from it, so a call right after init() that holds the GIL (mpi4py's MPI_Init) stalls
+    no rank still in init().
+
     Raises ValueError naming what is missing when no source is complete or RINGLET_ALGO names
     no algorithm (before anything connects, so on every rank alike); SecretError when no
     secret can be had; JobMismatchError when the store belongs to another job;
@@ -301,9 +305,39 @@ def _join(env: JobEnv, deterministic: bool, forced: dict[str, str]) -> Communica
         forced=forced,
         store_in_launcher=in_launcher,
     )
-    comm = Communicator(world, WORLD_ID, range(env.world_size))
+    try:
+        comm = _world_communicator(world, env)
+    except BaseException:
+        world.listener.close()
+        store.close()
+        if server is not None:
+            server.close()
+        raise
     world.closer = lambda: finalize(world)
     atexit.register(finalize, world)
+    return comm
+
+
+def _world_communicator(world: World, env: JobEnv) -> Communicator:
+    """The world communicator, then init()'s last step where rank 0 serves the store: the others
+    say they need no more of it, and rank 0 returns once it has answered them all (so a call that
+    holds the GIL right after init(), such as mpi4py's MPI_Init, cannot stall a rank in init())."""
+    try:
+        comm = Communicator(world, WORLD_ID, range(env.world_size))
+    except Exception as exc:
+        if world.size > 1:  # rank 0 would wait for this rank's announcement until the timeout
+            abort(world.store, f"ringlet.init(): rank {world.rank} could not join: {exc}")
+        raise
+    if world.size == 1 or world.store_in_launcher:
+        return comm  # the launcher serves the store: no rank's call can stall it
+    try:
+        if world.server is not None:
+            wait_ready(world.server, world.store, env)
+        else:
+            announce_ready(world.store, env)
+    except BaseException:
+        comm.close()  # its closer is not set yet: this releases the communicator only
+        raise
     return comm
 
 

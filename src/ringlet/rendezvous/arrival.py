@@ -5,6 +5,11 @@ started with another ``-n``, ``--nnodes`` or WORLD_SIZE would otherwise wait for
 come, or take another node's rank numbers). While it waits for the others, it watches for a
 rank that found the job misconfigured (``w/abort``), and when the time is up it names the ranks
 that never arrived and the hosts of those that did.
+
+At the end of init() every other rank tells the store it is done with it (``w/ready/<rank>``),
+and the rank that hosts the store returns only once those answers are sent: a call right after
+init() that holds the GIL there (mpi4py's MPI_Init, a long C extension call) would otherwise stop
+the store's threads while the others still wait on them.
 """
 
 from __future__ import annotations
@@ -14,10 +19,12 @@ import time
 
 from ringlet.errors import CollectiveTimeout, RingletError
 from ringlet.rendezvous.env import JobEnv
+from ringlet.rendezvous.server import StoreServer
 from ringlet.rendezvous.store import KeyValueStore
 
 ABORT_KEY = "w/abort"
 SHAPE_KEY = "w/shape"
+READY_PREFIX = "w/ready/"  # + rank: that rank needs nothing more from the store in init()
 _POLL = 0.25  # how often a waiting rank looks for an abort
 _LINGER = 0.5  # a rank that aborts the start keeps the store up so long, for the others to see why
 
@@ -98,3 +105,30 @@ def _never_arrived(store: KeyValueStore, env: JobEnv, missing: list[int]) -> Col
         " started, with the same master address and port, world size and job id",
         tuple(missing),
     )
+
+
+def announce_ready(store: KeyValueStore, env: JobEnv) -> None:
+    """A rank that does not host the store: its last request of init() (see :func:`wait_ready`)."""
+    store.set(f"{READY_PREFIX}{env.rank}", b"1")
+
+
+def wait_ready(server: StoreServer, store: KeyValueStore, env: JobEnv) -> None:
+    """The rank that hosts the store: return once every other rank announced it is ready and the
+    store sent every answer it decided, so no rank still waits on this process's store threads.
+
+    Raises ConfigurationError when a rank aborted the start, CollectiveTimeout naming the ranks
+    that never got ready within ``env.timeout`` seconds.
+    """
+    keys = [f"{READY_PREFIX}{r}" for r in range(env.world_size) if r != env.rank]
+    deadline = time.monotonic() + env.timeout
+    while not server.settle(keys, _POLL):
+        if (why := store.try_get(ABORT_KEY)) is not None:
+            raise ConfigurationError(f"{why.decode(errors='replace')} (seen by {_where(env)})")
+        missing = [int(key.rsplit("/", 1)[1]) for key in keys if store.try_get(key) is None]
+        if missing and time.monotonic() >= deadline:
+            raise CollectiveTimeout(
+                f"ringlet.init(): rank(s) {', '.join(map(str, missing))} of {env.world_size}"
+                f" registered but did not finish joining within {env.timeout:g} s (seen by"
+                f" {_where(env)})",
+                tuple(missing),
+            )

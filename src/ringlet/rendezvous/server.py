@@ -72,7 +72,10 @@ class StoreServer:
         self._secret = bytes(secret)
         self._auth_timeout = auth_timeout
         self._data: dict[str, bytes] = {}
-        self._changed = threading.Condition()  # guards _data, _clients, _closed; wakes waiters
+        lock = threading.Lock()
+        self._changed = threading.Condition(lock)  # guards the state below; wakes key waiters
+        self._settled = threading.Condition(lock)  # wakes settle() when no answer is in flight
+        self._answering = 0  # requests applied whose answer is not yet sent
         self._clients: set[socket.socket] = set()
         self._closed = False
         self._gate = Gate(
@@ -94,6 +97,26 @@ class StoreServer:
     def pending(self) -> int:
         """Connections accepted but not yet authenticated (at most ``ringlet.gate.MAX_PENDING``)."""
         return self._gate.pending
+
+    def settle(self, keys: list[str], timeout: float) -> bool:
+        """Wait until every key is set and every answer already decided has been sent; False if
+        that takes longer than ``timeout`` seconds (or the server closed).
+
+        Once it returns True, each client that set one of the keys has its answer in its socket:
+        the process hosting the server may then stop running Python (a call that holds the GIL,
+        such as MPI_Init) without leaving those clients waiting. Requests still waiting for a key
+        to appear do not count; their answers come when it does.
+        """
+        deadline = time.monotonic() + timeout
+        with self._changed:
+            while True:
+                missing = any(key not in self._data for key in keys)
+                if not missing and not self._answering:
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._closed:
+                    return False
+                (self._changed if missing else self._settled).wait(remaining)
 
     def start(self) -> None:
         """Start accepting clients in a daemon thread (a second call does nothing)."""
@@ -189,29 +212,43 @@ class StoreServer:
         except UnicodeDecodeError:
             raise _DropClient("key is not valid UTF-8") from None
         status, answer, out_argument = self._apply(op, key, value, second, argument, conn)
-        send_parts(conn, RESPONSE.pack(status, len(answer), out_argument), answer)
+        try:
+            send_parts(conn, RESPONSE.pack(status, len(answer), out_argument), answer)
+        finally:
+            with self._changed:
+                self._answering -= 1
+                if not self._answering:
+                    self._settled.notify_all()
         return True
 
     def _apply(
         self, op: Op, key: str, value: bytes, second: bytes, argument: int, conn: socket.socket
     ) -> tuple[Status, bytes, int]:
+        """Apply one request under the lock; its answer counts as in flight until it is sent."""
         with self._changed:
-            if op is Op.SET:
-                self._data[key] = value
-                self._changed.notify_all()
-                return Status.OK, b"", 0
-            if op is Op.GET or op is Op.WAIT:
-                if argument != NO_WAIT and not self._wait_for(key, argument / 1000.0, conn):
-                    return Status.TIMEOUT, b"", 0
-                if key not in self._data:
-                    return Status.MISSING, b"", 0
-                return Status.OK, (self._data[key] if op is Op.GET else b""), 0
-            if op is Op.ADD:
-                return self._add(key, argument)
-            if op is Op.COMPARE_SET:
-                return self._compare_set(key, value, second)
-            existed = self._data.pop(key, None) is not None  # Op.DELETE
-            return Status.OK, b"", int(existed)
+            result = self._apply_locked(op, key, value, second, argument, conn)
+            self._answering += 1
+            return result
+
+    def _apply_locked(
+        self, op: Op, key: str, value: bytes, second: bytes, argument: int, conn: socket.socket
+    ) -> tuple[Status, bytes, int]:
+        if op is Op.SET:
+            self._data[key] = value
+            self._changed.notify_all()
+            return Status.OK, b"", 0
+        if op is Op.GET or op is Op.WAIT:
+            if argument != NO_WAIT and not self._wait_for(key, argument / 1000.0, conn):
+                return Status.TIMEOUT, b"", 0
+            if key not in self._data:
+                return Status.MISSING, b"", 0
+            return Status.OK, (self._data[key] if op is Op.GET else b""), 0
+        if op is Op.ADD:
+            return self._add(key, argument)
+        if op is Op.COMPARE_SET:
+            return self._compare_set(key, value, second)
+        existed = self._data.pop(key, None) is not None  # Op.DELETE
+        return Status.OK, b"", int(existed)
 
     def _add(self, key: str, amount: int) -> tuple[Status, bytes, int]:
         current = self._data.get(key, b"0")
