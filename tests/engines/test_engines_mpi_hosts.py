@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_mpi_after_init import SCRIPT as WITH_MPI
 
 import netns
 
@@ -98,6 +99,22 @@ def test_mpiexec_across_hosts_with_only_the_secret_exported(
     assert [line["host"] for line in lines] == expected, proc.stdout
     assert all(line["size"] == n for line in lines), proc.stdout
     assert all(line["pmi_port"] == bool(options) for line in lines), proc.stdout
+
+
+@pytest.mark.parametrize("order", ["ringlet-first", "mpi-first"])
+def test_mpi4py_across_hosts_in_either_order(
+    hosts: netns.Hosts, tmp_path: Path, order: str
+) -> None:
+    """MPI in the same process over PMI_FD, MPI_Init at once after init() or before it. Waiting
+    with a timeout made ringlet's duplicate of PMI_FD non-blocking, a flag MPI's shares: MPI's
+    PMI_Init failed after it, MPI_Finalize's PMI barrier before it; close now restores it."""
+    pytest.importorskip("mpi4py")
+    script = tmp_path / "with_mpi.py"
+    script.write_text(WITH_MPI)
+    argv = [*mpiexec_argv(hosts, tmp_path, (2, 2))[:-1], str(script), order]
+    extra = {"RINGLET_SECRET": secrets.token_hex(16), "RINGLET_TIMEOUT": "30"}
+    proc = hosts.run(0, argv, timeout=120, env=netns.clean_env(extra), cwd=str(tmp_path))
+    assert [line["rank"] for line in results(proc)] == [0, 1, 2, 3], proc.stdout
 
 
 def test_mpiexec_across_hosts_without_a_secret_says_so(hosts: netns.Hosts, tmp_path: Path) -> None:

@@ -8,7 +8,8 @@ job's key-value space, every rank enters one barrier, and every rank gets the ad
 job id is the key-value space's name, alike on every host and different for every mpiexec run.
 
 MPI in the same process is unharmed: MPI_Init before or after speaks PMI on the same PMI_FD in
-turn (each command waits for its answer), and keys here begin with ``ringlet-``. Only the address
+turn (each command waits for its answer; our duplicate is left blocking, a flag the two share),
+and keys here begin with ``ringlet-``. Only the address
 goes into the key-value space (mpiexec's proxies relay it unauthenticated), never the secret.
 
 ``mpiexec -pmi-port`` gives no PMI_FD, PMI_RANK or PMI_SIZE but PMI_PORT (``host:port`` of the
@@ -106,6 +107,10 @@ class PMIClient:
             self.rearm(_FINALIZE_WAIT)  # the ack, before ours closes (else the proxy's send fails)
             with contextlib.suppress(PMIError, OSError):
                 self.ask("cmd=finalize", "finalize_ack")
+        # a timeout made the socket non-blocking, a flag PMI_FD's duplicate shares with MPI's:
+        # MPI's PMI_Init (or its later barriers) would then read nothing and fail
+        with contextlib.suppress(OSError):
+            self._sock.setblocking(True)
         self._sock.close()
 
     def ask(self, line: str, answer: str) -> dict[str, str]:
