@@ -94,9 +94,10 @@ class Records:
 
     def gathered(self) -> np.ndarray:
         """The gathered array, built from the payloads in the records (rank order, axis 0)."""
-        rows, step = self.rows, self.words * 8
+        rows, raw, step = self.rows, self.table.tobytes(), self.words * 8
         row = math.prod(self.trailing) * self.dtype.itemsize
-        raw = self.table.view(np.uint8).data
-        starts = range(_HEAD * 8, self.size * step, step)
-        joined = bytearray().join(raw[s : s + r * row] for s, r in zip(starts, rows, strict=True))
+        joined, at = bytearray(), _HEAD * 8
+        for n in rows:
+            joined += raw[at : at + n * row]
+            at += step
         return np.frombuffer(joined, self.dtype).reshape(sum(rows), *self.trailing)
