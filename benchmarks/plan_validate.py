@@ -107,7 +107,7 @@ def fitted(records: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _predict(cal: dict[str, Any] | None, r: dict[str, Any]) -> float:
-    params = params_for("25gbit", r["transport"], cal)
+    params = params_for("25gbit", r["transport"], cal, one_host=True)
     args = (r["op"], r["algo"], r["bytes"], 1, r["ranks"], params)
     return model_time(*args, back_to_back=not r.get("latency"))[0] * 1e6
 

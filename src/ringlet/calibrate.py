@@ -121,7 +121,9 @@ def fit(
     """(link, per-call seconds) that best explain ``records`` (2 ranks on one host) once the
     model's measured parts (folds, copies, cross-memory copies) are taken out: a least-squares
     fit to the model's own round and byte counts for the same schedules."""
-    base = params_for("25gbit", transport, {k: v for k, v in cal.items() if k != "links"})
+    base = params_for(
+        "25gbit", transport, {k: v for k, v in cal.items() if k != "links"}, one_host=True
+    )
     one = Link(1.0, 0.0)
     rows, times = [], []
     for rec in records:
@@ -143,7 +145,7 @@ def fit(
 def wake(records: list[dict[str, Any]], cal: dict[str, Any], transport: str) -> float:
     """Seconds a round costs on top of the model when ranks outnumber cores: the mean excess
     of ``records`` (small messages at more ranks than cores) per round on the critical path."""
-    params = replace(params_for("25gbit", transport, cal), wake=0.0)
+    params = replace(params_for("25gbit", transport, cal, one_host=True), wake=0.0)
     excess = []
     for rec in records:
         args = (rec["op"], rec["algo"], rec["bytes"], 1, rec["ranks"], params)

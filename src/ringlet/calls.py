@@ -34,8 +34,6 @@ KINDS = (
 PHASE_SIG = 0x5A5A_0000_0000_0001
 #: Ops whose schedules sum into every rank's buffer, so a rank that gets no result works on a copy.
 SUMS_INTO_INPUT = frozenset({"reduce"})
-#: Ops whose large calls run in pieces (path.py), each a call of the same op on slices.
-IN_PIECES = frozenset({"reduce", "reduce_scatter"})
 
 
 def signature(

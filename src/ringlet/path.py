@@ -45,20 +45,6 @@ def _schedule(
     return select.build(op, algo, rank, size, hosts=hosts, **kw)
 
 
-@functools.lru_cache(maxsize=256)
-def _in_pieces(
-    op: str, algo: str, size: int, hosts: tuple[int, ...] | None, itemsize: int, **kw: Any
-) -> bool:
-    """Whether a large reduce or reduce_scatter runs in pieces: always for reduce (a non-root's
-    working copy), for reduce_scatter unless no rank's schedule needs more than PIECE_BYTES of
-    scratch (a 2-rank ring, the one-round ordered fold; up to 16 ranks are looked at). The same
-    answer on every rank: it looks at all ranks' schedules."""
-    if op == "reduce" or size > 16:
-        return True
-    need = max(extent(_schedule(op, algo, r, size, hosts, **kw), "tmp") for r in range(size))
-    return need * itemsize > PIECE_BYTES
-
-
 def _needs(sched: Schedule) -> tuple[int, int, bool]:
     """The sizes of ``out`` and ``tmp`` a schedule touches, and whether any round receives or
     copies into ``out`` (a tree's leaf does not)."""
@@ -206,10 +192,8 @@ class Path:
         if chosen == select.GROUP:
             plan = _Plan(True, chosen, None, sent, finish, False, (0, 0, False))
         else:
-            pieces = (
-                op in calls.IN_PIECES
-                and nbytes > PIECE_BYTES
-                and _in_pieces(op, chosen, self.size, self._topology, itemsize, **kw)
+            pieces = select.in_pieces(
+                op, chosen, self.size, nbytes, PIECE_BYTES, self._topology, itemsize, **kw
             )
             sched = (
                 None

@@ -44,6 +44,7 @@ from .schedules.select import (
     RANK_ORDER,
     TOPOLOGICAL,
     build,
+    in_pieces,
     select,
 )
 
@@ -93,6 +94,11 @@ def elements(op: str, nbytes: int, size: int, itemsize: int) -> int:
     if op in ("all_gather", "gather", "scatter", "reduce_scatter", "all_to_all"):
         n = max(size, n - n % size)
     return n
+
+
+def _hashable(kw: dict[str, Any]) -> dict[str, Any]:
+    """Schedule arguments with lists as tuples (select's caches need them hashable)."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in kw.items()}
 
 
 def _kwargs(op: str, size: int, n: int) -> dict[str, Any]:
@@ -196,17 +202,20 @@ def model_time(
     ``back_to_back``: the time per call of a rooted op called over and over (what `ringlet
     bench` measures): its busiest rank's own rounds, not the critical path.
     A reduce or reduce_scatter above ``p.piece`` bytes runs as that many equal pieces, one
-    schedule each (path.py), a reduce_scatter's piece first gathered into one buffer.
+    schedule each, a reduce_scatter's piece first gathered into one buffer, where the call path
+    cuts it (select.in_pieces).
     """
-    pieces = -(-nbytes // p.piece) if p.piece and op in ("reduce", "reduce_scatter") else 1
+    hosts = layout(hosts_n, m)
+    size = len(hosts)
+    kw = _kwargs(op, size, elements(op, nbytes, size, itemsize))
+    topology = hosts if hosts_n > 1 else None
+    cut = in_pieces(op, algo, size, nbytes, p.piece, topology, itemsize, **_hashable(kw))
+    pieces = -(-nbytes // p.piece) if cut else 1
     if pieces > 1:
         t, steps, link, ex = model_time(op, algo, nbytes // pieces, hosts_n, m,
                                         replace(p, piece=0), itemsize, exact, back_to_back)  # fmt: skip
         staged = p.rates(nbytes)[1] * nbytes if op == "reduce_scatter" else 0.0
         return pieces * (t - p.call) + p.call + staged, pieces * steps, pieces * link, ex
-    hosts = layout(hosts_n, m)
-    size = len(hosts)
-    kw = _kwargs(op, size, elements(op, nbytes, size, itemsize))
     if size == 1:
         return p.call, 0, 0, True
     if exact or (exact is None and size <= EXACT_RANKS):

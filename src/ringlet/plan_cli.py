@@ -61,7 +61,7 @@ def _params(args: argparse.Namespace, hosts: int) -> Params:
     cal = None if args.defaults else load(args.calibration)
     if hosts == 1:
         local = args.link or args.local
-        return params_for("25gbit", local, cal)
+        return params_for("25gbit", local, cal, one_host=True)
     return params_for(args.link or "25gbit", args.local, cal)
 
 

@@ -13,8 +13,10 @@ from typing import Any
 #: What the engine and the call path do, mirrored by the model: folded messages are cut into
 #: segments of SEGMENT_BYTES (engine.py); a reduce or reduce_scatter above PIECE_BYTES runs in
 #: pieces (path.py); shm messages from DIRECT_MIN_BYTES take one cross-memory copy
-#: (transport/shm_mailboxes.py). tests/unit/test_plan.py checks they agree.
+#: (transport/shm_mailboxes.py), and where every peer is one such copy away (one host), folded
+#: messages are cut in DIRECT_SEGMENT_BYTES. tests/unit/test_plan.py checks they agree.
 SEGMENT_BYTES = 1 << 20
+DIRECT_SEGMENT_BYTES = 4 << 20
 PIECE_BYTES = 16 << 20
 DIRECT_MIN_BYTES = 128 << 10
 
@@ -97,12 +99,17 @@ LINKS: dict[str, Link] = {
 }
 
 
-def params_for(link: str, local: str = "shm", calibration: dict[str, Any] | None = None) -> Params:
+def params_for(
+    link: str,
+    local: str = "shm",
+    calibration: dict[str, Any] | None = None,
+    one_host: bool = False,
+) -> Params:
     """The parameters of a layout whose hosts are joined by ``link`` (a preset name or a
     bandwidth like ``40gbit``) and whose ranks share a host over ``local`` (shm or tcp);
     measured values from ``calibration`` (:func:`ringlet.calibrate.load`) replace the presets
-    they cover, and the engine's segments and pieces are in. Raises ValueError for an unknown
-    link."""
+    they cover, and the engine's segments and pieces are in (``one_host``: every rank on one
+    host, as the engine cuts it). Raises ValueError for an unknown link."""
     cal = calibration or {}
     links = {**LINKS, **{k: Link(**v) for k, v in cal.get("links", {}).items()}}
     if local not in links:
@@ -121,8 +128,9 @@ def params_for(link: str, local: str = "shm", calibration: dict[str, Any] | None
         rates["direct_min"] = DIRECT_MIN_BYTES
     rates["wake"] = cal.get("wake_by_link", {}).get(local, 0.0)
     source = str(cal.get("source", "file")) if cal else "defaults"
+    seg = DIRECT_SEGMENT_BYTES if one_host and "direct" in rates else SEGMENT_BYTES
     return Params(
-        links[local], net, source=source, cores=int(cal.get("cores", 0)), seg=SEGMENT_BYTES,
+        links[local], net, source=source, cores=int(cal.get("cores", 0)), seg=seg,
         piece=PIECE_BYTES, local_copies=2, **rates,
     )  # fmt: skip
 

@@ -64,10 +64,13 @@ def test_a_reduce_scatter_whose_schedules_need_no_scratch_runs_whole() -> None:
     2-rank ring folds the peer's half onto the input straight into the result and the ordered
     fold lands in the result too, so neither is cut (no staging copy of the input); a 3-rank
     ring keeps partial sums in scratch, and a large reduce always has a working copy."""
-    from ringlet.path import PIECE_BYTES, _in_pieces
+    from ringlet.path import PIECE_BYTES
+    from ringlet.schedules.select import in_pieces
 
     big = PIECE_BYTES // 4 + 1  # float32 elements per rank, above a piece
-    assert not _in_pieces("reduce_scatter", "ring", 2, None, 4, counts=(big, big))
-    assert not _in_pieces("reduce_scatter", "ordered", 3, None, 4, counts=(big,) * 3)
-    assert _in_pieces("reduce_scatter", "ring", 3, None, 4, counts=(big,) * 3)
-    assert _in_pieces("reduce", "tree", 2, None, 4, count=2 * big, root=0)
+    args = (PIECE_BYTES, None, 4)
+    assert not in_pieces("reduce_scatter", "ring", 2, 8 * big, *args, counts=(big, big))
+    assert not in_pieces("reduce_scatter", "ordered", 3, 12 * big, *args, counts=(big,) * 3)
+    assert in_pieces("reduce_scatter", "ring", 3, 12 * big, *args, counts=(big,) * 3)
+    assert in_pieces("reduce", "tree", 2, 8 * big, *args, count=2 * big, root=0)
+    assert not in_pieces("reduce", "tree", 2, PIECE_BYTES, *args, count=PIECE_BYTES // 4, root=0)

@@ -105,8 +105,8 @@ def test_calibration_fit_recovers_parameters() -> None:
     measured = {"reduce": 3e-10, "copy": 1e-10, "reduce_cold": 6e-10, "copy_cold": 3e-10,
                 "cache": 4 << 20, "direct": {"alpha": link.alpha, "beta": 1 / 9e9}}  # fmt: skip
     truth = params_for("25gbit", "shm", {**measured, "links": {"shm": vars(link)},
-                                          "call_by_link": {"shm": call}})  # fmt: skip
-    assert truth.direct is not None and truth.seg == 1 << 20
+                                          "call_by_link": {"shm": call}}, one_host=True)  # fmt: skip
+    assert truth.direct is not None and truth.seg == 4 << 20
     records = [
         {"op": op, "algo": algo, "bytes": b,
          "time_us": model_time(op, algo, b, 1, 2, truth)[0] * 1e6}
@@ -121,15 +121,21 @@ def test_calibration_fit_recovers_parameters() -> None:
 
 def test_engine_terms() -> None:
     """A folded 8 MiB message costs an exchange per 1 MiB segment; a 64 MiB reduce_scatter
-    runs as 4 pieces; a crowded host pays a wake-up per round; all as the engine does them."""
+    runs as 4 pieces where its schedule needs scratch; a crowded host pays a wake-up per round;
+    all as the engine does them."""
     base = params_for("25gbit", "tcp", {"cores": 2})
     plain = replace(base, seg=0)
     t_seg = model_time("all_reduce", "ring", 16 << 20, 1, 2, base)[0]
     t_one = model_time("all_reduce", "ring", 16 << 20, 1, 2, plain)[0]
     assert t_seg - t_one == pytest.approx(7 * base.local.alpha)  # 8 segments in one round
-    whole = model_time("reduce_scatter", "ring", 64 << 20, 1, 2, replace(base, piece=0))
-    cut = model_time("reduce_scatter", "ring", 64 << 20, 1, 2, base)
-    assert cut[1] == 4 * whole[1]
+    whole = model_time("reduce_scatter", "ring", 64 << 20, 1, 3, replace(base, piece=0))
+    cut = model_time("reduce_scatter", "ring", 64 << 20, 1, 3, base)
+    assert cut[1] == 4 * whole[1]  # a 3-rank ring keeps partial sums in scratch: cut
+    two = [
+        model_time("reduce_scatter", "ring", 64 << 20, 1, 2, replace(base, piece=q))
+        for q in (0, base.piece)
+    ]
+    assert two[0] == two[1]  # the 2-rank ring needs no scratch: one whole call, as path.py runs it
     woken = model_time("barrier", "dissemination", 0, 1, 4, replace(base, wake=1e-3))
     quiet = model_time("barrier", "dissemination", 0, 1, 4, base)
     assert woken[0] - quiet[0] == pytest.approx(woken[1] * 1e-3)
@@ -147,6 +153,11 @@ def test_mirrored_constants() -> None:
     from ringlet.transport import shm_mailboxes
 
     assert plan_params.SEGMENT_BYTES == engine.SEGMENT_BYTES
+    assert plan_params.DIRECT_SEGMENT_BYTES == engine.DIRECT_SEGMENT_BYTES
+    direct = {"direct": {"alpha": 1e-6, "beta": 1e-10}}
+    assert params_for("shm", "shm", direct, one_host=True).seg == engine.DIRECT_SEGMENT_BYTES
+    assert params_for("10gbit", "shm", direct).seg == engine.SEGMENT_BYTES  # hosts joined by TCP
+    assert params_for("shm", "shm", {}, one_host=True).seg == engine.SEGMENT_BYTES  # no single copy
     assert plan_params.PIECE_BYTES == path.PIECE_BYTES
     assert plan_params.DIRECT_MIN_BYTES == shm_mailboxes.DIRECT_MIN_BYTES
 

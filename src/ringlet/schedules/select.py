@@ -11,7 +11,7 @@ from collections.abc import Callable, Collection, Sequence
 from functools import lru_cache
 from typing import Any
 
-from .base import Schedule
+from .base import Schedule, extent
 from .doubling import (
     bruck_all_gather,
     dissemination_barrier,
@@ -335,6 +335,30 @@ def build(
     if algo in TOPOLOGICAL:
         return fn(rank, size, **kw, hosts=tuple(hosts) if hosts is not None else (0,) * size)
     return fn(rank, size, **kw)
+
+
+#: Ops whose large calls may run in pieces (path.py), each a call of the same op on slices.
+PIECED = ("reduce", "reduce_scatter")
+#: The most ranks whose schedules :func:`in_pieces` builds to look for scratch.
+PIECE_LOOK_MAX = 16
+
+
+@lru_cache(maxsize=256)
+def in_pieces(
+    op: str, algo: str, size: int, nbytes: int, piece: int, hosts: tuple[int, ...] | None,
+    itemsize: int, **kw: Any,
+) -> bool:
+    """Whether a call of ``nbytes`` runs as pieces of about ``piece`` bytes: a large reduce
+    always (a non-root sums into a working copy), a large reduce_scatter unless no rank's
+    schedule needs more than ``piece`` bytes of scratch (the 2-rank ring and the ordered fold
+    land straight in the result, so cutting them would only add a staging copy of each piece).
+    The same answer on every rank: it looks at every rank's schedule (up to PIECE_LOOK_MAX)."""
+    if op not in PIECED or not piece or nbytes <= piece:
+        return False
+    if op == "reduce" or size > PIECE_LOOK_MAX:
+        return True
+    need = max(extent(build(op, algo, r, size, hosts=hosts, **kw), "tmp") for r in range(size))
+    return need * itemsize > piece  # fmt: skip
 
 
 def _check_args(op: str, rank: int, size: int, kw: dict[str, Any]) -> None:
