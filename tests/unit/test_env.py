@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import socket
 import sys
 import tempfile
 import time
@@ -470,9 +471,87 @@ def test_open_mpi_on_one_host_needs_nothing_exported() -> None:
         derived_port("mpi:prterun-vm-4711@1"),
     )
     assert 20000 <= env.master_port <= 29999
-    spread = {**environ, "OMPI_COMM_WORLD_LOCAL_SIZE": "1"}
+    spread = {**environ, "OMPI_COMM_WORLD_LOCAL_SIZE": "1", "PMIX_NAMESPACE": "not-prrte@1"}
     with pytest.raises(ValueError, match="the ranks span hosts, 1 of 2 here"):
-        resolve(environ=spread)
+        resolve(environ=spread)  # a namespace that names no mpirun host
+
+
+#: Rank 1 of 4, two per host, under an mpirun that runs on node-01 (a name with a dash).
+OPEN_MPI_SPREAD = {
+    "OMPI_COMM_WORLD_RANK": "1",
+    "OMPI_COMM_WORLD_SIZE": "4",
+    "OMPI_COMM_WORLD_LOCAL_RANK": "1",
+    "OMPI_COMM_WORLD_LOCAL_SIZE": "2",
+    "PMIX_NAMESPACE": "prterun-node-01-4711@1",
+}
+
+
+def resolving_to(monkeypatch: pytest.MonkeyPatch, address: str | None) -> None:
+    """Every host name resolves to ``address`` (None: to nothing), as DNS would say."""
+
+    def getaddrinfo(host: str, *args: object, **kwargs: object) -> list[tuple[object, ...]]:
+        if address is None:
+            raise socket.gaierror(-2, "Name or service not known")
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, 0))]
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+
+
+def test_prrte_namespace_names_mpirun_host() -> None:
+    from ringlet.rendezvous.launchers import mpirun_host
+
+    for namespace, host in [("prterun-vm-22608@1", "vm"), ("prterun-node-01-4711@2", "node-01"),
+                            ("prte-gpu-a-3-77@1", "gpu-a-3"), ("other@1", None), ("", None)]:  # fmt: skip
+        assert mpirun_host({"PMIX_NAMESPACE": namespace}) == host, namespace
+
+
+def test_open_mpi_across_hosts_takes_mpirun_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    from ringlet.rendezvous.env import derived_port
+
+    resolving_to(monkeypatch, "10.0.0.1")
+    env = resolve(environ=OPEN_MPI_SPREAD)
+    port = derived_port("mpi:prterun-node-01-4711@1")
+    assert (env.master_host, env.master_port, env.local_size) == ("node-01", port, 2)
+    # rank 0 on mpirun's host: its PMIx server is mpirun's own (daemon 0)
+    here = {**OPEN_MPI_SPREAD, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0"}
+    uri = "prterun-node-01-4711@0.0;tcp4://10.0.0.1:41000"
+    assert resolve(environ={**here, "PMIX_SERVER_URI41": uri}).master_host == "node-01"
+    fqdn = {**here, "PMIX_HOSTNAME": "node-01.cluster.example"}  # PRRTE drops the domain
+    assert resolve(environ=fqdn).master_host == "node-01"
+    # MASTER_ADDR, or a master given to init(), wins and is not checked
+    given = {**OPEN_MPI_SPREAD, "MASTER_ADDR": "10.0.0.7"}
+    assert resolve(environ=given).master_host == "10.0.0.7"
+    resolving_to(monkeypatch, None)
+    assert resolve(master="10.0.0.8:29500", environ=OPEN_MPI_SPREAD).master_host == "10.0.0.8"
+
+
+def test_open_mpi_mpirun_host_that_cannot_be_the_master(monkeypatch: pytest.MonkeyPatch) -> None:
+    elsewhere = {**OPEN_MPI_SPREAD, "OMPI_COMM_WORLD_RANK": "0", "OMPI_COMM_WORLD_LOCAL_RANK": "0",
+                 "PMIX_SERVER_URI41": "prterun-node-01-4711@0.1;tcp4://10.0.0.2:41000"}  # fmt: skip
+    resolving_to(monkeypatch, "10.0.0.1")
+    with pytest.raises(ValueError, match=r"mpirun's host 'node-01' .*but rank 0, which serves the"
+                       r" store there, runs on .*set MASTER_ADDR to rank 0's host"):  # fmt: skip
+        resolve(environ=elsewhere)
+    resolving_to(monkeypatch, "127.0.1.1")  # Debian's /etc/hosts line for the machine's own name
+    with pytest.raises(ValueError, match=r"'node-01' .*resolves to a loopback address \(127.0.1.1"):
+        resolve(environ=OPEN_MPI_SPREAD)
+    resolving_to(monkeypatch, None)
+    with pytest.raises(ValueError, match=r"'node-01' .*which does not resolve on .*MASTER_ADDR"):
+        resolve(environ=OPEN_MPI_SPREAD)
+
+
+def test_rank_0_absent_at_mpirun_host_is_said_in_the_wait() -> None:
+    from ringlet.errors import CollectiveTimeout
+    from ringlet.rendezvous.launchers import reach_mpirun_host
+
+    with socket.socket() as unused:  # bound, never listening: connections are refused
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+        start = time.monotonic()
+        with pytest.raises(CollectiveTimeout, match=rf"no store answered at 127.0.0.1:{port}"
+                           r" within 0.5 s .*rank 0 is not there or not reachable"):  # fmt: skip
+            reach_mpirun_host("127.0.0.1", port, b"k" * 32, "mpi:prterun-h-1@1", 0.5)
+    assert time.monotonic() - start < 5
 
 
 def test_torch_elastic_restart_is_another_job() -> None:

@@ -10,7 +10,8 @@ Where a launcher names no master, it is derived alike on every rank: SLURM's fir
 step and a port from the job and step ids; under mpiexec with every rank on this host, 127.0.0.1
 and a port from the job id (Open MPI's PMIx namespace, or the Hydra proxy that started the ranks);
 under MPICH's Hydra across hosts, rank 0 publishes its address through Hydra's PMI
-(:mod:`ringlet.rendezvous.pmi`), where ``mpiexec -pmi-port`` also gives the rank and size.
+(:mod:`ringlet.rendezvous.pmi`), where ``mpiexec -pmi-port`` also gives the rank and size; under
+Open MPI's mpirun across hosts, mpirun's host, named in the PMIx namespace, where rank 0 must run.
 Under torchrun, rank 0 publishes its store's address in torch's store on MASTER_PORT (the
 agent's, or one rank 0 serves for torch too), keyed by the restart count and the world size, so a
 restarted attempt, or a round after a node joined, never meets a previous round's store.
@@ -27,12 +28,15 @@ from ringlet.auth import secret_from_str
 from ringlet.rendezvous.launchers import (  # noqa: F401 (some only re-exported)
     _HOW_TO_SET,
     _SOURCES,
+    MPIRUN_HOST_WAIT,
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
     _Found,
+    check_mpirun_host,
     derived_port,
     job_id,
     parse_master,
+    reach_mpirun_host,
 )
 from ringlet.rendezvous.pmi import port_mode, via_pmi, with_port_placement
 from ringlet.rendezvous.secret import read_secret_file
@@ -122,14 +126,18 @@ def resolve(
         job_id=job_id(environ) or found.job,
         secret_file=_secret_file_used(secret, environ),
     )
-    return _ask_launcher(env, environ, found.via_pmi) if agent_store else env
+    return _ask_launcher(env, environ, found) if agent_store else env
 
 
-def _ask_launcher(env: JobEnv, environ: Mapping[str, str], pmi: bool) -> JobEnv:
-    """``env`` with the master the launcher's own store gives: Hydra's PMI across hosts
-    (``pmi``), or torch elastic's store under torchrun."""
-    if pmi:
+def _ask_launcher(env: JobEnv, environ: Mapping[str, str], found: _Found) -> JobEnv:
+    """``env`` with the master the launcher's own store gives: Hydra's PMI across hosts, or torch
+    elastic's store under torchrun. At mpirun's host (Open MPI), a rank waits here, briefly, for
+    rank 0's store, so that a rank 0 placed elsewhere is said instead of waited out."""
+    if found.via_pmi:
         env = via_pmi(env, environ)
+    if found.mpirun_host and env.rank != 0 and env.secret is not None:
+        wait = min(MPIRUN_HOST_WAIT, env.timeout / 2)
+        reach_mpirun_host(env.master_host, env.store_port, env.secret, env.job_id, wait)
     if env.store_port_offset and env.world_size > 1:
         from ringlet.rendezvous.torchelastic import via_agent_store
 
@@ -162,11 +170,14 @@ def _first_complete(given: _Found, environ: Mapping[str, str]) -> _Found | None:
             port_offset=found.port_offset if given.port is None else 0,
             job=found.job,
             via_pmi=found.via_pmi and given.host is None and given.port is None,
+            mpirun_host=found.mpirun_host if given.host is None else "",
         )
         # Local placement is only trusted when the arguments do not move this process elsewhere.
         if (merged.rank, merged.world_size) == (found.rank, found.world_size):
             merged.local_rank, merged.local_size = found.local_rank, found.local_size
         if _complete(merged) is not None:
+            if merged.mpirun_host:  # rank 0 must serve the store there, at a name that resolves
+                check_mpirun_host(environ, merged.mpirun_host, merged.rank)
             return merged
     return None
 
@@ -198,8 +209,9 @@ def _nothing_complete_message(given: _Found, environ: Mapping[str, str]) -> str:
         )
     lines.append(
         "Set RINGLET_RANK/RINGLET_WORLD_SIZE/RINGLET_MASTER (ringlet run sets them), or torchrun's"
-        " RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or run under srun or mpiexec (Open MPI across"
-        " hosts with MASTER_ADDR/MASTER_PORT), or pass rank=, world_size=, master='host:port'"
+        " RANK/WORLD_SIZE/MASTER_ADDR/MASTER_PORT, or run under srun or mpiexec (Open MPI's"
+        " mpirun across hosts on rank 0's host, or with MASTER_ADDR), or pass rank=, world_size=,"
+        " master='host:port'"
         " (world_size=1 needs no master)."
     )
     if "ray" in sys.modules:  # Ray gives its workers none of these: ringlet.ray meets through Ray

@@ -11,16 +11,22 @@ knows only how each launcher spells things.
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from ringlet.errors import CollectiveTimeout
 from ringlet.rendezvous.mpi import hydra_job
 from ringlet.rendezvous.pmi import PENDING_HOST, can_ask
 from ringlet.rendezvous.slurm import expand_nodelist, expand_tasks_per_node, first_host
+from ringlet.rendezvous.store import Store
 
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 10000  # job-derived store ports land in 20000-29999
+#: At most this long (and half the timeout) a rank waits for rank 0's store at mpirun's host.
+MPIRUN_HOST_WAIT = 30.0
 _STEPS_PER_JOB = 16  # concurrent steps of one SLURM job get distinct derived ports
 
 
@@ -39,6 +45,7 @@ class _Found:
     missing: tuple[str, ...] = ()
     job: str = ""  # a job id the source derived itself (Hydra's proxy), used when none is set
     via_pmi: bool = False  # the master is to be asked of Hydra's PMI (ringlet.rendezvous.pmi)
+    mpirun_host: str = ""  # the master is Open MPI's mpirun's host, from PMIX_NAMESPACE
 
 
 def _int_var(environ: Mapping[str, str], *names: str) -> int | None:
@@ -192,6 +199,8 @@ def _from_mpi(environ: Mapping[str, str]) -> _Found:
     one_host = found.world_size is not None and found.local_size == found.world_size
     if found.host is None and one_host:
         found.host = "127.0.0.1"  # every rank is here: rank 0 too
+    if found.host is None and (host := mpirun_host(environ)) is not None:
+        found.host = found.mpirun_host = host  # if used, env checks it (check_mpirun_host)
     if found.port is None and found.host is not None:
         job = job_id(environ)
         if not job and one_host and environ.get("PMI_RANK", "").strip():
@@ -203,6 +212,80 @@ def _from_mpi(environ: Mapping[str, str]) -> _Found:
         found.host, found.port, found.via_pmi = PENDING_HOST, 1, True
     found.missing = _mpi_missing(environ, found, one_host)
     return found
+
+
+#: PRRTE names a job ``<tool>-<its host>-<its pid>@<job>``: prterun under Open MPI's mpirun, prte for a
+#: DVM (src/mca/plm/base/plm_base_jobid.c); the host is gethostname() without its domain (unless
+#: prte_keep_fqdn_hostnames) and may itself hold dashes, so the pid is the last dash's.
+_PRRTE_NAMESPACE = re.compile(r"(?:prterun|prte)-(.+)-\d+@\d+")
+#: The daemon serving a rank's PMIx: ``<namespace>@0.<daemon>;<uri>``; daemon 0 is mpirun itself.
+_PMIX_SERVER = re.compile(r"[^;]*@0\.(\d+);")
+
+
+def mpirun_host(environ: Mapping[str, str]) -> str | None:
+    """The host Open MPI's mpirun (PRRTE) runs on, named in PMIX_NAMESPACE; None when not PRRTE's."""
+    match = _PRRTE_NAMESPACE.fullmatch(environ.get("PMIX_NAMESPACE", "").strip())
+    return match.group(1) if match else None
+
+
+def on_mpirun_host(environ: Mapping[str, str], host: str) -> bool:
+    """True when this process runs where mpirun does: its PMIx server is mpirun's own (daemon 0),
+    else, without PMIX_SERVER_URI*, its hostname (domain dropped, as PRRTE does) is ``host``."""
+    for name in ("PMIX_SERVER_URI41", "PMIX_SERVER_URI4", "PMIX_SERVER_URI3", "PMIX_SERVER_URI2"):
+        if match := _PMIX_SERVER.match(environ.get(name, "")):
+            return match.group(1) == "0"
+    here = environ.get("PMIX_HOSTNAME", "").strip() or socket.gethostname()
+    return host in (here, here.split(".")[0])
+
+
+def _mpirun_master(host: str) -> str:
+    """How every error about the master taken from PMIX_NAMESPACE begins."""
+    return (
+        f"ringlet.init(): under Open MPI's mpirun the master defaults to mpirun's host {host!r}"
+        " (from PMIX_NAMESPACE; Open MPI exports no master address)"
+    )
+
+
+_SET_MASTER = "set MASTER_ADDR to rank 0's host (and pass it on: mpirun -x MASTER_ADDR)"
+
+
+def check_mpirun_host(environ: Mapping[str, str], host: str, rank: int | None) -> None:
+    """Raise ValueError unless mpirun's ``host`` can be the master: it resolves here to an address
+    other hosts can reach, and rank 0, which serves the store there, runs on it."""
+    here = socket.gethostname()
+    try:
+        addresses = [info[4][0] for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM)]
+    except OSError as exc:
+        raise ValueError(
+            f"{_mpirun_master(host)}, which does not resolve on {here} ({exc}): {_SET_MASTER}"
+        ) from None
+    if all(ipaddress.ip_address(str(address)).is_loopback for address in addresses):
+        raise ValueError(
+            f"{_mpirun_master(host)}, which resolves to a loopback address ({addresses[0]}) on"
+            f" {here}, out of the other hosts' reach: {_SET_MASTER}"
+        )
+    if rank == 0 and not on_mpirun_host(environ, host):
+        raise ValueError(
+            f"{_mpirun_master(host)}, but rank 0, which serves the store there, runs on {here}:"
+            f" {_SET_MASTER}, or start mpirun on rank 0's host (by default the first of --host)"
+        )
+
+
+def reach_mpirun_host(host: str, port: int, secret: bytes, job: str, wait: float) -> None:
+    """Return once rank 0's store at mpirun's host answers (an authenticated connection, closed
+    again: a bare probe would be logged as a failed handshake); after ``wait`` s CollectiveTimeout
+    naming the cause, where a rank 0 placed elsewhere would leave this rank waiting out the timeout.
+    """
+    try:
+        Store(host, port, secret, timeout=wait, job=job).close()
+    except CollectiveTimeout as exc:
+        last = str(exc.__cause__ or exc)
+        raise CollectiveTimeout(
+            f"{_mpirun_master(host)}, but no store answered at {host}:{port} within {wait:g} s"
+            f" ({last}): rank 0 is not there or not reachable from {socket.gethostname()}:"
+            f" {_SET_MASTER}",
+            missing=(0,),
+        ) from None
 
 
 def _mpi_missing(environ: Mapping[str, str], found: _Found, one_host: bool) -> tuple[str, ...]:
@@ -226,7 +309,8 @@ def _mpi_missing(environ: Mapping[str, str], found: _Found, one_host: bool) -> t
         if found.local_size is not None and found.world_size is not None and not one_host:
             spread = f"; the ranks span hosts, {found.local_size} of {found.world_size} here"
         missing.append(
-            f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}, no Hydra PMI_FD or PMI_PORT"
+            f"MASTER_ADDR+MASTER_PORT or RINGLET_MASTER{spread}, no Hydra PMI_FD or PMI_PORT,"
+            " no mpirun host in PMIX_NAMESPACE (prterun-<host>-<pid>@<job>)"
         )
     return tuple(missing)
 
@@ -298,7 +382,7 @@ _HOW_TO_SET = {
     "ringlet": "ringlet run sets them",
     "torchrun": "torchrun sets them",
     "slurm": "srun sets them",
-    "mpi": "mpiexec sets them; across hosts MPICH's Hydra gives the master, Open MPI does not",
+    "mpi": "mpiexec sets them; across hosts Hydra's PMI or Open MPI's namespace gives the master",
     "jobset": "a Kubernetes JobSet sets them, with WORLD_SIZE in the pod template",
 }
 
