@@ -178,7 +178,7 @@ class Path:
         finish = functools.partial(finish_mean, size=self.size) if rop is _MEAN and lands else None
         sent = wire_op(rop) if rop is not None else None
         forced = algo or self._forced.get(op)
-        nbytes = calls.total(itemsize, **kw)
+        nbytes, local = calls.total(itemsize, **kw), self.routes.local
         chosen = select.select(
             op,
             self.size,
@@ -187,7 +187,7 @@ class Path:
             hosts=self._topology,
             deterministic=self._deterministic,
             group=self._shm is not None,
-            single_copy=self.routes.local is not None and self.routes.local.direct,
+            crowded_copy=local is not None and local.direct and local.crowded,
         )
         if chosen == select.GROUP:
             plan = _Plan(True, chosen, None, sent, finish, False, (0, 0, False))

@@ -1,7 +1,7 @@
 """Large one-host broadcast, scatter and gather leave the shm group for a one-round schedule where
-the shared-memory transport copies from the sender's memory (select.GROUP_LEAVES): results equal
-NumPy's at the threshold, one element under it and above it, and the recorder names the way each
-call went."""
+the host's ranks outnumber its cores and the shared-memory transport copies from the sender's
+memory (select.GROUP_LEAVES): results equal NumPy's at the threshold, one element under it and
+above it, every rank reaches the same verdict, and the recorder names the way each call went."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import pytest
 
 import spmd
 from ringlet.schedules.select import GROUP_LEAVES
+from ringlet.transport.shm_wait import usable_cores
 
 pytest.importorskip("ringlet.transport.shm")
 
 LIMITS = sorted({limit for limit, _ in GROUP_LEAVES.values()})
 
 
-def _large(comm) -> tuple[list[str], list[tuple[int, str]], bool]:  # type: ignore[no-untyped-def]
+def _large(comm) -> tuple[list[str], list[tuple[int, str]], bool, bool]:  # type: ignore[no-untyped-def]
     """Each op at three sizes around the threshold: what differs from NumPy, and each call's
     whole vector in bytes with the algorithm recorded for it."""
     n, me, bad, sizes = comm.size, comm.rank, [], []
@@ -39,19 +40,23 @@ def _large(comm) -> tuple[list[str], list[tuple[int, str]], bool]:  # type: igno
             bad += [] if got is None else [f"gather {nbytes} returned data on a non-root"]
     kinds = ("broadcast", "scatter", "gather")
     algos = [e.algorithm for e in comm._recorder.entries if e.call.kind in kinds]
-    return bad, list(zip(sizes, algos, strict=True)), comm._path.routes.local.direct
+    local = comm._path.routes.local
+    mine = comm.size > usable_cores()  # what this rank alone would say
+    return bad, list(zip(sizes, algos, strict=True)), local.direct and local.crowded, mine
 
 
 @pytest.mark.parametrize(("n", "cma"), [(2, "1"), (3, "1"), (4, "1"), (3, "0")])
 def test_large_broadcast_scatter_gather_leave_the_group(n: int, cma: str) -> None:
     """RINGLET_SHM_CMA=0 turns single copy off in the transport too: everything stays."""
-    for bad, algos, direct in spmd.run(_large, n, timeout=180, env={"RINGLET_SHM_CMA": cma}):
-        assert direct == (cma == "1")
+    got = spmd.run(_large, n, timeout=180, env={"RINGLET_SHM_CMA": cma})
+    assert len({leaves for _, _, leaves, _ in got}) == 1, "ranks disagree"
+    for bad, algos, leaves, crowded in got:
+        assert leaves == (crowded and cma == "1")
         assert not bad, bad
         # one entry per call, naming the way its data went; linear: every rank reads its part
         # from the root's memory (where the transport cannot, everything stays in the group)
         assert len(algos) == 9, algos
         kinds = ["broadcast", "scatter", "gather"] * 3
         for kind, (nbytes, algo) in zip(kinds, algos, strict=True):
-            leaves = direct and nbytes >= GROUP_LEAVES[kind][0]
-            assert algo == "linear" if leaves else algo.startswith("shm_group/"), (nbytes, algo)
+            out = leaves and nbytes >= GROUP_LEAVES[kind][0]
+            assert algo == "linear" if out else algo.startswith("shm_group/"), (nbytes, algo)

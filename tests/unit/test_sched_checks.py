@@ -174,16 +174,16 @@ def test_select_sends_one_host_defaults_to_the_shm_group_and_forcing_past_it() -
         select("all_reduce", 4, 8, override=GROUP, group=True)  # never forced by name
 
 
-def test_select_takes_large_one_host_calls_out_of_the_group_only_with_single_copy() -> None:
+def test_select_takes_large_one_host_calls_out_of_the_group_only_crowded_with_single_copy() -> None:
     from ringlet.schedules.select import GROUP, GROUP_LEAVES, GROUP_OPS
 
     assert set(GROUP_LEAVES) <= GROUP_OPS
     for op, (limit, algo) in GROUP_LEAVES.items():
         assert algo in ALGORITHMS[op], op
-        assert select(op, 4, limit - 1, group=True, single_copy=True) == GROUP
-        assert select(op, 4, limit, group=True, single_copy=True) == algo
-        assert select(op, 4, 1 << 30, group=True, single_copy=False) == GROUP
-    assert select("all_reduce", 4, 1 << 30, group=True, single_copy=True) == GROUP
+        assert select(op, 4, limit - 1, group=True, crowded_copy=True) == GROUP
+        assert select(op, 4, limit, group=True, crowded_copy=True) == algo
+        assert select(op, 4, 1 << 30, group=True, crowded_copy=False) == GROUP
+    assert select("all_reduce", 4, 1 << 30, group=True, crowded_copy=True) == GROUP
 
 
 def test_select_rejects_an_unknown_override_listing_the_choices() -> None:

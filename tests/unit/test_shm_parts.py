@@ -197,3 +197,13 @@ def test_size_one_needs_no_segment() -> None:
     assert x.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]
     group.close()
     group.close()
+
+
+def test_a_waiting_rank_spins_only_where_every_rank_has_a_core() -> None:
+    """Where a host's ranks outnumber the cores, a spinning rank holds the core the rank it
+    waits for needs: it yields at once instead."""
+    from ringlet.transport.shm_wait import SPIN_SECONDS, spin_for, usable_cores
+
+    assert spin_for(1) == SPIN_SECONDS
+    assert spin_for(usable_cores()) == SPIN_SECONDS
+    assert spin_for(usable_cores() + 1) == 0.0

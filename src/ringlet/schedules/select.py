@@ -113,17 +113,18 @@ RANK_ORDER: dict[str, frozenset[str]] = {
 #: (benchmarks/README.md), and the group goes when the set is empty.
 GROUP = "shm_group"
 GROUP_OPS: frozenset[str] = frozenset(ALGORITHMS) - {"all_to_all"}
-#: Where every rank shares this host and the shared-memory transport copies large messages
-#: straight from the sender's memory (``single_copy``), the ops here leave the group from this
-#: many bytes for a one-round schedule: each rank reads its data from the root's buffer with one
-#: kernel copy, all at once, where the group stages it through the segment in 2 MiB steps.
-#: Interleaved in one job against the group (benchmarks/group_ab.py, 2-4 ranks; README): at
-#: 8 MiB broadcast 0.35-0.45x its time, scatter 0.28-1.09x, gather 1.03-1.32x; 16 MiB 0.19-0.60x,
-#: 0.24-0.80x, 0.62-0.91x; 64 MiB 0.22-0.72x, 0.43-0.99x, 1.01-1.07x. At 1 MiB the group wins.
+#: Where every rank shares this host, more ranks than cores, and the shared-memory transport
+#: copies large messages straight from the sender's memory (``crowded_copy``), the ops here
+#: leave the group from this many bytes for a one-round schedule: each rank reads its data from
+#: the root's buffer with one kernel copy, once it runs, where the group's staged steps each wait
+#: for every rank to be scheduled. benchmarks/group_ab.py, 4 ranks on 2 cores (load 2-3):
+#: broadcast 16 / 64 MiB 0.85 / 0.62x the group's time, scatter 0.54 / 0.61x, gather 0.79 /
+#: 0.96x (4 MiB: 1.10, 0.77, 0.76x). With a core per rank the group's in-cache stages are as
+#: fast or faster (2 ranks: broadcast 4 MiB 2.2x slower by linear, 64 MiB 1.00x), so it stays.
 GROUP_LEAVES: dict[str, tuple[int, str]] = {
     "broadcast": (8 << 20, "linear"),
     "scatter": (8 << 20, "linear"),
-    "gather": (16 << 20, "linear"),  # the group copies from peers' memory too from here
+    "gather": (16 << 20, "linear"),  # 8 MiB: 1.03x once, load 3
 }
 #: all_to_all within one host (``hosts`` None): every block in one round, each pair through its
 #: own mailbox, large blocks by single copy; 2-4 ranks, interleaved in one job against the shm
@@ -220,7 +221,7 @@ def select(
     hosts: Sequence[int] | None = None,
     deterministic: bool = False,
     group: bool = False,
-    single_copy: bool = False,
+    crowded_copy: bool = False,
 ) -> str:
     """The algorithm name for ``op`` over ``size`` ranks moving a vector of ``nbytes``.
 
@@ -228,7 +229,7 @@ def select(
     broadcast), the concatenated result (all_gather, gather) or input (scatter,
     reduce_scatter), or one rank's input (all_to_all). ``hosts``: the host index of each rank
     (None: one host, or not known). ``deterministic`` picks the rank-order folds (:data:`ORDERED`);
-    ``group``/``single_copy``: all ranks on this host, see :data:`GROUP` and :data:`GROUP_LEAVES`.
+    ``group``/``crowded_copy``: all ranks on this host, see :data:`GROUP` and :data:`GROUP_LEAVES`.
     ``override`` (for example from RINGLET_ALGO) wins if it names an algorithm of ``op`` (an
     ordered one for a reduction in deterministic mode). Raises ValueError for an unknown op or
     override, naming the choices.
@@ -237,7 +238,7 @@ def select(
     if override is not None:
         return _checked_override(op, override, choices, deterministic)
     if group and op in GROUP_OPS:
-        return _one_host(op, nbytes, single_copy)
+        return _one_host(op, nbytes, crowded_copy)
     if deterministic and op in ORDERED:
         return DIRECT[op] if op in DIRECT and nbytes <= DIRECT_MAX else ORDERED[op]
     if op == "all_to_all":
@@ -248,10 +249,10 @@ def select(
     return _flat(op, size, nbytes)
 
 
-def _one_host(op: str, nbytes: int, single_copy: bool) -> str:
+def _one_host(op: str, nbytes: int, crowded_copy: bool) -> str:
     """The group, or the schedule an op leaves it for at this size (:data:`GROUP_LEAVES`)."""
     leaves = GROUP_LEAVES.get(op)
-    return leaves[1] if single_copy and leaves and nbytes >= leaves[0] else GROUP
+    return leaves[1] if crowded_copy and leaves and nbytes >= leaves[0] else GROUP
 
 
 def _spanning(op: str, hosts: tuple[int, ...], nbytes: int) -> str:

@@ -30,7 +30,7 @@ from torch import nn
 from torch.distributed.algorithms.join import Join, Joinable, JoinHook
 
 import ringlet
-from ringlet.transport.shm_tuning import usable_cores
+from ringlet.transport.shm_wait import usable_cores
 
 from .buckets import EMPTY, MB, Bucket, GradBucket, make_buckets
 from .ddp_compat import torch_arguments

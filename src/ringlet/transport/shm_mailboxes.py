@@ -18,7 +18,7 @@ import numpy as np
 
 from .cma import CrossMemory, allow_peers
 from .shm_segment import LINE, PAGE, SHM_DIR, _align, _safe_job
-from .shm_wait import PeerWatch, process_start_time
+from .shm_wait import PeerWatch, process_start_time, usable_cores
 
 NAME_PREFIX = "ringlet-p2p-"
 MAGIC = 0x32_50325054454C47  # arbitrary, checked on attach
@@ -82,6 +82,9 @@ class _Segment:
         finally:
             os.close(fd)
         self.layout = layout
+        #: Set by :func:`attach`, alike on every rank: more ranks share the segment than the
+        #: fewest cores any of them may run on.
+        self.crowded = False
         self.bytes = np.frombuffer(self._mm, np.uint8)
         self.address = int(self.bytes.ctypes.data)
         self.header = self.bytes[:PAGE].view(np.uint64)
@@ -161,7 +164,8 @@ def attach(
         for i in range(k)
         if i != me
     )
-    verdicts = [json.loads(b) for b in exchange(json.dumps(ok).encode())]
+    verdicts = [json.loads(b) for b in exchange(json.dumps([ok, usable_cores()]).encode())]
     del probe  # the peers finished probing it in the round above
     watch = PeerWatch(list(zip(pids, starts, strict=True)))
-    return seg, cma if all(verdicts) else None, watch
+    seg.crowded = k > min(cores for _, cores in verdicts)  # the same verdict on every rank
+    return seg, cma if all(ok for ok, _ in verdicts) else None, watch

@@ -60,10 +60,10 @@ from .shm_wait import (
     POLL_SECONDS,
     SLEEP_MAX_SECONDS,
     SLEEP_MIN_SECONDS,
-    SPIN_SECONDS,
     YIELD_SECONDS,
     Futex,
     PeerWatch,
+    spin_for,
 )
 
 
@@ -116,6 +116,7 @@ class ShmTransport:
         self._watch = watch
         self._poll = poll
         self._futex = Futex()
+        self._spin = spin_for(len(local))
         self._chunk = seg.layout.chunk
         self._bell_address = [seg.address + seg.layout.ranks + i * LINE for i in range(len(local))]
         self.cancel = threading.Event()  # set by routes.py when the other half of a round failed
@@ -159,6 +160,11 @@ class ShmTransport:
     def direct(self) -> bool:
         """True when large messages are copied straight from the sender's memory."""
         return self._cma is not None
+
+    @property
+    def crowded(self) -> bool:
+        """True when this host's ranks outnumber the cores (the same answer on every rank)."""
+        return self._seg.crowded
 
     # -- the data path -------------------------------------------------------------------------
     def exchange(
@@ -341,9 +347,9 @@ class ShmTransport:
                         raise
                     pending, idle = moved, now
                     continue
-            if now - idle < SPIN_SECONDS:
+            if now - idle < self._spin:
                 continue
-            if now - idle < SPIN_SECONDS + YIELD_SECONDS:
+            if now - idle < self._spin + YIELD_SECONDS:
                 os.sched_yield()
                 continue
             self._sleep(pending, tag, min(sleep, max(deadline - now, 0.0) + 1e-4))

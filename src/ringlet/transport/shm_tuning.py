@@ -26,6 +26,7 @@ import os
 from dataclasses import dataclass, replace
 
 from .shm_segment import SHM_DIR
+from .shm_wait import usable_cores
 
 #: Bytes per staging buffer (two per rank); also the largest message that moves in one step.
 STAGE_BYTES = 2 << 20
@@ -69,14 +70,6 @@ def _env_int(name: str) -> int | None:
         return int(raw)
     except ValueError:
         raise ValueError(f"{name}={raw!r} is not an integer number of bytes") from None
-
-
-def usable_cores() -> int:
-    """CPUs this process may run on."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        return os.cpu_count() or 1
 
 
 @dataclass(frozen=True)

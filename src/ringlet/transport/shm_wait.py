@@ -20,7 +20,7 @@ from ringlet.errors import CollectiveTimeout, PeerError
 
 from .shm_segment import LEFT, LINE, SLEEPING, SLOT_WORDS, Segment
 
-#: Seconds of pure spinning before yielding the CPU.
+#: Seconds of pure spinning before yielding the CPU (see :func:`spin_for`).
 SPIN_SECONDS = 20e-6
 #: Seconds of sched_yield() before sleeping on the futex.
 YIELD_SECONDS = 50e-6
@@ -34,6 +34,20 @@ PID_CHECK_SECONDS = 0.1
 _SYS_FUTEX = 202 if os.uname().machine == "x86_64" else 98  # aarch64 and most others: 98
 _FUTEX_WAIT = 0
 _FUTEX_WAKE = 1
+
+
+def usable_cores() -> int:
+    """CPUs this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def spin_for(ranks: int) -> float:
+    """Seconds a waiting rank spins before it yields: none where this host's ``ranks`` outnumber
+    the cores, since a spinning rank then holds the core the rank it waits for needs."""
+    return 0.0 if ranks > usable_cores() else SPIN_SECONDS
 
 
 class _Timespec(ctypes.Structure):
@@ -125,6 +139,7 @@ class Waiter:
         self._bell_addresses = [seg.address + seg.layout.doorbells + q * LINE for q in range(size)]
         self._my_bell = rank * (LINE // 4)
         self._my_sleeping = rank * SLOT_WORDS + SLEEPING
+        self._spin = spin_for(size)
         #: Describes the current call for error messages, e.g. "all_reduce (shm call #3)".
         self.what: Callable[[], str] = lambda: "shm call"
 
@@ -167,7 +182,7 @@ class Waiter:
         slots = self._slots
         indices = [b + word for b in self._peer_bases]
         start = time.monotonic()
-        spin_end = start + SPIN_SECONDS
+        spin_end = start + self._spin
         while True:  # spin: the peers are probably running on other cores right now
             for i in indices:
                 if slots[i] < target:
