@@ -143,6 +143,7 @@ def one_rank_rejects(comm) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     return out
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("transport", ["tcp", "auto"])
 def test_one_rank_rejecting_does_not_hang_the_others(transport: str) -> None:
@@ -205,6 +206,7 @@ _EXPECTED = {
 }
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(90)
 @pytest.mark.parametrize(("n", "transport"), [(2, "tcp"), (3, "tcp"), (5, "tcp"), (3, "auto")])
 def test_mismatches_raise_on_every_rank_naming_each(n: int, transport: str) -> None:
@@ -273,6 +275,7 @@ def timeouts(comm) -> dict[str, Any]:  # type: ignore[no-untyped-def]
     return out
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_timeouts_name_the_missing_rank() -> None:
     """Over TCP and over shared memory; the two jobs run at once, as they mostly wait."""

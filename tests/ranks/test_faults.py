@@ -155,6 +155,7 @@ def _check_survivors(
 @pytest.mark.parametrize(
     ("n", "victim", "transport"), [(3, 1, "tcp"), (3, 0, "tcp"), (3, 1, "auto")]
 )
+@pytest.mark.alone
 def test_sigkill_during_a_64_mib_all_reduce(
     n: int, victim: int, transport: str, tmp_path: Path
 ) -> None:
@@ -177,6 +178,7 @@ def test_sigkill_during_a_64_mib_all_reduce(
     )
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("transport", ["tcp", "auto"])
 def test_sigkill_between_small_collectives(transport: str, tmp_path: Path) -> None:
@@ -248,6 +250,7 @@ def recorded_timeout(comm) -> list[str]:  # type: ignore[no-untyped-def]
     return lines
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_flight_recorder_writes_a_trace_per_failed_rank(tmp_path: Path) -> None:
     env = {**TCP, "RINGLET_TRACE_DIR": str(tmp_path), "RINGLET_TRACE_SIZE": "4"}
@@ -280,6 +283,7 @@ def test_flight_recorder_writes_a_trace_per_failed_rank(tmp_path: Path) -> None:
         assert "\n" not in summary[0]
 
 
+@pytest.mark.alone
 def test_flight_recorder_costs_little_per_call() -> None:
     """The fast path adds one small object per call: issue, begin, finish stay within ~2 µs."""
     recorder = FlightRecorder(0, 2, 1, 0, "job", capacity=256)

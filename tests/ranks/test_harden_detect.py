@@ -20,6 +20,7 @@ import spmd
 TWO_HOSTS = {"per_rank_env": lambda r: {"RINGLET_HOST_ID": f"h{r // 2}"}}  # ranks 0-1 | 2-3
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize(("victim", "hosts"), [(0, 1), (0, 2), (3, 2), (1, 2)])
 def test_sigkill_of_any_rank_is_seen_in_about_a_second(
@@ -49,6 +50,7 @@ def test_rank_0_stopped_is_a_timeout_naming_it_across_hosts(tmp_path: Path) -> N
         print(f"shm+tcp: rank {rank} raised after {got['took']:.2f} s")
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_rank_0_leaving_is_seen_at_once_across_hosts() -> None:
     env = {"RINGLET_TIMEOUT": "30"}

@@ -250,6 +250,7 @@ def test_ml_dtypes_is_imported_only_for_bfloat16() -> None:
     assert result.stdout.splitlines() == [f"ringlet {ringlet.__version__}", "False False"], result
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(20)
 def test_failing_rank_ends_the_job_and_its_traceback_is_shown() -> None:
     grace = 1.0
@@ -341,6 +342,7 @@ def test_killed_launcher_takes_its_ranks_along() -> None:
     assert wait_dead(pids, within=5.0) == [], "ranks or their children outlived the launcher"
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(20)
 def test_rank_ignoring_signals_is_killed_after_grace() -> None:
     stubborn = "import signal; signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" + SLEEP_WITH_CHILD

@@ -228,6 +228,7 @@ def test_another_user_cannot_read_the_secret_nor_get_in(tmp_path: Path) -> None:
     assert not path.exists(), "rank 0 leaves the secret file once every rank has read it"
 
 
+@pytest.mark.alone
 @needs_other_user
 @pytest.mark.timeout(180)
 def test_1100_held_connections_do_not_stop_a_job(tmp_path: Path) -> None:

@@ -170,6 +170,7 @@ def test_different_counts_raise_mismatch_on_every_rank() -> None:
     assert [o.error_type for o in outcomes] == ["SignatureMismatch"] * 3
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_absent_rank_gives_timeout_naming_it() -> None:
     outcomes = run_group(_one_rank_absent, 3, 1, expect_errors=True)
@@ -198,6 +199,7 @@ def _absent_with_error(group: ShmGroup, absent: int) -> Any:
     return "no error"
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_rank_arriving_after_the_others_gave_up_raises_at_once() -> None:
     outcomes = run_group(_late_after_abort, 3, 1, expect_errors=True)
@@ -207,6 +209,7 @@ def test_rank_arriving_after_the_others_gave_up_raises_at_once() -> None:
     assert "aborted" in message and "timed out" in message
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("nbytes", [8])
 def test_sigkill_mid_collective_gives_peer_error_and_no_leftover(nbytes: int) -> None:
@@ -222,6 +225,7 @@ def test_sigkill_mid_collective_gives_peer_error_and_no_leftover(nbytes: int) ->
     assert leftovers(job) == []
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("tuning", ["default", "cma"])
 def test_sigkill_at_a_random_moment_gives_peer_error(tuning: str) -> None:
@@ -244,6 +248,7 @@ FAULT_TUNINGS = {
 }
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_abort_wakes_every_waiting_rank() -> None:
     outcomes = run_group(_abort_by, 3, 0, expect_errors=True)
@@ -254,6 +259,7 @@ def test_abort_wakes_every_waiting_rank() -> None:
         assert "gave up on purpose" in message
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_oversubscribed_ranks_do_not_stall() -> None:
     # 5 ranks on (typically) 2 cores: waiting must give the CPU away, so 300 tiny all_reduces

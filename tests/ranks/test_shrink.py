@@ -177,6 +177,7 @@ def rank0_lost(comm: ringlet.Communicator) -> str:
     return "shrank"
 
 
+@pytest.mark.alone
 @pytest.mark.timeout(60)
 def test_losing_rank_0_is_a_clear_error() -> None:
     """The store lives in global rank 0's process: without it there is no agreement, and shrink

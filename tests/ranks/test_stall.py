@@ -77,6 +77,7 @@ def rank0_leaves(comm) -> dict[str, Any] | None:  # type: ignore[no-untyped-def]
         return {"took": time.monotonic() - start, "error": type(exc).__name__, "message": str(exc)}
 
 
+@pytest.mark.alone
 @pytest.mark.parametrize("transport", ["shm", "tcp"])
 def test_a_rank_that_leaves_is_seen_at_once_by_ranks_waiting_for_it(transport: str) -> None:
     """Rank 0 stays alive after it closed (it keeps the store up for the others' check-out):
