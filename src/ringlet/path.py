@@ -111,9 +111,8 @@ class Path:
         self.routes, self._shm = connect(world, comm_id, members, hosts, rank, poll, timeout)
         if self._shm is not None:
             self._shm.note = self._group_way
-        local = self.routes.local
-        one_host = local is not None and local.direct and len(local.peers) == self.size - 1
-        self._engine = Engine(self.routes, DIRECT_SEGMENT_BYTES if one_host else SEGMENT_BYTES)
+        direct = self.transport == "shm" and self.routes.local is not None and self.routes.local.direct
+        self._engine = Engine(self.routes, DIRECT_SEGMENT_BYTES if direct else SEGMENT_BYTES)
         self._kinds: dict[int, tuple[Schedule, str]] = {}  # see _transport_of
         self._plans: dict[tuple[Any, ...], _Plan] = {}  # see move
 

@@ -29,6 +29,11 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
+def enabled() -> bool:
+    """False when RINGLET_SHM_CMA is 0, false or no: never copy between ranks' memory directly."""
+    return os.environ.get("RINGLET_SHM_CMA", "1").lower() not in ("0", "false", "no")
+
+
 def allow_peers() -> None:
     """Under Yama ptrace_scope 1, let processes of this user read this one's memory.
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 
 from .cma import CrossMemory, allow_peers
+from .cma import enabled as cma_enabled
 from .shm_segment import LINE, PAGE, SHM_DIR, _align, _safe_job
 from .shm_wait import PeerWatch, process_start_time, usable_cores
 
@@ -159,7 +160,7 @@ def attach(
     pids = [int(seg.ranks[i * (LINE // 8) + R_PID]) for i in range(k)]
     starts = [int(seg.ranks[i * (LINE // 8) + R_START]) or None for i in range(k)]
     cma = CrossMemory(me, pids)
-    ok = os.environ.get("RINGLET_SHM_CMA", "1").lower() not in ("0", "false", "no") and all(
+    ok = cma_enabled() and all(
         cma.probe(i, int(seg.ranks[i * (LINE // 8) + R_PROBE]), len(PROBE)) is None
         for i in range(k)
         if i != me

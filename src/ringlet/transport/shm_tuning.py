@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 
+from .cma import enabled as cma_enabled
 from .shm_segment import SHM_DIR
 from .shm_wait import usable_cores
 
@@ -95,7 +96,7 @@ class ShmTuning:
             flat_reduce_bytes=_env_int("RINGLET_SHM_FLAT_REDUCE_BYTES"),
             cma_min_bytes=None if cma_min is None else dict.fromkeys(OPS, cma_min),
             scratch_bytes=_env_int("RINGLET_SHM_SCRATCH_BYTES") or SCRATCH_BYTES,
-            use_cma=os.environ.get("RINGLET_SHM_CMA", "1").lower() not in ("0", "false", "no"),
+            use_cma=cma_enabled(),
         )
 
     def fitted(self, size: int, cores: int | None = None) -> ShmTuning:
