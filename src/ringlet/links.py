@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .transport.routes import Routes
+from .transport.shm_wait import usable_cores
 from .transport.tcp import TcpTransport
 
 if TYPE_CHECKING:
@@ -54,9 +55,9 @@ def connect(
     if transport not in ("auto", "tcp", "shm"):
         raise ValueError(f"RINGLET_TRANSPORT={transport!r}: use tcp, shm or auto")
     size, me, prefix = len(members), hosts[rank], f"c{comm_id:x}/"
-    tcp = TcpTransport(
-        comm_id, rank, [world.addresses[g] for g in members], world.listener, world.secret, poll
-    )
+    addresses = [world.addresses[g] for g in members]
+    spin = world.hosts.count(world.hosts[world.rank]) <= usable_cores()  # a core per local rank
+    tcp = TcpTransport(comm_id, rank, addresses, world.listener, world.secret, poll, spin)
     routes, group = Routes(tcp, None), None
     local = [r for r, h in enumerate(hosts) if h == me]
     if transport == "tcp":

@@ -49,7 +49,7 @@ def rejoin(
     import os
 
     from .rendezvous import resolve
-    from .transport.tcp import Listener
+    from .transport.tcp_connect import Listener
     from .world import (
         World,
         _deterministic_from_env,

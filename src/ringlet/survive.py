@@ -157,7 +157,7 @@ def _say_goodbye(sock: socket.socket, secret: bytes) -> None:
     """Finish a probe as an honest peer (so the prober is not logged as a stranger); a stopped
     process cannot answer the handshake, and its listener then drops the probe when it wakes."""
     from .auth import authenticate
-    from .transport.tcp import AUTH_CONTEXT, HELLO
+    from .transport.tcp_connect import AUTH_CONTEXT, HELLO
 
     try:
         authenticate(sock, secret, initiator=True, timeout=0.2, context=AUTH_CONTEXT)

@@ -24,7 +24,7 @@ from .rendezvous.launchers import parse_master
 from .rendezvous.secret import LocalSecret, SecretError, is_local_address, refusal
 from .rendezvous.store import OwnedPrefixStore
 from .schedules import select
-from .transport.tcp import Listener
+from .transport.tcp_connect import Listener
 
 log = logging.getLogger("ringlet")
 #: How long rank 0, which hosts the store, waits at close for the other ranks to close too.

@@ -21,7 +21,7 @@ import ringlet
 import spmd
 from ringlet.auth import authenticate
 from ringlet.transport import frames
-from ringlet.transport.tcp import AUTH_CONTEXT, HELLO
+from ringlet.transport.tcp_connect import AUTH_CONTEXT, HELLO
 
 TCP = {"RINGLET_TRANSPORT": "tcp", "RINGLET_TIMEOUT": "20"}
 

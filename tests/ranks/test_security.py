@@ -194,7 +194,7 @@ def test_another_user_cannot_read_the_secret_nor_get_in(tmp_path: Path) -> None:
         import hashlib, pickle, socket, sys, time
         from ringlet.auth import MAGIC, job_field
         from ringlet.errors import AuthenticationError
-        from ringlet.transport.tcp import connect
+        from ringlet.transport.tcp_connect import connect
         port, store_port, payload = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
         class Evil:
             def __reduce__(self):

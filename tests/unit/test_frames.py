@@ -25,7 +25,8 @@ from hypothesis import strategies as st
 from ringlet.errors import AuthenticationError, MismatchError, PeerError, ProtocolError
 from ringlet.transport import frames
 from ringlet.transport.base import Tag
-from ringlet.transport.tcp import Listener, TcpTransport, connect
+from ringlet.transport.tcp import TcpTransport
+from ringlet.transport.tcp_connect import Listener, connect
 
 SECRET = b"frames-test-secret"
 COMM = 7

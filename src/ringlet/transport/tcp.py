@@ -1,164 +1,34 @@
 """TCP transport: authenticated sockets between ranks, connected on first use, framed messages.
 
-One :class:`Listener` per process accepts peers of every communicator; a connection proves the
-job secret (HMAC challenge-response) and then names its communicator and rank. Within a
-communicator the lower rank connects and the higher accepts, so a pair never opens two sockets.
-Payloads stream straight between the caller's buffers and the socket: nothing is buffered whole.
+One :class:`~ringlet.transport.tcp_connect.Listener` per process accepts peers of every
+communicator. Within a communicator the lower rank connects and the higher accepts, so a pair
+never opens two sockets. Payloads stream straight between the caller's buffers and the socket:
+nothing is buffered whole.
 """
 
 from __future__ import annotations
 
 import contextlib
-import logging
 import select
 import socket
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 
-from ..auth import authenticate
 from ..errors import AuthenticationError, MismatchError, PeerError, ProtocolError
-from ..gate import Gate
 from . import frames
 from .base import Tag
+from .tcp_connect import POLL_INTERVAL, Listener, _recv_exact, connect
 
-log = logging.getLogger("ringlet.tcp")
-
-HELLO = struct.Struct("<QI")
-AUTH_CONTEXT = b"ringlet-peer"
-#: How often a waiting exchange checks the job's abort flag (seconds).
-POLL_INTERVAL = 0.1
+#: Seconds a waiting exchange keeps retrying its sockets before it sleeps in poll(), where the
+#: host has a core for each of its ranks: waking a rank asleep in poll() (an idle virtual CPU's
+#: wake-up most of all) costs more than a small message's whole trip.
+SPIN_SECONDS = 50e-6
 #: How long ``first_ready`` retries a refused connection before it reports the peer gone (seconds).
 CONNECT_GRACE = 1.0
-SOCKET_BUFFER = 4 << 20
 
 _EV_IN = select.POLLIN | select.POLLPRI
 _EV_HUP = select.POLLHUP | select.POLLERR | getattr(select, "POLLRDHUP", 0x2000)
-
-
-def _tune(sock: socket.socket) -> None:
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    for opt in (socket.SO_SNDBUF, socket.SO_RCVBUF):
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-
-
-class Listener:
-    """The process's listening socket: authenticates incoming peers and hands them out by (comm, rank).
-
-    Accepting and authenticating run on one :class:`ringlet.gate.Gate` thread: a bounded number of
-    unauthenticated connections, each with a deadline, no thread each, and an accept loop that
-    survives every error (another local user holding a thousand connections open does not stop
-    it). A peer that authenticates sends its (communicator, rank) and waits in :meth:`take`.
-    """
-
-    def __init__(self, host: str, secret: bytes, auth_timeout: float = 10.0) -> None:
-        """Listen on ``host`` at a free port (``.address``) and start accepting at once."""
-        self._sock = socket.create_server((host, 0), backlog=128)
-        self.address: tuple[str, int] = (host, self._sock.getsockname()[1])
-        self._ready: dict[tuple[int, int], socket.socket] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self._gate = Gate(
-            self._sock,
-            secret,
-            self._admit,
-            name="ringlet-accept",
-            context=AUTH_CONTEXT,
-            logger=log,
-            extra=HELLO.size,
-            deadline=auth_timeout,
-        )
-        self._gate.start()
-
-    def _admit(self, conn: socket.socket, peer: str, hello: bytes) -> None:
-        """File an authenticated peer under the (communicator, rank) it named."""
-        comm, rank = HELLO.unpack(hello)
-        conn.settimeout(None)
-        _tune(conn)
-        with self._cond:
-            if self._closed:
-                conn.close()
-                return
-            old = self._ready.pop((comm, rank), None)
-            if old is not None:
-                old.close()
-            self._ready[(comm, rank)] = conn
-            self._cond.notify_all()
-
-    def take(
-        self, comm: int, rank: int, deadline: float, poll: Callable[[], None]
-    ) -> socket.socket:
-        """Wait for rank ``rank`` of communicator ``comm`` to connect; raises TimeoutError at the deadline."""
-        with self._cond:
-            while (comm, rank) not in self._ready:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TimeoutError(f"rank {rank} did not connect")
-                self._cond.wait(min(left, POLL_INTERVAL))
-                poll()
-            return self._ready.pop((comm, rank))
-
-    def close(self) -> None:
-        """Stop accepting and close every connection not yet taken. Idempotent."""
-        with self._cond:
-            self._closed = True
-        self._gate.close()
-        with contextlib.suppress(OSError):
-            self._sock.shutdown(socket.SHUT_RDWR)
-        self._sock.close()
-        with self._cond:
-            for s in self._ready.values():
-                s.close()
-            self._ready.clear()
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = bytearray(n)
-    view, got = memoryview(buf), 0
-    while got < n:
-        k = sock.recv_into(view[got:])
-        if k == 0:
-            raise ConnectionError("connection closed during handshake")
-        got += k
-    return bytes(buf)
-
-
-def connect(
-    address: tuple[str, int],
-    secret: bytes,
-    comm: int,
-    rank: int,
-    deadline: float,
-    poll: Callable[[], None] | None = None,
-) -> socket.socket:
-    """Open an authenticated connection to a peer's listener, retrying until the deadline.
-
-    ``poll`` runs between attempts, so a job-wide failure ends the retrying at once.
-    """
-    delay = 0.01
-    while True:
-        left = deadline - time.monotonic()
-        try:
-            sock = socket.create_connection(address, timeout=max(left, 0.1))
-            break
-        except OSError:
-            if left <= 0:
-                raise
-            time.sleep(min(delay, max(left, 0.0)))
-            delay = min(delay * 2, 0.5)
-            if poll is not None:
-                poll()
-    try:
-        authenticate(sock, secret, initiator=True, timeout=max(left, 1.0), context=AUTH_CONTEXT)
-        sock.sendall(HELLO.pack(comm, rank))
-    except BaseException:
-        sock.close()
-        raise
-    sock.settimeout(None)
-    _tune(sock)
-    return sock
 
 
 class _Incoming:
@@ -193,8 +63,11 @@ class TcpTransport:
         listener: Listener,
         secret: bytes,
         poll: Callable[[], None],
+        spin: bool = False,
     ) -> None:
+        """``spin``: retry a round's sockets for SPIN_SECONDS before sleeping (a core per rank)."""
         self.comm, self.rank, self.size = comm, rank, len(addresses)
+        self._spin = SPIN_SECONDS if spin else 0.0
         self._addresses = list(addresses)
         self._listener = listener
         self._secret = secret
@@ -249,10 +122,14 @@ class TcpTransport:
             for p, d in sends
         ]
         pending_in = [_Incoming(p, d) for p, d in recvs]
-        pending_out = [o for o in pending_out if not self._push(o)]
-        pending_in = [i for i in pending_in if not self._pull(i, tag)]
-        if not pending_out and not pending_in:
-            return
+        end = time.perf_counter() + self._spin
+        while True:  # once, or until the round is done or the spin is over
+            pending_out = [o for o in pending_out if not self._push(o)]
+            pending_in = [i for i in pending_in if not self._pull(i, tag)]
+            if not pending_out and not pending_in:
+                return
+            if time.perf_counter() >= end:
+                break
         self._wait(pending_out, pending_in, tag, deadline)
 
     def _wait(self, outs: list[_Outgoing], ins: list[_Incoming], tag: Tag, deadline: float) -> None:
