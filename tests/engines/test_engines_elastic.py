@@ -29,7 +29,7 @@ import pytest
 
 from spmd import free_port
 
-pytestmark = pytest.mark.torch
+pytestmark = [pytest.mark.torch, pytest.mark.long]  # ~35 s: four rounds of torchrun agents
 
 LAUNCHER_PREFIXES = ("RINGLET_", "MASTER_", "RANK", "WORLD_SIZE", "LOCAL_", "GROUP_", "ROLE_",
                      "SLURM", "OMPI_", "PMI", "MPI_LOCAL", "TORCHELASTIC", "PET_")  # fmt: skip

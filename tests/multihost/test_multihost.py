@@ -104,7 +104,9 @@ LAYOUTS = {
 
 
 @pytest.mark.timeout(75)
-@pytest.mark.parametrize("layout", list(LAYOUTS))
+@pytest.mark.parametrize(  # the interleaved layout with -m long (test_topology's by default)
+    "layout", [pytest.param(k, marks=pytest.mark.long) if "interleaved" in k else k for k in LAYOUTS]
+)
 def test_collectives_across_hosts(hosts: netns.Hosts, layout: str, tmp_path: Path) -> None:
     """Every collective, dtype and size is right on every rank; topology seen; bits agree."""
     where = LAYOUTS[layout]

@@ -193,9 +193,11 @@ def _run(n: int, transport: str, fast: bool) -> None:
     assert not failures, "\n".join(failures[:50])
 
 
-@pytest.mark.parametrize("n", spmd.WORLD_SIZES)
+@pytest.mark.parametrize(
+    "n", [*spmd.WORLD_SIZES[:-1], pytest.param(8, marks=pytest.mark.long)]  # 8: auto by default
+)
 def test_every_collective_tcp(n: int) -> None:
-    _run(n, "tcp", fast=n > 5)
+    _run(n, "tcp", fast=n > 4)
 
 
 @pytest.mark.parametrize("n", spmd.WORLD_SIZES)
@@ -203,7 +205,7 @@ def test_every_collective_auto(n: int) -> None:
     """Ranks on one host: the default choice takes the host's shm group, a forced algorithm runs
     as a schedule over the shared-memory transport."""
     pytest.importorskip("ringlet.transport.shm")
-    _run(n, "auto", fast=n > 5)
+    _run(n, "auto", fast=n > 4)
 
 
 def large_cases(comm, mib: int) -> list[str]:  # type: ignore[no-untyped-def]
@@ -235,13 +237,23 @@ def large_cases(comm, mib: int) -> list[str]:  # type: ignore[no-untyped-def]
     return bad
 
 
+#: Large messages by default at 2 ranks over shm, 3 over TCP and 8 over shm; the rest with -m long.
+LARGE = [(2, "auto"), (3, "tcp"), (8, "auto")]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("n", [2, 3, 8])
-@pytest.mark.parametrize("transport", ["tcp", "auto"])
+@pytest.mark.parametrize(
+    ("n", "transport"),
+    [
+        (n, t) if (n, t) in LARGE else pytest.param(n, t, marks=pytest.mark.long)
+        for n in (2, 3, 8)
+        for t in ("tcp", "auto")
+    ],
+)
 def test_large_messages(n: int, transport: str) -> None:
     if transport == "auto":
         pytest.importorskip("ringlet.transport.shm")
-    mib = 64 if n <= 3 else 16
+    mib = 32 if n <= 3 else 16  # past the 16 MiB piece size of reduce and reduce_scatter
     results = spmd.run(large_cases, n, mib, env={"RINGLET_TRANSPORT": transport}, timeout=600)
     assert results == [[]] * n
 

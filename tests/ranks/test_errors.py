@@ -355,11 +355,11 @@ def hostile_peers(comm, marker: str) -> dict[str, Any]:  # type: ignore[no-untyp
         for payload in attacks:
             with socket.create_connection(address, timeout=5) as s:
                 s.sendall(payload)
-                s.shutdown(socket.SHUT_WR)
                 try:
+                    s.shutdown(socket.SHUT_WR)
                     s.recv(1024)  # the listener's hello; then it hangs up on us
                 except OSError:
-                    pass  # or resets the connection, having left our bytes unread
+                    pass  # or resets the connection (even before our shutdown), our bytes unread
         with socket.create_connection(address, timeout=5) as s:  # the right protocol, wrong secret
             try:
                 authenticate(

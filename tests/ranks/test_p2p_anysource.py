@@ -134,16 +134,27 @@ def nothing_with_the_tag(comm: Any) -> Any:
     return out
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("n", SIZES)
-def test_a_timed_out_recv_from_any_source_names_the_tag_and_ranks(n: int, transport: str) -> None:
-    out = spmd.run(nothing_with_the_tag, n, env=_env(transport), timeout=60)[0]
-    assert isinstance(out, tuple), out
-    message, missing, waited = out
-    assert missing == list(range(1, n)), out
-    assert "tag 5" in message and f"ranks {list(range(1, n))}" in message, message
-    assert "unmatched: tag 4" in message.replace(" from rank 1", ""), message
-    assert 1.4 < waited < 10, waited
+def _every_layout(fn: Any) -> dict[tuple[int, str], Any]:
+    """Rank 0's result of ``fn`` on every size and transport, the jobs at once (they mostly
+    wait for a timeout or a departure, so their waits overlap)."""
+    envs = {t: _env(t) for t in TRANSPORTS}
+    jobs = {
+        f"{n} ranks, {t}": (lambda n=n, t=t: spmd.run(fn, n, env=envs[t], timeout=60)[0])
+        for n in SIZES
+        for t in TRANSPORTS
+    }
+    outs = spmd.concurrently(jobs)
+    return {(n, t): outs[f"{n} ranks, {t}"] for n in SIZES for t in TRANSPORTS}
+
+
+def test_a_timed_out_recv_from_any_source_names_the_tag_and_ranks() -> None:
+    for (n, transport), out in _every_layout(nothing_with_the_tag).items():
+        assert isinstance(out, tuple), (n, transport, out)
+        message, missing, waited = out
+        assert missing == list(range(1, n)), (n, transport, out)
+        assert "tag 5" in message and f"ranks {list(range(1, n))}" in message, message
+        assert "unmatched: tag 4" in message.replace(" from rank 1", ""), message
+        assert 1.4 < waited < 10, (n, transport, waited)
 
 
 def posted_again(comm: Any) -> list[str]:
@@ -202,15 +213,13 @@ def everyone_left(comm: Any) -> Any:
     return "no error"
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("n", SIZES)
-def test_recv_from_any_source_fails_at_once_when_every_peer_left(n: int, transport: str) -> None:
-    out = spmd.run(everyone_left, n, env=_env(transport), timeout=60)[0]
-    assert isinstance(out, tuple), out
-    got, src, message, waited = out
-    assert (got, src) == ([7.0] * 3, 1), out
-    assert "no rank is left to send" in message, message
-    assert waited < 10, out
+def test_recv_from_any_source_fails_at_once_when_every_peer_left() -> None:
+    for (n, transport), out in _every_layout(everyone_left).items():
+        assert isinstance(out, tuple), (n, transport, out)
+        got, src, message, waited = out
+        assert (got, src) == ([7.0] * 3, 1), (n, transport, out)
+        assert "no rank is left to send" in message, message
+        assert waited < 10, (n, transport, out)
 
 
 def torch_any_source(comm: Any, port: int) -> list[str]:

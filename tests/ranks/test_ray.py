@@ -265,6 +265,7 @@ def _train_loop(config: dict[str, Any]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.long  # ~14 s; the other tests here run ringlet.ray's collective groups by default
 def test_init_in_ray_train_workers(members: list[Any]) -> None:
     """Only where ray[train] is installed (.ci/run does not: pandas and pyarrow, ~30 s, 250 MB)."""
     # ray.train is in every ray wheel; without ray[train]'s pandas and pyarrow it raises ImportError

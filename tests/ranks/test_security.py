@@ -229,6 +229,7 @@ def test_another_user_cannot_read_the_secret_nor_get_in(tmp_path: Path) -> None:
 
 
 @pytest.mark.alone
+@pytest.mark.long  # by default test_harden_listeners runs it under a 1024-file limit, the harder case
 @needs_other_user
 @pytest.mark.timeout(180)
 def test_1100_held_connections_do_not_stop_a_job(tmp_path: Path) -> None:

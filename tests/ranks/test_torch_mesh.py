@@ -411,7 +411,7 @@ def torch_cases(comm: Any, port: int) -> list[str]:
 
 
 @pytest.mark.torch
-@pytest.mark.parametrize("n", [2, 3, 4])
+@pytest.mark.parametrize("n", [2, pytest.param(3, marks=pytest.mark.long), 4])  # 3: -m long
 def test_mesh_fsdp(n: int) -> None:
     results = spmd.run(torch_cases, n, spmd.free_port(), env=TRANSPORT, timeout=150)
     failures = [f"rank {r}: {b}" for r, bad in enumerate(results) for b in bad]
