@@ -41,6 +41,12 @@ def _store_exchange(world: World, prefix: str, rank: int, ranks: list[int], time
     return exchange
 
 
+def core_per_rank(world: World) -> bool:
+    """Whether this host has a core for each of the job's ranks on it: then a waiting rank may
+    spin a little before it sleeps (the rank it waits for has a core of its own)."""
+    return world.hosts.count(world.hosts[world.rank]) <= usable_cores()
+
+
 def connect(
     world: World,
     comm_id: int,
@@ -56,8 +62,9 @@ def connect(
         raise ValueError(f"RINGLET_TRANSPORT={transport!r}: use tcp, shm or auto")
     size, me, prefix = len(members), hosts[rank], f"c{comm_id:x}/"
     addresses = [world.addresses[g] for g in members]
-    spin = world.hosts.count(world.hosts[world.rank]) <= usable_cores()  # a core per local rank
-    tcp = TcpTransport(comm_id, rank, addresses, world.listener, world.secret, poll, spin)
+    tcp = TcpTransport(
+        comm_id, rank, addresses, world.listener, world.secret, poll, core_per_rank(world)
+    )
     routes, group = Routes(tcp, None), None
     local = [r for r, h in enumerate(hosts) if h == me]
     if transport == "tcp":

@@ -28,6 +28,7 @@ import numpy as np
 from .arrays import from_numpy_like, staged, to_numpy
 from .engine import as_bytes
 from .errors import CollectiveTimeout, MismatchError, PeerError, RingletError
+from .links import core_per_rank
 from .ops import check_dtype, dtype_code, dtype_from_code
 from .transport.base import Tag
 from .transport.tcp import TcpTransport
@@ -60,7 +61,8 @@ class PointToPoint:
         self.rank, self.size = rank, len(members)
         addresses = [world.addresses[g] for g in members]
         self._connect: Callable[[], TcpTransport] = functools.partial(
-            TcpTransport, comm_id | P2P_BIT, rank, addresses, world.listener, world.secret, poll
+            TcpTransport, comm_id | P2P_BIT, rank, addresses, world.listener, world.secret, poll,
+            core_per_rank(world),
         )
         self._check_usable, self._timeout = check, timeout
         self._p2p: TcpTransport | None = None
