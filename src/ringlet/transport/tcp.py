@@ -18,7 +18,7 @@ from collections.abc import Callable, Sequence
 from ..errors import AuthenticationError, MismatchError, PeerError, ProtocolError
 from . import frames
 from .base import Tag
-from .tcp_connect import POLL_INTERVAL, Listener, _recv_exact, connect
+from .tcp_connect import POLL_INTERVAL, Listener, connect, recv_exact
 
 #: Seconds a waiting exchange keeps retrying its sockets before it sleeps in poll(), where the
 #: host has a core for each of its ranks: waking a rank asleep in poll() (an idle virtual CPU's
@@ -320,6 +320,6 @@ def _recv_blocking(sock: socket.socket, n: int) -> bytes:
     sock.setblocking(True)
     sock.settimeout(1.0)
     try:
-        return _recv_exact(sock, n)
+        return recv_exact(sock, n)
     except OSError:
         return b"(reason lost)"

@@ -103,7 +103,8 @@ class Listener:
             self._ready.clear()
 
 
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from a blocking socket; ConnectionError if it closes first."""
     buf = bytearray(n)
     view, got = memoryview(buf), 0
     while got < n:
