@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .transport.routes import Routes
-from .transport.shm_wait import usable_cores
+from .transport.shm_wait import core_each
 from .transport.tcp import TcpTransport
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ def _store_exchange(world: World, prefix: str, rank: int, ranks: list[int], time
 def core_per_rank(world: World) -> bool:
     """Whether this host has a core for each of the job's ranks on it: then a waiting rank may
     spin a little before it sleeps (the rank it waits for has a core of its own)."""
-    return world.hosts.count(world.hosts[world.rank]) <= usable_cores()
+    return core_each(world.hosts.count(world.hosts[world.rank]))
 
 
 def connect(

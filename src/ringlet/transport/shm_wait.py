@@ -44,10 +44,15 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def core_each(ranks: int) -> bool:
+    """Whether ``ranks`` ranks on this host have a core each: only then may a waiting rank spin
+    (where they outnumber the cores, a spinning rank holds the core the one it waits for needs)."""
+    return ranks <= usable_cores()
+
+
 def spin_for(ranks: int) -> float:
-    """Seconds a waiting rank spins before it yields: none where this host's ``ranks`` outnumber
-    the cores, since a spinning rank then holds the core the rank it waits for needs."""
-    return 0.0 if ranks > usable_cores() else SPIN_SECONDS
+    """Seconds a waiting rank spins before it yields (none where ranks outnumber cores)."""
+    return SPIN_SECONDS if core_each(ranks) else 0.0
 
 
 class _Timespec(ctypes.Structure):
