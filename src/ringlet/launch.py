@@ -47,16 +47,27 @@ from ringlet.rendezvous.env import RESTART_VARIABLE
 _JOIN_OUTPUT = 2.0  # seconds to wait for a finished rank's last output to be forwarded
 _FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
-#: A watchdog process: it reads the process group of every rank the launcher starts, and if its
-#: input ends without "done" (the launcher died, even by SIGKILL) it kills those groups.
+#: A watchdog process: it reads the process group of every rank the launcher starts (``pid``,
+#: optionally its start time), and if its input ends without "done" (the launcher died, even by
+#: SIGKILL) it kills those groups, except one whose leader's pid now names another process: the
+#: rank and its group are gone and the pid reused, and killing it would end a stranger's processes.
 _REAPER = """
 import os, signal, sys
-groups = []
+def started(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[19]  # field 22, starttime
+    except (OSError, IndexError):
+        return None
+groups = {}
 for line in sys.stdin:
     if line.strip() == "done":
         sys.exit(0)
-    groups.append(int(line))
-for group in groups:
+    pid, *start = line.split()
+    groups[int(pid)] = start[0] if start else started(pid)
+for group, start in groups.items():
+    if started(group) not in (None, start):
+        continue
     try:
         os.killpg(group, signal.SIGKILL)
     except OSError:

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import ringlet
-from ringlet.launch import launch
+from ringlet.launch import _REAPER, launch
 
 RUN = [sys.executable, "-m", "ringlet", "run"]
 RINGLET_VARS = [
@@ -340,6 +340,23 @@ def test_killed_launcher_takes_its_ranks_along() -> None:
     job.kill()
     job.communicate(timeout=10)
     assert wait_dead(pids, within=5.0) == [], "ranks or their children outlived the launcher"
+
+
+@pytest.mark.timeout(20)
+def test_the_watchdog_spares_a_group_whose_leader_pid_was_reused() -> None:
+    """A rank long gone whose pid now names another process is not killed when the launcher dies;
+    a pid reused by a new process shows as a start time other than the one recorded."""
+    sleepers = [subprocess.Popen(["sleep", "30"], start_new_session=True) for _ in range(2)]
+    try:
+        reaper = subprocess.Popen([sys.executable, "-c", _REAPER], stdin=subprocess.PIPE, text=True)
+        reused, ours = sleepers
+        reaper.communicate(f"{reused.pid} 1\n{ours.pid}\n", timeout=10)  # no "done": it died
+        assert ours.wait(timeout=5) == -signal.SIGKILL, "the watchdog left a rank's group alive"
+        assert reused.poll() is None, "the watchdog killed a process that had taken a rank's pid"
+    finally:
+        for sleeper in sleepers:
+            sleeper.kill()
+            sleeper.wait()
 
 
 @pytest.mark.alone
