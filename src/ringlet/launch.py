@@ -258,11 +258,11 @@ class _Job:
         except OSError as error:
             self.err.line(f"ringlet run: cannot start rank {rank} ({argv[0]!r}): {error}")
             return False
+        started = RankProcess(rank, proc)
         if self.reaper is not None:  # the rank leads its own process group: pgid = pid
             with contextlib.suppress(OSError):
-                self.reaper.write(f"{proc.pid}\n")
+                self.reaper.write(f"{proc.pid} {started.start_time}".strip() + "\n")
                 self.reaper.flush()
-        started = RankProcess(rank, proc)
         tag = f"[r{rank}] ".encode() if self.prefix else b""
         assert proc.stdout is not None and proc.stderr is not None
         started.threads = [

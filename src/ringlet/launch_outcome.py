@@ -49,6 +49,13 @@ def signal_name(signum: int) -> str:
         return f"signal {signum}"
 
 
+def proc_stat(pid: int) -> list[str]:
+    """Fields 3 on of /proc/<pid>/stat (the state first, the start time at index 19); [] if gone."""
+    with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rsplit(")", 1)[-1].split()
+    return []
+
+
 @dataclass
 class RankProcess:
     """One started rank: its process, output threads, stderr tail and how it ended."""
@@ -60,6 +67,10 @@ class RankProcess:
     stopped_with: int | None = None  # the signal the launcher sent, if it stopped this rank
     stalled: bool = False  # found stopped (SIGSTOP, ^Z) when another rank failed
     exited_at: float | None = None  # monotonic time it exited
+    start_time: str = ""  # the leader's start time: after it is gone, its pid may name another
+
+    def __post_init__(self) -> None:
+        self.start_time = "".join(proc_stat(self.proc.pid)[19:20])
 
     @property
     def failed_alone(self) -> bool:
@@ -73,9 +84,7 @@ class RankProcess:
 
     def is_stopped(self) -> bool:
         """True when the process is stopped (state T): it will never answer the others."""
-        with contextlib.suppress(OSError, IndexError), open(f"/proc/{self.proc.pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
-        return False
+        return proc_stat(self.proc.pid)[:1] in (["T"], ["t"])
 
     def missing(self) -> list[int]:
         """The ranks its CollectiveTimeout says never arrived at the call (none: no such error)."""
@@ -92,7 +101,13 @@ class RankProcess:
         return ""
 
     def signal_group(self, signum: int) -> None:
-        """Send `signum` to the rank's whole process group (the group id is the rank's pid)."""
+        """Send `signum` to the rank's whole process group (the group id is the rank's pid), unless
+        the rank is gone and its pid now names another process (which a signal would hit)."""
+        if self.proc.returncode is not None and proc_stat(self.proc.pid)[19:20] not in (
+            [],
+            [self.start_time],
+        ):
+            return
         try:
             os.killpg(self.proc.pid, signum)
         except (ProcessLookupError, PermissionError):
